@@ -1,0 +1,335 @@
+"""ConceptVector and AffineMap: the artifacts of steps 1 and 2, with provenance.
+
+Each saves to one ``.safetensors`` file: tensors in the body, provenance as JSON in the
+header (model names and revisions, hook site, layers, corpus hash, R², library version).
+Loading checks the kind and shapes; applying checks the model and raises a named error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from contrans_tl.errors import ArtifactError, ModelMismatchError, NonFiniteError, WidthMismatchError
+from contrans_tl.models import ModelIdentity, identity
+
+__all__ = ["ConceptVector", "AffineMap", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+"""Bumped when the on-disk layout changes; loading refuses newer versions."""
+
+
+def _library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("contrans_tl")
+    except PackageNotFoundError:  # running from a source tree
+        return "unknown"
+
+
+def _write(path: str | Path, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"kind": kind, "format": FORMAT_VERSION, "library": _library_version(), **meta}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"contrans_tl": json.dumps(header)},
+    )
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def _read(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(header["contrans_tl"])
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
+        raise ArtifactError(f"{path}: not a readable contrans_tl artifact ({err})") from err
+    if meta.get("kind") != kind:
+        raise ArtifactError(f"{path}: holds a {meta.get('kind')!r}, expected a {kind!r}")
+    if int(meta.get("format", 0)) > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format {meta['format']} is newer than this library reads")
+    return tensors, meta
+
+
+def _identity_dict(ident: ModelIdentity) -> dict[str, Any]:
+    return dataclasses.asdict(ident)
+
+
+def _check_model(expected: ModelIdentity, model: torch.nn.Module, what: str) -> None:
+    actual = identity(model)
+    if actual.d_model != expected.d_model:
+        raise WidthMismatchError(
+            f"{what} has width {expected.d_model} but the model's d_model is {actual.d_model} "
+            f"({expected.name} vs {actual.name})"
+        )
+    if (actual.name, actual.revision, actual.n_layers) != (
+        expected.name,
+        expected.revision,
+        expected.n_layers,
+    ):
+        raise ModelMismatchError(
+            f"{what} was made for {expected.name} (revision {expected.revision}, "
+            f"{expected.n_layers} layers) but is applied to {actual.name} (revision "
+            f"{actual.revision}, {actual.n_layers} layers); pass check_model=False only if "
+            "they are the same weights under another name"
+        )
+
+
+@dataclass(frozen=True)
+class ConceptVector:
+    """One concept direction per layer of one model's residual stream (resid_post)."""
+
+    vectors: Float[Tensor, "layer d_model"]
+    """The direction at every layer; rows outside ``layers`` are zero."""
+    model: ModelIdentity
+    """The model whose residual stream the vectors live in."""
+    layers: tuple[int, ...]
+    """Layers that carry the concept (all layers for a refined vector)."""
+    method: str
+    """How the vector was made: "mean_diff", "pca", "mapped", "random", "combination"."""
+    layer_norms: Float[Tensor, "layer"] | None = None
+    """Mean resid_post norm of the model per layer, the unit for alpha in norm units."""
+    hook: str = "resid_post"
+    position: str = "last"
+    n_prompts: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Free-form record: for mapped vectors the source, layer pairs, corpus hash and R²."""
+
+    def __post_init__(self) -> None:
+        v = self.vectors
+        if v.ndim != 2 or v.shape != (self.model.n_layers, self.model.d_model):
+            raise WidthMismatchError(
+                f"vectors of shape {tuple(v.shape)} do not fit {self.model.name} "
+                f"({self.model.n_layers} layers x {self.model.d_model})"
+            )
+        if not torch.isfinite(v).all():
+            raise NonFiniteError(f"concept vector for {self.model.name} has NaN or inf entries")
+        bad = [layer for layer in self.layers if not 0 <= layer < self.model.n_layers]
+        if bad:
+            raise ArtifactError(f"layers {bad} out of range for {self.model.n_layers} layers")
+
+    @property
+    def d_model(self) -> int:
+        return self.model.d_model
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ModelMismatchError / WidthMismatchError unless made for ``model``."""
+        _check_model(self.model, model, "this concept vector")
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ConceptVector":
+        """A copy with tensors moved/cast."""
+        norms = None if self.layer_norms is None else self.layer_norms.to(device=device, dtype=dtype)
+        return dataclasses.replace(self, vectors=self.vectors.to(device=device, dtype=dtype), layer_norms=norms)
+
+    def restrict(self, layers: Sequence[int]) -> "ConceptVector":
+        """The same vector with every layer outside ``layers`` zeroed."""
+        keep = sorted(set(int(layer) for layer in layers))
+        mask = torch.zeros(self.model.n_layers, 1, dtype=self.vectors.dtype)
+        mask[keep] = 1
+        return dataclasses.replace(self, vectors=self.vectors * mask, layers=tuple(keep))
+
+    # ---- algebra: superpositions read as 0.6 * joy + 0.4 * honesty ----
+    def _combine(self, other: "ConceptVector", sign: float) -> "ConceptVector":
+        if not isinstance(other, ConceptVector):
+            return NotImplemented
+        if other.model != self.model:
+            raise ModelMismatchError(
+                f"cannot combine vectors of {self.model.name} and {other.model.name}"
+            )
+        return dataclasses.replace(
+            self,
+            vectors=self.vectors + sign * other.vectors,
+            layers=tuple(sorted(set(self.layers) | set(other.layers))),
+            method="combination",
+            n_prompts=self.n_prompts + other.n_prompts,
+            provenance={"parts": [self.method, other.method]},
+        )
+
+    def __add__(self, other: "ConceptVector") -> "ConceptVector":
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: "ConceptVector") -> "ConceptVector":
+        return self._combine(other, -1.0)
+
+    def __mul__(self, scale: float) -> "ConceptVector":
+        return dataclasses.replace(self, vectors=self.vectors * float(scale))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: float) -> "ConceptVector":
+        return dataclasses.replace(self, vectors=self.vectors / float(scale))
+
+    def __neg__(self) -> "ConceptVector":
+        return self * -1.0
+
+    # ---- persistence ----
+    def save(self, path: str | Path) -> Path:
+        tensors = {"vectors": self.vectors.float()}
+        if self.layer_norms is not None:
+            tensors["layer_norms"] = self.layer_norms.float()
+        meta = {
+            "model": _identity_dict(self.model),
+            "layers": list(self.layers),
+            "method": self.method,
+            "hook": self.hook,
+            "position": self.position,
+            "n_prompts": self.n_prompts,
+            "provenance": self.provenance,
+        }
+        return _write(path, "concept_vector", tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConceptVector":
+        tensors, meta = _read(path, "concept_vector")
+        try:
+            return cls(
+                vectors=tensors["vectors"],
+                model=ModelIdentity(**meta["model"]),
+                layers=tuple(meta["layers"]),
+                method=meta["method"],
+                layer_norms=tensors.get("layer_norms"),
+                hook=meta["hook"],
+                position=meta["position"],
+                n_prompts=int(meta["n_prompts"]),
+                provenance=meta.get("provenance", {}),
+            )
+        except (KeyError, TypeError) as err:
+            raise ArtifactError(f"{path}: incomplete concept vector metadata ({err})") from err
+
+
+@dataclass(frozen=True)
+class AffineMap:
+    """Per layer pair, an affine map from source resid_post to target resid_post: y ≈ x W + b."""
+
+    weight: Float[Tensor, "pair d_src d_tgt"]
+    bias: Float[Tensor, "pair d_tgt"]
+    source: ModelIdentity
+    target: ModelIdentity
+    source_layers: tuple[int, ...]
+    target_layers: tuple[int, ...]
+    r2_heldout: Float[Tensor, "pair"]
+    """Variance-weighted R² on held-out texts (never seen by the solver or the ridge search)."""
+    r2_train: Float[Tensor, "pair"]
+    ridge: Float[Tensor, "pair"]
+    """The ridge strength used per pair (0 is plain minimum-norm least squares)."""
+    target_norms: Float[Tensor, "layer"] | None = None
+    """The target's mean resid_post norm per layer on the corpus (for alpha in norm units)."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Corpus hash, sample counts, alignment scheme."""
+
+    def __post_init__(self) -> None:
+        n_pairs = len(self.target_layers)
+        expected = (n_pairs, self.source.d_model, self.target.d_model)
+        if len(self.source_layers) != n_pairs or tuple(self.weight.shape) != expected:
+            raise WidthMismatchError(
+                f"map weight of shape {tuple(self.weight.shape)} does not fit {n_pairs} pairs "
+                f"from width {self.source.d_model} to {self.target.d_model}"
+            )
+        if not (torch.isfinite(self.weight).all() and torch.isfinite(self.bias).all()):
+            raise NonFiniteError("affine map has NaN or inf entries")
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """(source layer, target layer) pairs in order."""
+        return list(zip(self.source_layers, self.target_layers))
+
+    def apply(self, vector: ConceptVector, *, check_model: bool = True) -> ConceptVector:
+        """Push a source concept vector into the target's space: v̂[t] = v[s] W.
+
+        Only the linear part applies: a concept vector is a difference of means, and the
+        bias cancels in ``mean(X W + b) - mean(X' W + b)``.
+        """
+        if vector.d_model != self.source.d_model:
+            raise WidthMismatchError(
+                f"vector width {vector.d_model} differs from the map's source width {self.source.d_model}"
+            )
+        if check_model and vector.model != self.source:
+            raise ModelMismatchError(
+                f"this map was fitted from {self.source.name} but the vector belongs to {vector.model.name}"
+            )
+        src = vector.vectors[list(self.source_layers)].to(torch.float64)
+        mapped = torch.einsum("ps,pst->pt", src, self.weight.to(torch.float64)).float()
+        out = torch.zeros(self.target.n_layers, self.target.d_model)
+        out[list(self.target_layers)] = mapped
+        return ConceptVector(
+            vectors=out,
+            model=self.target,
+            layers=tuple(self.target_layers),
+            method="mapped",
+            layer_norms=self.target_norms,
+            hook=vector.hook,
+            position=vector.position,
+            n_prompts=vector.n_prompts,
+            provenance={
+                "source": _identity_dict(self.source),
+                "source_method": vector.method,
+                "pairs": self.pairs,
+                "r2_heldout": [round(float(r), 6) for r in self.r2_heldout],
+                **{k: v for k, v in self.provenance.items() if k in ("corpus_hash", "alignment")},
+            },
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "AffineMap":
+        """A copy with the weight and bias moved/cast."""
+        return dataclasses.replace(
+            self,
+            weight=self.weight.to(device=device, dtype=dtype),
+            bias=self.bias.to(device=device, dtype=dtype),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {
+            "weight": self.weight.float(),
+            "bias": self.bias.float(),
+            "r2_heldout": self.r2_heldout.float(),
+            "r2_train": self.r2_train.float(),
+            "ridge": self.ridge.double(),
+        }
+        if self.target_norms is not None:
+            tensors["target_norms"] = self.target_norms.float()
+        meta = {
+            "source": _identity_dict(self.source),
+            "target": _identity_dict(self.target),
+            "source_layers": list(self.source_layers),
+            "target_layers": list(self.target_layers),
+            "provenance": self.provenance,
+        }
+        return _write(path, "affine_map", tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AffineMap":
+        tensors, meta = _read(path, "affine_map")
+        try:
+            return cls(
+                weight=tensors["weight"],
+                bias=tensors["bias"],
+                source=ModelIdentity(**meta["source"]),
+                target=ModelIdentity(**meta["target"]),
+                source_layers=tuple(meta["source_layers"]),
+                target_layers=tuple(meta["target_layers"]),
+                r2_heldout=tensors["r2_heldout"],
+                r2_train=tensors["r2_train"],
+                ridge=tensors["ridge"],
+                target_norms=tensors.get("target_norms"),
+                provenance=meta.get("provenance", {}),
+            )
+        except (KeyError, TypeError) as err:
+            raise ArtifactError(f"{path}: incomplete affine map metadata ({err})") from err

@@ -1,0 +1,278 @@
+"""The one capture path: prompts → residual stream after chosen blocks, at chosen tokens.
+
+Prompts are tokenized here (one BOS policy for every caller), left-padded with an attention
+mask, and run through ``run_with_cache`` with a names filter on ``blocks.{l}.hook_resid_post``.
+With left padding every row's last real token sits at position −1, so ``pos_slice=-1`` keeps
+only ``[batch, d_model]`` per layer: memory does not grow with prompt length beyond the
+forward pass itself. Results are float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from contrans_tl.errors import EmptyPromptsError, LayerIndexError, NonFiniteError, PromptTooLongError
+
+__all__ = [
+    "TokenBatch",
+    "encode",
+    "pad_batch",
+    "resid_hook_name",
+    "check_layers",
+    "capture",
+    "capture_at",
+    "next_token_logits",
+    "model_device",
+    "pad_token_id",
+]
+
+
+def resid_hook_name(layer: int) -> str:
+    """Hook point of the residual stream after block ``layer`` (the HF decoder layer's output)."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def check_layers(model: torch.nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """Validate layer indices against the model (all layers when None)."""
+    n_layers = int(model.cfg.n_layers)  # type: ignore[attr-defined]
+    if layers is None:
+        return list(range(n_layers))
+    out = [int(layer) for layer in layers]
+    bad = [layer for layer in out if not 0 <= layer < n_layers]
+    if bad:
+        raise LayerIndexError(f"layer(s) {bad} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+    return out
+
+
+def encode(
+    model: torch.nn.Module, texts: Sequence[str], *, with_offsets: bool = False
+) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+    """Token ids of each text, with BOS prepended once when the model expects it.
+
+    BOS is added when ``cfg.default_prepend_bos`` is set and the text does not already begin
+    with it (chat-template text for SmolLM2 starts with its BOS ``<|im_start|>``). With
+    ``with_offsets`` the character span of every token is returned too (BOS gets (0, 0)).
+    """
+    tokenizer = model.tokenizer  # type: ignore[attr-defined]
+    enc = tokenizer(
+        list(texts), add_special_tokens=False, return_offsets_mapping=with_offsets
+    )
+    bos = tokenizer.bos_token_id
+    prepend = bool(getattr(model.cfg, "default_prepend_bos", True)) and bos is not None  # type: ignore[attr-defined]
+    ids_out: list[list[int]] = []
+    offsets_out: list[list[tuple[int, int]]] = []
+    n_ctx = int(model.cfg.n_ctx)  # type: ignore[attr-defined]
+    for i, ids in enumerate(enc["input_ids"]):
+        ids = list(ids)
+        offs = [tuple(o) for o in enc["offset_mapping"][i]] if with_offsets else []
+        if prepend and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+            offs = [(0, 0)] + offs
+        if not ids:
+            raise EmptyPromptsError(f"text {i} tokenizes to no tokens: {texts[i]!r}")
+        if len(ids) > n_ctx:
+            raise PromptTooLongError(
+                f"text {i} has {len(ids)} tokens, more than the model's context of {n_ctx}: "
+                f"{texts[i][:80]!r}..."
+            )
+        ids_out.append(ids)
+        offsets_out.append(offs)  # type: ignore[arg-type]
+    return ids_out, (offsets_out if with_offsets else None)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Padded token ids with their mask; ``lengths`` are the real (unpadded) lengths."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    lengths: list[int]
+    padding_side: str
+
+
+def pad_batch(
+    ids: Sequence[Sequence[int]], *, pad_id: int, padding_side: str = "left"
+) -> TokenBatch:
+    """Pad token lists to one length. Left padding puts every last real token at −1."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return TokenBatch(input_ids, mask, [len(r) for r in ids], padding_side)
+
+
+def pad_token_id(model: torch.nn.Module) -> int:
+    """Id used for padding: pad, else eos, else 0 (masked out either way)."""
+    tok = model.tokenizer  # type: ignore[attr-defined]
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _batches(
+    model: torch.nn.Module,
+    ids: list[list[int]],
+    batch_size: int,
+    padding_side: str,
+    desc: str | None,
+) -> Iterator[tuple[slice, TokenBatch]]:
+    """Length-sorted batches (less padding) yielded with the slice of sorted order they cover."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    pad_id = pad_token_id(model)
+    starts = range(0, len(ids), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+        chunk = ids[start : start + batch_size]
+        yield slice(start, start + len(chunk)), pad_batch(chunk, pad_id=pad_id, padding_side=padding_side)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the token embedding, where inputs must go (first device under device_map)."""
+    return model.embed.W_E.device if hasattr(model, "embed") else next(model.parameters()).device  # type: ignore[union-attr]
+
+
+def _check_finite(acts: Tensor, layers: list[int], first_index: int) -> None:
+    if not torch.isfinite(acts).all():
+        bad = (~torch.isfinite(acts)).nonzero()[0].tolist()
+        raise NonFiniteError(
+            f"non-finite activation (NaN or inf) at prompt {first_index + bad[0]}, layer {layers[bad[1]]}; "
+            "check the model's dtype (fp16 overflow?) and the steering strength"
+        )
+
+
+def _sorted_order(ids: list[list[int]]) -> list[int]:
+    return sorted(range(len(ids)), key=lambda i: len(ids[i]))
+
+
+@torch.inference_mode()
+def capture(
+    model: torch.nn.Module,
+    prompts: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    padding_side: str = "left",
+    progress: str | None = None,
+) -> Float[Tensor, "batch layer d_model"]:
+    """resid_post of every requested layer at each prompt's last real token.
+
+    Left padding (the default) keeps only position −1 inside ``run_with_cache`` via
+    ``pos_slice``; right padding caches the whole sequence per batch and gathers each row's
+    last real token from the attention mask (kept as a check of the padding logic).
+    """
+    if len(prompts) == 0:
+        raise EmptyPromptsError("no prompts to capture")
+    layer_list = check_layers(model, layers)
+    ids, _ = encode(model, prompts)
+    order = _sorted_order(ids)
+    names = [resid_hook_name(layer) for layer in layer_list]
+    out = torch.empty(len(ids), len(layer_list), int(model.cfg.d_model), dtype=torch.float32)  # type: ignore[attr-defined]
+    device = model_device(model)
+    for span, batch in _batches(model, [ids[i] for i in order], batch_size, padding_side, progress):
+        _, cache = model.run_with_cache(  # type: ignore[operator]
+            batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            names_filter=names,
+            pos_slice=-1 if padding_side == "left" else None,
+            return_type=None,
+            logits_to_keep=1,  # skip the vocabulary projection of every position
+        )
+        if padding_side == "left":  # pos_slice=-1 leaves [batch, 1, d_model] per hook
+            stacked = torch.stack([cache[name][:, -1] for name in names], dim=1)
+        else:
+            last = torch.tensor(batch.lengths, device=device) - 1
+            rows = torch.arange(len(last), device=device)
+            stacked = torch.stack([cache[name][rows, last] for name in names], dim=1)
+        stacked = stacked.float().cpu()
+        _check_finite(stacked, layer_list, span.start)
+        out[order[span]] = stacked
+    return out
+
+
+@torch.inference_mode()
+def capture_at(
+    model: torch.nn.Module,
+    texts: Sequence[str],
+    positions: Sequence[Sequence[int]],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: str | None = None,
+) -> Float[Tensor, "n_samples layer d_model"]:
+    """resid_post at given token positions of each text (positions index the unpadded ids).
+
+    Used for word-aligned map fitting: one forward pass per text yields one sample per
+    position. Rows come out text by text, positions in the order given.
+    """
+    if len(texts) == 0:
+        raise EmptyPromptsError("no texts to capture")
+    if len(positions) != len(texts):
+        raise EmptyPromptsError(f"{len(texts)} texts but {len(positions)} position lists")
+    layer_list = check_layers(model, layers)
+    ids, _ = encode(model, texts)
+    names = [resid_hook_name(layer) for layer in layer_list]
+    pieces: list[Tensor | None] = [None] * len(texts)
+    order = _sorted_order(ids)
+    device = model_device(model)
+    for span, batch in _batches(model, [ids[i] for i in order], batch_size, "left", progress):
+        _, cache = model.run_with_cache(  # type: ignore[operator]
+            batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            names_filter=names,
+            return_type=None,
+            logits_to_keep=1,  # skip the vocabulary projection of every position
+        )
+        width = batch.input_ids.shape[1]
+        for row, text_index in enumerate(order[span]):
+            shift = width - batch.lengths[row]
+            pos = torch.tensor([p + shift for p in positions[text_index]], dtype=torch.long)
+            if len(pos) and (pos.min() < shift or pos.max() >= width):
+                raise IndexError(f"position out of range for text {text_index}")
+            rows = torch.stack([cache[name][row, pos.to(device)] for name in names], dim=1)
+            pieces[text_index] = rows.float().cpu()
+        del cache
+    out = torch.cat([p for p in pieces if p is not None], dim=0)
+    _check_finite(out, layer_list, 0)
+    return out
+
+
+@torch.inference_mode()
+def next_token_logits(
+    model: torch.nn.Module,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> Float[Tensor, "batch d_vocab"]:
+    """Logits of the next token after each prompt (float32, CPU), under any active hooks."""
+    if len(prompts) == 0:
+        raise EmptyPromptsError("no prompts to score")
+    ids, _ = encode(model, prompts)
+    order = _sorted_order(ids)
+    chunks: list[Tensor] = []
+    device = model_device(model)
+    for _, batch in _batches(model, [ids[i] for i in order], batch_size, "left", progress):
+        logits = model(  # type: ignore[operator]
+            batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            logits_to_keep=1,  # the vocabulary projection for the last position only
+        )
+        chunks.append(logits[:, -1].float().cpu())
+    stacked = torch.cat(chunks)
+    out = torch.empty_like(stacked)
+    out[order] = stacked
+    if not torch.isfinite(out).all():
+        raise NonFiniteError("non-finite logits: check the model's dtype and the steering strength")
+    return out

@@ -1,0 +1,162 @@
+"""The ``contrans`` command: one subcommand per job, each a thin layer over the library.
+
+``main(argv)`` returns an exit code, so tests call it directly. Subcommands register in
+:data:`COMMANDS`: a name maps to (add_arguments, run) functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from contrans_tl.errors import ContransError
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+
+# ---- contrans models -------------------------------------------------------------------------
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--prepare", nargs="*", metavar="NAME",
+                   help="convert these built-in models now (default with no names: the default pair)")
+
+
+def _models_run(args: argparse.Namespace) -> int:
+    from contrans_tl.models import OFFLINE_MODELS, list_models, load_model
+
+    if args.prepare is not None:
+        names = args.prepare or [m.name for m in OFFLINE_MODELS.values() if m.default_pair]
+        for name in names:
+            load_model(name, device="cpu")
+            print(f"prepared {name}")
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'name':30} {'arch':7} {'layers x d':>11}  installed  cached  install")
+    for r in rows:
+        shape = f"{r['layers']} x {r['d_model']}"
+        print(f"{r['name']:30} {r['arch']:7} {shape:>11}  {str(r['installed']):9}  {str(r['cached']):6}  "
+              f"{'' if r['installed'] else r['install']}")
+    return 0
+
+
+# ---- contrans refine / fit / generate: the three steps one at a time -----------------------
+def _lines(path: str) -> list[str]:
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _refine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="built-in name, hub id, local directory or .gguf")
+    p.add_argument("--positive", required=True, help="text file, one positive prompt per line")
+    p.add_argument("--negative", required=True, help="text file, one negative prompt per line")
+    p.add_argument("--method", choices=["mean_diff", "pca"], default="mean_diff")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="where to write the ConceptVector (.safetensors)")
+
+
+def _refine_run(args: argparse.Namespace) -> int:
+    from contrans_tl import load_model, refine
+
+    model = load_model(args.model)
+    vector = refine(model, _lines(args.positive), _lines(args.negative), method=args.method,
+                    batch_size=args.batch_size, progress=True)
+    print(f"wrote {vector.save(args.out)}")
+    return 0
+
+
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source")
+    p.add_argument("target")
+    p.add_argument("--texts", help="text file, one text per line (default: built-in neutral corpus)")
+    p.add_argument("--ridge", default="auto", help="'auto' (validation split) or a number")
+    p.add_argument("--holdout", type=float, default=0.2)
+    p.add_argument("--out", required=True, help="where to write the AffineMap (.safetensors)")
+
+
+def _fit_run(args: argparse.Namespace) -> int:
+    from contrans_tl import fit_map, load_model
+    from contrans_tl.datasets import neutral_sentences
+
+    texts = _lines(args.texts) if args.texts else neutral_sentences()
+    ridge = args.ridge if args.ridge == "auto" else float(args.ridge)
+    amap = fit_map(load_model(args.source), load_model(args.target), texts, ridge=ridge,
+                   holdout=args.holdout, progress=True)
+    for (s, t), r2 in zip(amap.pairs, amap.r2_heldout.tolist()):
+        print(f"source {s:3d} -> target {t:3d}  held-out R2 {r2:.3f}")
+    print(f"wrote {amap.save(args.out)}")
+    return 0
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--vector", help="ConceptVector file to transplant (mapped or native)")
+    p.add_argument("--map", help="AffineMap to push a source vector through first")
+    p.add_argument("--alpha", type=float, default=0.0)
+    p.add_argument("--unit", choices=["raw", "norm"], default="raw")
+    p.add_argument("--layers", help="comma-separated layers (default: the vector's)")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+
+
+def _generate_run(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from contrans_tl import AffineMap, ConceptVector, generate, load_model, transplant
+
+    model = load_model(args.model)
+    context = nullcontext()
+    if args.vector:
+        vector = ConceptVector.load(args.vector)
+        if args.map:
+            vector = AffineMap.load(args.map).apply(vector)
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        context = transplant(model, vector, alpha=args.alpha, layers=layers, unit=args.unit)
+    with context:
+        print(generate(model, args.prompt, max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
+    "models": ("list the built-in offline models (and --prepare them)", _models_args, _models_run),
+    "refine": ("step 1: refine a concept vector from contrast prompts", _refine_args, _refine_run),
+    "fit": ("step 2: fit an affine map source -> target", _fit_args, _fit_run),
+    "generate": ("step 3: greedy generation with a transplanted vector", _generate_args, _generate_run),
+}
+
+
+def _register_analyses() -> None:
+    """Subcommands that live in analyses/ (they import the library, never the reverse)."""
+    try:
+        from analyses import COMMANDS as ANALYSIS_COMMANDS
+    except ImportError:  # installed without the analyses package
+        return
+    COMMANDS.update(ANALYSIS_COMMANDS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _register_analyses()
+    parser = argparse.ArgumentParser(prog="contrans", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ContransError as err:
+        print(f"contrans {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Built-in data written for contrans_tl: emotion scenarios and neutral alignment text."""

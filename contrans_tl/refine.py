@@ -1,0 +1,95 @@
+"""STEP 1 — refine: contrast prompts → one concept direction per layer of the source model.
+
+``refine`` = :func:`~contrans_tl.capture.capture` on positives and negatives (resid_post at the
+last real token, every layer) followed by an :data:`Aggregator` — the paper's mean difference,
+or the first principal component of paired differences (RepE).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from contrans_tl.artifacts import ConceptVector
+from contrans_tl.capture import capture
+from contrans_tl.errors import EmptyPromptsError
+from contrans_tl.models import identity
+
+__all__ = ["Aggregator", "mean_difference", "pca_difference", "AGGREGATORS", "refine"]
+
+Aggregator = Callable[
+    [Float[Tensor, "batch layer d_model"], Float[Tensor, "batch layer d_model"]],
+    Float[Tensor, "layer d_model"],
+]
+"""Turns positive and negative activations into one direction per layer."""
+
+
+def mean_difference(
+    positive: Float[Tensor, "batch layer d_model"], negative: Float[Tensor, "batch layer d_model"]
+) -> Float[Tensor, "layer d_model"]:
+    """mean(positive) − mean(negative), per layer (the paper's eq. 1)."""
+    return positive.double().mean(0).float() - negative.double().mean(0).float()
+
+
+def pca_difference(
+    positive: Float[Tensor, "batch layer d_model"], negative: Float[Tensor, "batch layer d_model"]
+) -> Float[Tensor, "layer d_model"]:
+    """First principal component of paired differences, signed and scaled like the mean difference.
+
+    Requires equally many positives and negatives (pair i is positive[i] − negative[i]). The
+    component is unit-norm, so it is rescaled to the mean difference's projection on it.
+    """
+    if positive.shape[0] != negative.shape[0]:
+        raise EmptyPromptsError(
+            f"pca pairs positives with negatives: got {positive.shape[0]} positives and "
+            f"{negative.shape[0]} negatives"
+        )
+    diffs = (positive - negative).double()  # [pair, layer, d]
+    centered = diffs - diffs.mean(0, keepdim=True)
+    # batched over layers: [layer, pair, d]
+    _, _, vh = torch.linalg.svd(centered.transpose(0, 1), full_matrices=False)
+    direction = vh[:, 0, :]  # [layer, d]
+    mean_diff = diffs.mean(0)
+    scale = (mean_diff * direction).sum(-1, keepdim=True)  # signed: points along the mean difference
+    return (direction * scale).float()
+
+
+AGGREGATORS: dict[str, Aggregator] = {"mean_diff": mean_difference, "pca": pca_difference}
+
+
+def refine(
+    model: torch.nn.Module,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    method: Literal["mean_diff", "pca"] | Aggregator = "mean_diff",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> ConceptVector:
+    """Refine a concept in ``model`` from contrast prompts (all layers, last real token).
+
+    ``method`` is "mean_diff" (the paper), "pca" (paired differences, needs equal list
+    lengths), or any :data:`Aggregator`. The result records the model's mean resid_post norm
+    per layer, so alpha can later be given in norm units.
+    """
+    if len(positive) == 0 or len(negative) == 0:
+        raise EmptyPromptsError(
+            f"refine needs positive and negative prompts; got {len(positive)} positive and "
+            f"{len(negative)} negative"
+        )
+    aggregate = AGGREGATORS[method] if isinstance(method, str) else method
+    pos = capture(model, positive, batch_size=batch_size, progress="positives" if progress else None)
+    neg = capture(model, negative, batch_size=batch_size, progress="negatives" if progress else None)
+    norms = torch.cat([pos, neg]).norm(dim=-1).mean(0)
+    ident = identity(model)
+    return ConceptVector(
+        vectors=aggregate(pos, neg),
+        model=ident,
+        layers=tuple(range(ident.n_layers)),
+        method=method if isinstance(method, str) else getattr(method, "__name__", "custom"),
+        layer_norms=norms,
+        n_prompts=len(positive) + len(negative),
+    )

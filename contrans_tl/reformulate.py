@@ -1,0 +1,280 @@
+"""STEP 2 — reformulate: fit affine maps source → target on aligned hidden states.
+
+For each (source layer, target layer) pair, F minimises ||X F − Y||² (+ ridge ||F||²) over
+aligned samples of the same text (the paper's eq. 2), with an optional bias. All pairs are
+solved at once in float64 from one batched eigendecomposition of the centred normal equations
+(the SVD's right factors), which also serves every ridge strength of the search. The ridge is chosen per pair on a validation
+split of the training texts; R² is reported on held-out texts that neither saw.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from contrans_tl.alignment import AlignedStates, capture_aligned
+from contrans_tl.artifacts import AffineMap
+from contrans_tl.capture import check_layers
+from contrans_tl.errors import EmptyPromptsError, WidthMismatchError
+
+__all__ = [
+    "default_layer_pairs",
+    "NormalEquations",
+    "ridge_solve",
+    "r2_score",
+    "RIDGE_GRID",
+    "fit_map_from_states",
+    "fit_map",
+]
+
+RIDGE_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+"""Ridge strengths searched by ``ridge="auto"``, in units of the mean squared singular value."""
+
+
+def default_layer_pairs(n_source: int, n_target: int) -> list[tuple[int, int]]:
+    """Pair every target layer j with the source layer at the same relative depth.
+
+    j ↔ round((j+1)·L_src/L_tgt) − 1, so the last layers pair with each other.
+    """
+    return [(max(0, math.floor((j + 1) * n_source / n_target + 0.5) - 1), j) for j in range(n_target)]
+
+
+class NormalEquations:
+    """Centred normal equations of every pair, eigendecomposed once, solved for any ridge.
+
+    ``XᵀX = V diag(S²) Vᵀ`` gives the right singular vectors and squared singular values of
+    the centred source states, so ``F = V diag(1/(S² + λ)) Vᵀ XᵀY`` is the ridge solution
+    for every λ at the cost of one small matrix product, and λ = 0 (with the usual cutoff on
+    tiny singular values) is the minimum-norm least-squares solution. Float64 throughout;
+    the one pass over the samples is a batched GEMM, the decomposition a batched ``eigh``.
+    """
+
+    def __init__(
+        self,
+        x: Float[Tensor, "pair n_samples d_src"],
+        y: Float[Tensor, "pair n_samples d_tgt"],
+        *,
+        bias: bool,
+    ) -> None:
+        x = x.double()
+        y = y.double()
+        n, d_src = x.shape[1], x.shape[2]
+        self.x_mean = x.mean(1, keepdim=True) if bias else torch.zeros_like(x[:, :1])
+        self.y_mean = y.mean(1, keepdim=True) if bias else torch.zeros_like(y[:, :1])
+        xc = x - self.x_mean
+        yc = y - self.y_mean
+        gram = xc.transpose(1, 2) @ xc  # [pair, d_src, d_src]
+        cross = xc.transpose(1, 2) @ yc  # [pair, d_src, d_tgt]
+        eig, self.v = torch.linalg.eigh(gram)  # one batched call for all pairs
+        self.eig = eig.clamp_min(0)
+        self.proj = self.v.transpose(1, 2) @ cross  # Vᵀ XᵀY
+        self.yy = torch.linalg.vector_norm(yc, dim=(1, 2)) ** 2
+        # total sum of squares about y's own mean (equals yy when fitting a bias)
+        self.ss_tot = self.yy - n * torch.linalg.vector_norm(y.mean(1) - self.y_mean[:, 0], dim=1) ** 2
+        self.scale = self.eig.mean(1)  # mean squared singular value: the ridge unit
+        # numpy's pinv cutoff, applied to squared singular values
+        self.cutoff = self.eig[:, -1:] * torch.finfo(torch.float64).eps * max(n, d_src)
+
+    def solve(
+        self, ridge: Float[Tensor, "pair"]
+    ) -> tuple[Float[Tensor, "pair d_src d_tgt"], Float[Tensor, "pair d_tgt"]]:
+        """Weights and bias for one ridge strength per pair (relative units; 0 = min-norm)."""
+        inv = self._inverse(ridge)
+        weight = self.v @ (inv[:, :, None] * self.proj)
+        bias = (self.y_mean - self.x_mean @ weight)[:, 0]
+        return weight, bias
+
+    def _inverse(self, ridge: Tensor) -> Tensor:
+        lam = (ridge.double() * self.scale)[:, None]
+        return torch.where(self.eig > self.cutoff, 1 / (self.eig + lam), torch.zeros_like(self.eig))
+
+    def train_r2(self, ridge: Float[Tensor, "pair"]) -> Float[Tensor, "pair"]:
+        """R² on the fitted samples from the factors alone (no pass over the samples).
+
+        ‖Yc − Xc F‖² = ‖Yc‖² − 2 Σ inv·p² + Σ S²·inv²·p², with p = Vᵀ XᵀY per component.
+        """
+        inv = self._inverse(ridge)[:, :, None]
+        p2 = self.proj**2
+        ss_res = self.yy - 2 * (inv * p2).sum((1, 2)) + (self.eig[:, :, None] * inv**2 * p2).sum((1, 2))
+        return 1 - ss_res / self.ss_tot.clamp_min(1e-300)
+
+
+def ridge_solve(
+    x: Float[Tensor, "pair n_samples d_src"],
+    y: Float[Tensor, "pair n_samples d_tgt"],
+    *,
+    ridge: float | Float[Tensor, "pair"] = 0.0,
+    bias: bool = True,
+) -> tuple[Float[Tensor, "pair d_src d_tgt"], Float[Tensor, "pair d_tgt"]]:
+    """Batched least squares (ridge in units of the mean squared singular value), float64."""
+    factors = NormalEquations(x, y, bias=bias)
+    lam = torch.as_tensor(ridge, dtype=torch.float64).expand(x.shape[0])
+    return factors.solve(lam)
+
+
+def r2_score(
+    x: Float[Tensor, "pair n_samples d_src"],
+    y: Float[Tensor, "pair n_samples d_tgt"],
+    weight: Float[Tensor, "pair d_src d_tgt"],
+    bias: Float[Tensor, "pair d_tgt"],
+    y_mean: Float[Tensor, "pair 1 d_tgt"] | None = None,
+) -> Float[Tensor, "pair"]:
+    """Variance-weighted R² per pair: 1 − Σ residual² / Σ (y − ȳ)², summed over all dims.
+
+    ``y_mean`` defaults to the mean of ``y`` itself; pass the training mean for held-out data.
+    """
+    x = x.double()
+    y = y.double()
+    pred = x @ weight.double() + bias.double()[:, None, :]
+    mean = y.mean(1, keepdim=True) if y_mean is None else y_mean.double()
+    ss_res = ((y - pred) ** 2).sum((1, 2))
+    ss_tot = ((y - mean) ** 2).sum((1, 2)).clamp_min(1e-300)
+    return 1 - ss_res / ss_tot
+
+
+def _split_texts(n_texts: int, fraction: float, generator: torch.Generator) -> Tensor:
+    """Boolean mask over texts: True for the ``fraction`` held out (at least one if > 0)."""
+    mask = torch.zeros(n_texts, dtype=torch.bool)
+    if fraction <= 0:
+        return mask
+    n_out = max(1, round(n_texts * fraction))
+    if n_out >= n_texts:
+        raise EmptyPromptsError(f"holding out {fraction:.0%} of {n_texts} texts leaves none to fit on")
+    mask[torch.randperm(n_texts, generator=generator)[:n_out]] = True
+    return mask
+
+
+def fit_map_from_states(
+    source: AlignedStates,
+    target: AlignedStates,
+    *,
+    layers: Sequence[tuple[int, int]] | None = None,
+    ridge: float | Literal["auto"] = "auto",
+    holdout: float = 0.2,
+    bias: bool = True,
+    seed: int = 0,
+) -> AffineMap:
+    """Fit the per-pair affine maps from two models' aligned captures of the same corpus.
+
+    ``layers`` lists (source layer, target layer) pairs (default: :func:`default_layer_pairs`).
+    ``holdout`` of the texts is set aside for the reported R²; with ``ridge="auto"`` another
+    fifth of the remaining texts picks each pair's ridge from :data:`RIDGE_GRID`, and the
+    final maps are refitted on all training texts.
+    """
+    if source.corpus != target.corpus or source.scheme != target.scheme:
+        raise EmptyPromptsError(
+            "source and target states come from different corpora or alignment schemes "
+            f"({source.corpus}/{source.scheme} vs {target.corpus}/{target.scheme})"
+        )
+    if source.states.shape[0] != target.states.shape[0] or not torch.equal(source.text_index, target.text_index):
+        raise WidthMismatchError(
+            f"source has {source.states.shape[0]} aligned samples but target has "
+            f"{target.states.shape[0]}: token-level alignment needs the same tokenizer; use scheme='words'"
+        )
+    pairs = list(layers) if layers is not None else default_layer_pairs(source.model.n_layers, target.model.n_layers)
+    if not pairs:
+        raise EmptyPromptsError("no layer pairs to fit")
+    x = torch.stack([source.layer(s) for s, _ in pairs])  # [pair, n, d_src]
+    y = torch.stack([target.layer(t) for _, t in pairs])  # [pair, n, d_tgt]
+    n_texts = int(source.text_index.max()) + 1
+    gen = torch.Generator().manual_seed(seed)
+    held_text = _split_texts(n_texts, holdout, gen)
+    held = held_text[source.text_index]
+    train_idx, held_idx = (~held).nonzero()[:, 0], held.nonzero()[:, 0]
+    n_train, d_src = len(train_idx), x.shape[-1]
+    if n_train < d_src:
+        warnings.warn(
+            f"fit_map: {n_train} training samples for source width {d_src}: the system is "
+            "underdetermined, so the minimum-norm solution is used (add text or a ridge)",
+            stacklevel=2,
+        )
+    if ridge == "auto":
+        train_texts = (~held_text).nonzero()[:, 0]
+        val_text = torch.zeros(n_texts, dtype=torch.bool)
+        val_text[train_texts[_split_texts(len(train_texts), 0.2, gen)]] = True
+        val = val_text[source.text_index]
+        fit_idx, val_idx = (~val & ~held).nonzero()[:, 0], val.nonzero()[:, 0]
+        factors = NormalEquations(x[:, fit_idx], y[:, fit_idx], bias=bias)
+        scores = []
+        for lam in RIDGE_GRID:
+            w, b = factors.solve(torch.full((len(pairs),), lam, dtype=torch.float64))
+            scores.append(r2_score(x[:, val_idx], y[:, val_idx], w, b, factors.y_mean))
+        best = torch.stack(scores).argmax(0)
+        ridge_per_pair = torch.tensor(RIDGE_GRID, dtype=torch.float64)[best]
+    else:
+        ridge_per_pair = torch.full((len(pairs),), float(ridge), dtype=torch.float64)
+    factors = NormalEquations(x[:, train_idx], y[:, train_idx], bias=bias)
+    weight, bias_vec = factors.solve(ridge_per_pair)
+    r2_train = factors.train_r2(ridge_per_pair)
+    if len(held_idx):
+        r2_held = r2_score(x[:, held_idx], y[:, held_idx], weight, bias_vec, factors.y_mean)
+    else:
+        r2_held = torch.full((len(pairs),), float("nan"))
+    target_norms = torch.zeros(target.model.n_layers)
+    for i, layer in enumerate(target.layers):
+        target_norms[layer] = target.states[:, i].norm(dim=-1).mean()
+    return AffineMap(
+        weight=weight.float(),
+        bias=bias_vec.float(),
+        source=source.model,
+        target=target.model,
+        source_layers=tuple(s for s, _ in pairs),
+        target_layers=tuple(t for _, t in pairs),
+        r2_heldout=r2_held.float(),
+        r2_train=r2_train.float(),
+        ridge=ridge_per_pair,
+        target_norms=target_norms,
+        provenance={
+            "corpus_hash": source.corpus,
+            "alignment": source.scheme,
+            "n_texts": n_texts,
+            "n_train_samples": n_train,
+            "n_heldout_samples": len(held_idx),
+            "holdout": holdout,
+            "seed": seed,
+        },
+    )
+
+
+def fit_map(
+    source: torch.nn.Module,
+    target: torch.nn.Module,
+    texts: Sequence[str],
+    *,
+    layers: Sequence[tuple[int, int]] | None = None,
+    ridge: float | Literal["auto"] = "auto",
+    holdout: float = 0.2,
+    bias: bool = True,
+    alignment: Literal["auto", "words", "tokens"] = "auto",
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> AffineMap:
+    """Reformulate: capture both models on ``texts`` and fit per-layer-pair affine maps.
+
+    ``alignment="auto"`` uses every token when the two tokenizers split every text
+    identically and word boundaries otherwise. ``ridge`` is a fixed strength (relative to
+    the mean squared singular value of the centred source states) or "auto" (validation).
+    """
+    if len(texts) == 0:
+        raise EmptyPromptsError("fit_map needs a non-empty corpus of texts")
+    n_src, n_tgt = int(source.cfg.n_layers), int(target.cfg.n_layers)  # type: ignore[union-attr]
+    pairs = list(layers) if layers is not None else default_layer_pairs(n_src, n_tgt)
+    src_layers = check_layers(source, sorted({s for s, _ in pairs}))
+    tgt_layers = check_layers(target, sorted({t for _, t in pairs}))
+    scheme: Literal["words", "tokens"]
+    if alignment == "auto":
+        same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()  # type: ignore[union-attr]
+        scheme = "tokens" if same else "words"
+    else:
+        scheme = alignment
+    xs = capture_aligned(source, texts, layers=src_layers, scheme=scheme, batch_size=batch_size,
+                         progress="source corpus" if progress else None)
+    ys = capture_aligned(target, texts, layers=tgt_layers, scheme=scheme, batch_size=batch_size,
+                         progress="target corpus" if progress else None)
+    return fit_map_from_states(xs, ys, layers=pairs, ridge=ridge, holdout=holdout, bias=bias, seed=seed)

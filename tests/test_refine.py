@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import contrans_tl as ct
+from contrans_tl.capture import capture
+from contrans_tl.refine import mean_difference, pca_difference
+
+POS = ["I love this sunny day", "What a wonderful gift", "The party was great fun"]
+NEG = ["The rain ruined everything", "I lost my keys again", "The train was late", "Nothing worked"]
+
+
+def test_refine_is_mean_difference_of_captures(tiny_llama):
+    v = ct.refine(tiny_llama, POS, NEG, batch_size=2)
+    expected = capture(tiny_llama, POS).mean(0) - capture(tiny_llama, NEG).mean(0)
+    assert torch.allclose(v.vectors, expected, atol=1e-5)
+    assert v.layers == tuple(range(tiny_llama.cfg.n_layers))
+    assert v.n_prompts == 7 and v.method == "mean_diff"
+    assert v.layer_norms is not None and (v.layer_norms > 0).all()
+
+
+def test_pca_recovers_planted_direction():
+    torch.manual_seed(0)
+    direction = torch.randn(8)
+    direction /= direction.norm()
+    neg = torch.randn(50, 2, 8) * 0.1
+    scale = torch.rand(50, 1, 1) * 3 + 1
+    pos = neg + scale * direction
+    got = pca_difference(pos, neg)
+    cos = torch.nn.functional.cosine_similarity(got, direction.expand(2, 8), dim=-1)
+    assert (cos > 0.99).all()  # also checks the sign points from negative to positive
+    assert torch.allclose(got.norm(dim=-1), mean_difference(pos, neg).norm(dim=-1), rtol=0.05)
+
+
+def test_pca_needs_pairs(tiny_llama):
+    with pytest.raises(ct.EmptyPromptsError, match="3 positives and 4 negatives"):
+        ct.refine(tiny_llama, POS, NEG, method="pca")
+
+
+@pytest.mark.parametrize("pos,neg", [([], NEG), (POS, [])])
+def test_empty_lists_rejected(tiny_llama, pos, neg):
+    with pytest.raises(ct.EmptyPromptsError, match="positive and negative"):
+        ct.refine(tiny_llama, pos, neg)

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import contrans_tl as ct
+from contrans_tl.capture import capture, next_token_logits
+from tests.conftest import hooks_attached
+
+POS = ["I love this sunny day", "What a wonderful gift"]
+NEG = ["The rain ruined everything", "I lost my keys again"]
+
+
+@pytest.fixture
+def vector(tiny_model):
+    return ct.refine(tiny_model, POS, NEG)
+
+
+def test_hooked_layer_gets_exactly_alpha_v(tiny_model, vector, prompts):
+    base = capture(tiny_model, prompts)
+    with ct.transplant(tiny_model, vector, alpha=3.0, layers=[1]):
+        steered = capture(tiny_model, prompts)
+    # layers before the hooked one are bit-identical; the hooked one is original + alpha * v
+    assert torch.equal(steered[:, 0], base[:, 0])
+    assert torch.allclose(steered[:, 1] - base[:, 1], 3.0 * vector.vectors[1].expand(len(prompts), -1), atol=1e-4)
+    assert hooks_attached(tiny_model) == 0
+    assert torch.equal(capture(tiny_model, prompts), base)
+
+
+def test_invariants(tiny_model, vector, prompts):
+    base = next_token_logits(tiny_model, prompts)
+    with ct.transplant(tiny_model, vector, alpha=0.0):
+        assert torch.equal(next_token_logits(tiny_model, prompts), base)
+    with ct.transplant(tiny_model, vector - vector, alpha=5.0):
+        assert torch.equal(next_token_logits(tiny_model, prompts), base)
+    with ct.transplant(tiny_model, 2 * vector, alpha=1.5):
+        a = next_token_logits(tiny_model, prompts)
+    with ct.transplant(tiny_model, vector, alpha=3.0):
+        b = next_token_logits(tiny_model, prompts)
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, base, atol=1e-3)
+
+
+def test_several_vectors_add_up(tiny_model, vector, prompts):
+    other = ct.refine(tiny_model, NEG, POS[::-1] + ["more text here"])
+    with ct.transplant(tiny_model, [vector, other], alpha=[1.0, 2.0]):
+        both = capture(tiny_model, prompts)
+    with ct.transplant(tiny_model, vector, alpha=1.0), ct.transplant(tiny_model, other, alpha=2.0):
+        nested = capture(tiny_model, prompts)
+    with ct.transplant(tiny_model, vector + 2 * other, alpha=1.0):
+        summed = capture(tiny_model, prompts)
+    assert torch.allclose(both, nested, atol=1e-4) and torch.allclose(both, summed, atol=1e-4)
+
+
+def test_hooks_removed_on_exception(tiny_model, vector):
+    with pytest.raises(RuntimeError, match="boom"):
+        with ct.transplant(tiny_model, vector, alpha=1.0):
+            assert hooks_attached(tiny_model) == tiny_model.cfg.n_layers
+            raise RuntimeError("boom")
+    assert hooks_attached(tiny_model) == 0
+
+
+def test_bad_layer_leaves_no_hooks(tiny_model, vector):
+    with pytest.raises(ct.LayerIndexError):
+        with ct.transplant(tiny_model, vector, alpha=1.0, layers=[0, 9]):
+            pass
+    assert hooks_attached(tiny_model) == 0
+
+
+def test_norm_units(tiny_model, vector, prompts):
+    base = capture(tiny_model, prompts)
+    with ct.transplant(tiny_model, vector, alpha=0.5, layers=[0], unit="norm"):
+        steered = capture(tiny_model, prompts)
+    added = (steered[:, 0] - base[:, 0])[0]
+    assert torch.allclose(added.norm(), 0.5 * vector.layer_norms[0], rtol=1e-4)
+
+
+def test_vector_of_other_model_rejected(tiny_llama, tiny_llama_b):
+    v = ct.refine(tiny_llama, POS, NEG)
+    with pytest.raises(ct.WidthMismatchError, match="width 64"):
+        with ct.transplant(tiny_llama_b, v, alpha=1.0):
+            pass
+    same_width_other = ct.ConceptVector(
+        v.vectors, ct.ModelIdentity("someone-else", None, 2, 64), (0, 1), "mean_diff"
+    )
+    with pytest.raises(ct.ModelMismatchError, match="someone-else"):
+        with ct.transplant(tiny_llama, same_width_other, alpha=1.0):
+            pass
+    assert hooks_attached(tiny_llama) == 0
+
+
+def test_loaded_vector_checked_against_model(tiny_llama, tiny_neox, tmp_path):
+    path = ct.refine(tiny_llama, POS, NEG).save(tmp_path / "v.safetensors")
+    with pytest.raises(ct.ModelMismatchError, match="made for"):
+        with ct.transplant(tiny_neox, ct.ConceptVector.load(path), alpha=1.0):
+            pass
+
+
+def test_steering_acts_during_generation(tiny_model, vector):
+    plain = ct.generate(tiny_model, ["The river runs"], max_new_tokens=6)
+    with ct.transplant(tiny_model, vector, alpha=50.0):
+        steered = ct.generate(tiny_model, ["The river runs"], max_new_tokens=6)
+        steered_nocache = ct.generate(tiny_model, ["The river runs"], max_new_tokens=6, use_kv_cache=False)
+    assert steered != plain
+    assert steered == steered_nocache
