@@ -9,6 +9,7 @@ forward pass itself. Results are float32 on the CPU.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -253,21 +254,55 @@ def next_token_logits(
     model: torch.nn.Module,
     prompts: Sequence[str],
     *,
+    prefix: str | None = None,
     batch_size: int = 16,
     progress: str | None = None,
 ) -> Float[Tensor, "batch d_vocab"]:
-    """Logits of the next token after each prompt (float32, CPU), under any active hooks."""
+    """Logits of the next token after each prompt (float32, CPU), under any active hooks.
+
+    ``prefix`` (e.g. a few-shot block shared by every prompt) is run once and its KV cache
+    reused for each batch: the model sees ``encode(prefix) + tokens(prompt)`` (the prompt
+    tokenized on its own, no BOS), with hooks acting on prefix and prompt alike, at a
+    fraction of the cost of repeating the prefix in every row.
+    """
     if len(prompts) == 0:
         raise EmptyPromptsError("no prompts to score")
-    ids, _ = encode(model, prompts)
+    device = model_device(model)
+    prefix_cache = None
+    if prefix is None:
+        ids, _ = encode(model, prompts)
+    else:
+        (prefix_ids,), _ = encode(model, [prefix])
+        tokenizer = model.tokenizer  # type: ignore[attr-defined]
+        ids = [list(row) for row in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        n_ctx = int(model.cfg.n_ctx)  # type: ignore[attr-defined]
+        for i, row in enumerate(ids):
+            if not row:
+                raise EmptyPromptsError(f"prompt {i} tokenizes to no tokens")
+            if len(prefix_ids) + len(row) > n_ctx:
+                raise PromptTooLongError(
+                    f"prefix + prompt {i} has {len(prefix_ids) + len(row)} tokens, more than the "
+                    f"model's context of {n_ctx}"
+                )
+        _, prefix_cache = model(  # type: ignore[operator]
+            torch.tensor([prefix_ids], device=device), return_type="logits_and_cache"
+        )
     order = _sorted_order(ids)
     chunks: list[Tensor] = []
-    device = model_device(model)
     for _, batch in _batches(model, [ids[i] for i in order], batch_size, "left", progress):
+        mask = batch.attention_mask.to(device)
+        extra: dict[str, object] = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(batch.lengths))
+            seen = torch.ones(len(batch.lengths), len(prefix_ids), dtype=mask.dtype, device=device)
+            mask = torch.cat([seen, mask], dim=1)
+            extra["past_key_values"] = cache
         logits = model(  # type: ignore[operator]
             batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
+            attention_mask=mask,
             logits_to_keep=1,  # the vocabulary projection for the last position only
+            **extra,
         )
         chunks.append(logits[:, -1].float().cpu())
     stacked = torch.cat(chunks)

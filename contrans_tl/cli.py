@@ -121,11 +121,113 @@ def _generate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- contrans bench: bench/ sits beside the package in a source checkout (not in the wheel) --
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.append(root)
+    try:
+        from bench import add_arguments
+    except ImportError:  # installed without the source tree: _bench_run says so
+        return
+    add_arguments(p)
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    try:
+        from bench import run
+    except ImportError:
+        print("contrans bench: needs a source checkout (bench/ beside contrans_tl/)", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+# ---- contrans report / layer-search / export: diagnostics and exports (issue 7) ------------
+def _transfer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="smollm2-135m-instruct", help="source model (default: the offline pair)")
+    p.add_argument("--target", default="gemma-3-270m", help="target model")
+    p.add_argument("--emotion", default="fear", help="built-in emotion concept (its label tokens and scenarios)")
+    p.add_argument("--n-texts", type=int, default=200, help="neutral sentences for fitting maps")
+    p.add_argument("--n-refine", type=int, default=24, help="contrast prompts per side")
+    p.add_argument("--out", required=True, help="output directory (JSON, figures, artifacts)")
+    p.add_argument("--device", default=None)
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    _transfer_args(p)
+    p.add_argument("--map", help="AffineMap file (default: fit one on the neutral corpus)")
+    p.add_argument("--vector", help="source ConceptVector file (default: refine --emotion in the source)")
+    p.add_argument("--native", help="target ConceptVector file (default: refine --emotion in the target)")
+    p.add_argument("--alpha", default="0.1", help="strength for the causal ratio, or 'auto' (KL-guarded sweep)")
+    p.add_argument("--unit", choices=["raw", "norm"], default="norm")
+    p.add_argument("--kl-budget", type=float, default=0.25, help="nats of neutral-text KL for --alpha auto")
+    p.add_argument("--metric", choices=["logit_acc", "label_prob"], default="logit_acc")
+    p.add_argument("--n-eval", type=int, default=24, help="negative scenarios the metric is scored on")
+    p.add_argument("--steer-layers", default="", help="comma-separated target layers steered together (default: all)")
+    p.add_argument("--per-layer", default="", help="comma-separated target layers to also test one at a time")
+
+
+def _report_run(args: argparse.Namespace) -> int:
+    from analyses.transfer_report import config_from_args, run_report
+
+    run_report(config_from_args(args))
+    return 0
+
+
+def _layer_search_args(p: argparse.ArgumentParser) -> None:
+    _transfer_args(p)
+    p.add_argument("--stride", type=int, default=3, help="every n-th source layer (the last always kept)")
+    p.add_argument("--target-stride", type=int, default=1, help="every n-th target layer")
+    p.add_argument("--top-k", type=int, default=5)
+
+
+def _layer_search_run(args: argparse.Namespace) -> int:
+    from analyses.transfer_report import config_from_args, run_layer_search
+
+    run_layer_search(config_from_args(args))
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vector", help="ConceptVector file (a target-space vector, or a source one with --map)")
+    p.add_argument("--map", help="AffineMap to push the vector through first")
+    p.add_argument("--format", choices=["gguf", "lm-eval"], required=True,
+                   help="gguf: llama.cpp --control-vector file; lm-eval: steered model steer_path .pt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--unit", choices=["raw", "norm"], default="raw")
+    p.add_argument("--layers", help="comma-separated layers (default: the vector's)")
+    p.add_argument("--hookpoint-template", default="layers.{layer}", help="lm-eval hook point names")
+    p.add_argument("--skip-layer0", action="store_true", help="gguf: drop layer 0 (llama.cpp cannot steer it)")
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from contrans_tl import AffineMap, ConceptVector
+    from contrans_tl.export import export_gguf, export_lm_eval
+
+    vector = ConceptVector.load(args.vector)
+    if args.map:
+        vector = AffineMap.load(args.map).apply(vector)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    if args.format == "gguf":
+        path = export_gguf(vector, args.out, alpha=args.alpha, unit=args.unit, layers=layers,
+                           skip_layer0=args.skip_layer0)
+    else:
+        path = export_lm_eval(vector, args.out, alpha=args.alpha, unit=args.unit, layers=layers,
+                              hookpoint_template=args.hookpoint_template)
+    print(f"wrote {path}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "models": ("list the built-in offline models (and --prepare them)", _models_args, _models_run),
     "refine": ("step 1: refine a concept vector from contrast prompts", _refine_args, _refine_run),
     "fit": ("step 2: fit an affine map source -> target", _fit_args, _fit_run),
     "generate": ("step 3: greedy generation with a transplanted vector", _generate_args, _generate_run),
+    "report": ("transfer report: R2, cosine to the native vector, causal ratio (JSON + figure)", _report_args, _report_run),
+    "layer-search": ("source x target layer grid: held-out R2 and logit-lens proxy (JSON + heatmaps)", _layer_search_args, _layer_search_run),
+    "export": ("export a vector as a llama.cpp control vector or an lm-eval steering file", _export_args, _export_run),
+    "bench": ("benchmarks: speed and memory vs limits and baselines (table + bench.json)", _bench_args, _bench_run),
 }
 
 

@@ -2,8 +2,8 @@
 
 For each (source layer, target layer) pair, F minimises ||X F − Y||² (+ ridge ||F||²) over
 aligned samples of the same text (the paper's eq. 2), with an optional bias. All pairs are
-solved at once in float64 from one batched eigendecomposition of the centred normal equations
-(the SVD's right factors), which also serves every ridge strength of the search. The ridge is chosen per pair on a validation
+solved at once in float64 from the centred normal equations: one batched eigendecomposition
+(the SVD's right factors and singular values) serves every ridge strength of the search. The ridge is chosen per pair on a validation
 split of the training texts; R² is reported on held-out texts that neither saw.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -24,6 +25,7 @@ from contrans_tl.errors import EmptyPromptsError, WidthMismatchError
 
 __all__ = [
     "default_layer_pairs",
+    "Moments",
     "NormalEquations",
     "ridge_solve",
     "r2_score",
@@ -44,63 +46,98 @@ def default_layer_pairs(n_source: int, n_target: int) -> list[tuple[int, int]]:
     return [(max(0, math.floor((j + 1) * n_source / n_target + 0.5) - 1), j) for j in range(n_target)]
 
 
-class NormalEquations:
-    """Centred normal equations of every pair, eigendecomposed once, solved for any ridge.
+@dataclass(frozen=True)
+class Moments:
+    """Sufficient statistics of a least-squares problem per pair, in float64; they add up.
 
-    ``XᵀX = V diag(S²) Vᵀ`` gives the right singular vectors and squared singular values of
-    the centred source states, so ``F = V diag(1/(S² + λ)) Vᵀ XᵀY`` is the ridge solution
-    for every λ at the cost of one small matrix product, and λ = 0 (with the usual cutoff on
-    tiny singular values) is the minimum-norm least-squares solution. Float64 throughout;
-    the one pass over the samples is a batched GEMM, the decomposition a batched ``eigh``.
+    Summing the moments of two sample sets gives the moments of their union, so a ridge
+    search on a fit/validation split and the final fit on both reuse one pass over the data.
     """
 
-    def __init__(
-        self,
-        x: Float[Tensor, "pair n_samples d_src"],
-        y: Float[Tensor, "pair n_samples d_tgt"],
-        *,
-        bias: bool,
-    ) -> None:
-        x = x.double()
-        y = y.double()
-        n, d_src = x.shape[1], x.shape[2]
-        self.x_mean = x.mean(1, keepdim=True) if bias else torch.zeros_like(x[:, :1])
-        self.y_mean = y.mean(1, keepdim=True) if bias else torch.zeros_like(y[:, :1])
-        xc = x - self.x_mean
-        yc = y - self.y_mean
-        gram = xc.transpose(1, 2) @ xc  # [pair, d_src, d_src]
-        cross = xc.transpose(1, 2) @ yc  # [pair, d_src, d_tgt]
-        eig, self.v = torch.linalg.eigh(gram)  # one batched call for all pairs
-        self.eig = eig.clamp_min(0)
-        self.proj = self.v.transpose(1, 2) @ cross  # Vᵀ XᵀY
-        self.yy = torch.linalg.vector_norm(yc, dim=(1, 2)) ** 2
-        # total sum of squares about y's own mean (equals yy when fitting a bias)
-        self.ss_tot = self.yy - n * torch.linalg.vector_norm(y.mean(1) - self.y_mean[:, 0], dim=1) ** 2
-        self.scale = self.eig.mean(1)  # mean squared singular value: the ridge unit
-        # numpy's pinv cutoff, applied to squared singular values
-        self.cutoff = self.eig[:, -1:] * torch.finfo(torch.float64).eps * max(n, d_src)
+    n: int
+    sx: Float[Tensor, "pair d_src"]
+    sy: Float[Tensor, "pair d_tgt"]
+    sxx: Float[Tensor, "pair d_src d_src"]
+    sxy: Float[Tensor, "pair d_src d_tgt"]
+    syy: Float[Tensor, "pair"]
+
+    @classmethod
+    def of(cls, x: Float[Tensor, "pair n_samples d_src"], y: Float[Tensor, "pair n_samples d_tgt"]) -> "Moments":
+        """One batched GEMM pass over the samples."""
+        x, y = x.double(), y.double()
+        return cls(
+            n=x.shape[1],
+            sx=x.sum(1),
+            sy=y.sum(1),
+            sxx=x.transpose(1, 2) @ x,
+            sxy=x.transpose(1, 2) @ y,
+            syy=torch.linalg.vector_norm(y, dim=(1, 2)) ** 2,
+        )
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(self.n + other.n, self.sx + other.sx, self.sy + other.sy,
+                       self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy)
+
+
+class NormalEquations:
+    """Centred normal equations of every pair, solved for any ridge strength, float64.
+
+    With ``XᵀX = V diag(S²) Vᵀ`` (the right singular vectors and squared singular values of
+    the centred source states, from one batched ``eigh``), ``F = V diag(1/(S² + λ)) Vᵀ XᵀY``
+    is the ridge solution for every λ at the cost of one small product, and λ = 0 (with
+    numpy's cutoff on tiny singular values) the minimum-norm least-squares solution. When
+    every λ is positive and no decomposition exists yet, a batched Cholesky solve is used.
+    """
+
+    def __init__(self, moments: Moments, *, bias: bool) -> None:
+        m = moments
+        n = m.n
+        own_mean = m.sy / n
+        if bias:
+            self.x_mean, self.y_mean = (m.sx / n)[:, None], own_mean[:, None]
+        else:
+            self.x_mean = torch.zeros_like(m.sx)[:, None]
+            self.y_mean = torch.zeros_like(m.sy)[:, None]
+        xm, ym = self.x_mean[:, 0], self.y_mean[:, 0]
+        self.gram = m.sxx - n * xm[:, :, None] * xm[:, None, :]
+        self.cross = m.sxy - n * xm[:, :, None] * ym[:, None, :]
+        self.yy = m.syy - n * (ym**2).sum(-1)
+        self.ss_tot = m.syy - n * (own_mean**2).sum(-1)
+        diag = torch.diagonal(self.gram, dim1=1, dim2=2)
+        self.scale = diag.mean(1).clamp_min(1e-300)  # = mean squared singular value: the ridge unit
+        self.rank_scale = max(n, self.gram.shape[-1])
+        self._eig: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _eigen(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._eig is None:
+            eig, v = torch.linalg.eigh(self.gram)  # one batched call for all pairs
+            eig = eig.clamp_min(0)
+            self._eig = (eig, v, v.transpose(1, 2) @ self.cross)
+        return self._eig
 
     def solve(
         self, ridge: Float[Tensor, "pair"]
     ) -> tuple[Float[Tensor, "pair d_src d_tgt"], Float[Tensor, "pair d_tgt"]]:
         """Weights and bias for one ridge strength per pair (relative units; 0 = min-norm)."""
-        inv = self._inverse(ridge)
-        weight = self.v @ (inv[:, :, None] * self.proj)
-        bias = (self.y_mean - self.x_mean @ weight)[:, 0]
-        return weight, bias
+        lam = ridge.double() * self.scale
+        if self._eig is None and bool((lam > 0).all()):
+            eye = torch.eye(self.gram.shape[-1], dtype=torch.float64)
+            chol, info = torch.linalg.cholesky_ex(self.gram + lam[:, None, None] * eye)
+            if not bool(info.any()):
+                weight = torch.cholesky_solve(self.cross, chol)
+                return weight, (self.y_mean - self.x_mean @ weight)[:, 0]
+        eig, v, proj = self._eigen()
+        cutoff = eig[:, -1:] * torch.finfo(torch.float64).eps * self.rank_scale
+        inv = torch.where(eig > cutoff, 1 / (eig + lam[:, None]), torch.zeros_like(eig))
+        weight = v @ (inv[:, :, None] * proj)
+        return weight, (self.y_mean - self.x_mean @ weight)[:, 0]
 
-    def _inverse(self, ridge: Tensor) -> Tensor:
-        lam = (ridge.double() * self.scale)[:, None]
-        return torch.where(self.eig > self.cutoff, 1 / (self.eig + lam), torch.zeros_like(self.eig))
+    def r2(self, weight: Float[Tensor, "pair d_src d_tgt"]) -> Float[Tensor, "pair"]:
+        """R² of ``weight`` on the samples these moments came from, without another pass.
 
-    def train_r2(self, ridge: Float[Tensor, "pair"]) -> Float[Tensor, "pair"]:
-        """R² on the fitted samples from the factors alone (no pass over the samples).
-
-        ‖Yc − Xc F‖² = ‖Yc‖² − 2 Σ inv·p² + Σ S²·inv²·p², with p = Vᵀ XᵀY per component.
+        ‖Yc − Xc F‖² = ‖Yc‖² − 2 tr(Fᵀ XᵀY) + tr(Fᵀ XᵀX F), all centred.
         """
-        inv = self._inverse(ridge)[:, :, None]
-        p2 = self.proj**2
-        ss_res = self.yy - 2 * (inv * p2).sum((1, 2)) + (self.eig[:, :, None] * inv**2 * p2).sum((1, 2))
+        ss_res = self.yy - 2 * (weight * self.cross).sum((1, 2)) + ((self.gram @ weight) * weight).sum((1, 2))
         return 1 - ss_res / self.ss_tot.clamp_min(1e-300)
 
 
@@ -112,7 +149,7 @@ def ridge_solve(
     bias: bool = True,
 ) -> tuple[Float[Tensor, "pair d_src d_tgt"], Float[Tensor, "pair d_tgt"]]:
     """Batched least squares (ridge in units of the mean squared singular value), float64."""
-    factors = NormalEquations(x, y, bias=bias)
+    factors = NormalEquations(Moments.of(x, y), bias=bias)
     lam = torch.as_tensor(ridge, dtype=torch.float64).expand(x.shape[0])
     return factors.solve(lam)
 
@@ -199,18 +236,21 @@ def fit_map_from_states(
         val_text[train_texts[_split_texts(len(train_texts), 0.2, gen)]] = True
         val = val_text[source.text_index]
         fit_idx, val_idx = (~val & ~held).nonzero()[:, 0], val.nonzero()[:, 0]
-        factors = NormalEquations(x[:, fit_idx], y[:, fit_idx], bias=bias)
+        fit_moments = Moments.of(x[:, fit_idx], y[:, fit_idx])
+        factors = NormalEquations(fit_moments, bias=bias)
         scores = []
         for lam in RIDGE_GRID:
             w, b = factors.solve(torch.full((len(pairs),), lam, dtype=torch.float64))
             scores.append(r2_score(x[:, val_idx], y[:, val_idx], w, b, factors.y_mean))
         best = torch.stack(scores).argmax(0)
         ridge_per_pair = torch.tensor(RIDGE_GRID, dtype=torch.float64)[best]
+        train_moments = fit_moments + Moments.of(x[:, val_idx], y[:, val_idx])
     else:
         ridge_per_pair = torch.full((len(pairs),), float(ridge), dtype=torch.float64)
-    factors = NormalEquations(x[:, train_idx], y[:, train_idx], bias=bias)
+        train_moments = Moments.of(x[:, train_idx], y[:, train_idx])
+    factors = NormalEquations(train_moments, bias=bias)
     weight, bias_vec = factors.solve(ridge_per_pair)
-    r2_train = factors.train_r2(ridge_per_pair)
+    r2_train = factors.r2(weight)
     if len(held_idx):
         r2_held = r2_score(x[:, held_idx], y[:, held_idx], weight, bias_vec, factors.y_mean)
     else:

@@ -76,3 +76,23 @@ def test_nan_activations_named(tiny_llama):
         with pytest.raises(ct.NonFiniteError, match="layer 1"):
             capture(tiny_llama, ["a b c", "d e"])
     assert hooks_attached(tiny_llama) == 0
+
+
+def test_shared_prefix_equals_full_prompt(tiny_model, prompts):
+    """The cached few-shot prefix gives the logits of running prefix + prompt in full."""
+    import contrans_tl as ct
+
+    prefix = "Some shared context for every prompt.\n"
+    (prefix_ids,), _ = encode(tiny_model, [prefix])
+    full_ids = [prefix_ids + tiny_model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    batch = pad_batch(full_ids, pad_id=0, padding_side="left")
+    with torch.no_grad():
+        ref = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)[:, -1]
+    got = next_token_logits(tiny_model, prompts, prefix=prefix, batch_size=2)
+    assert rel_diff(got, ref) <= 1e-4
+    v = ct.refine(tiny_model, ["good day"], ["bad day"])
+    with ct.transplant(tiny_model, v, alpha=20.0):
+        steered = next_token_logits(tiny_model, prompts, prefix=prefix, batch_size=2)
+        with torch.no_grad():
+            steered_ref = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)[:, -1]
+    assert rel_diff(steered, steered_ref) <= 1e-4 and not torch.allclose(steered, got)

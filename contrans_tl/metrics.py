@@ -1,0 +1,32 @@
+"""Pure metric functions on tensors: no model, no forward pass."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine"]
+
+
+def token_accuracy(logits: Float[Tensor, "batch d_vocab"], target_token: int) -> float:
+    """Fraction of rows whose argmax over the whole vocabulary is ``target_token`` (Token Acc)."""
+    if logits.shape[0] == 0:
+        return float("nan")
+    return float((logits.argmax(-1) == int(target_token)).float().mean())
+
+
+def logit_accuracy(
+    logits: Float[Tensor, "batch d_vocab"], label_tokens: Int[Tensor, "n_labels"], target_index: int
+) -> float:
+    """Fraction of rows whose argmax among the label tokens is label ``target_index`` (Logit Acc)."""
+    if logits.shape[0] == 0:
+        return float("nan")
+    return float((logits[:, label_tokens].argmax(-1) == int(target_index)).float().mean())
+
+
+def layer_cosine(a: Float[Tensor, "layer d_model"], b: Float[Tensor, "layer d_model"]) -> Float[Tensor, "layer"]:
+    """Cosine similarity per layer (0 where either vector is zero)."""
+    num = (a.double() * b.double()).sum(-1)
+    den = a.double().norm(dim=-1) * b.double().norm(dim=-1)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)).float()

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from contrans_tl.datasets import EMOTIONS, emotion_scenarios
+from contrans_tl.emotion import (
+    QUERY,
+    contrast_prompts,
+    few_shot_prefix,
+    label_tokens,
+    split_scenarios,
+)
+from contrans_tl.errors import EmptyPromptsError
+from contrans_tl.metrics import layer_cosine, logit_accuracy, token_accuracy
+
+
+def test_token_and_logit_accuracy_on_hand_built_logits():
+    labels = torch.tensor([3, 5, 7])
+    logits = torch.zeros(4, 10)
+    logits[0, 5] = 2.0  # argmax over vocab = label 1's token
+    logits[1, 9] = 3.0  # vocab argmax is a non-label token...
+    logits[1, 5] = 1.0  # ...but among labels, label 1 wins
+    logits[2, 3] = 1.0  # label 0
+    logits[3, 7] = 1.0  # label 2
+    assert token_accuracy(logits, 5) == pytest.approx(0.25)
+    assert logit_accuracy(logits, labels, 1) == pytest.approx(0.5)
+    assert logit_accuracy(logits, labels, 0) == pytest.approx(0.25)
+    assert torch.isnan(torch.tensor(token_accuracy(torch.zeros(0, 10), 1)))
+
+
+def test_layer_cosine():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    b = torch.tensor([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
+    assert torch.allclose(layer_cosine(a, b), torch.tensor([1.0, -1.0, 0.0]))
+
+
+def test_builtin_data_has_six_emotions_of_sixty_plus():
+    data = emotion_scenarios()
+    assert tuple(data) == EMOTIONS
+    for emotion, items in data.items():
+        assert len(items) >= 60 and len(set(items)) == len(items)
+        assert not any(emotion[:5] in s.lower() for s in items)
+
+
+def test_split_and_contrast_prompts_are_disjoint_and_seeded():
+    split = split_scenarios(emotion_scenarios(), seed=0)
+    for e in EMOTIONS:
+        assert not set(split.refine[e]) & set(split.evaluate[e])
+    pos, neg = contrast_prompts(split.refine, "fear", n=10, seed=1)
+    assert len(pos) == len(neg) == 10
+    assert all(p.startswith("Scenario: ") and p.endswith("The emotion of the above scenario is") for p in pos)
+    fear = {QUERY.format(s) for s in split.refine["fear"]}
+    assert not fear & set(neg)
+    assert contrast_prompts(split.refine, "fear", n=10, seed=1) == (pos, neg)
+    assert split_scenarios(emotion_scenarios(), seed=0) == split
+
+
+def test_few_shot_prefix_answers_each_emotion_once():
+    split = split_scenarios(emotion_scenarios())
+    prefix = few_shot_prefix(split.refine)
+    assert prefix.count("The emotion of the above scenario is") == 6
+    for word in ("happy.", "sad.", "angry.", "afraid.", "disgusted.", "surprised."):
+        assert prefix.count(" " + word) == 1
+
+
+def test_label_tokens_distinct(tiny_llama):
+    ids = label_tokens(tiny_llama.tokenizer)
+    assert len(set(ids.tolist())) == 6
+
+
+def test_loader_reads_user_directory(tmp_path):
+    for e in EMOTIONS:
+        (tmp_path / f"{e}.json").write_text(json.dumps([f"{e} a", f"{e} b", f"{e} c", f"{e} d"]))
+    assert emotion_scenarios(tmp_path)["anger"][0] == "anger a"
+    (tmp_path / "fear.json").write_text("[]")
+    with pytest.raises(EmptyPromptsError, match="fear.json"):
+        emotion_scenarios(tmp_path)
