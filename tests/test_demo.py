@@ -1,0 +1,64 @@
+"""The main job end to end in its quick form, on the real offline pair, and the notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from contrans_tl.cli import main
+
+EMOTIONS = ["happiness", "sadness", "anger", "fear", "disgust", "surprise"]
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory, smollm, gemma) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_writes_results_figures_and_summary(quick_demo):
+    result = json.loads((quick_demo / "results.json").read_text())
+    assert set(result["results"]) == set(EMOTIONS)
+    assert result["layers"] and 0 < result["alpha"]
+    for e in EMOTIONS:
+        row = result["results"][e]
+        for cond in ("mapped", "native"):
+            for a in ("0", f"{result['alpha']:g}"):
+                for side in ("negatives", "positives"):
+                    metrics = row[cond][a][side]
+                    assert 0.0 <= metrics["token_acc"] <= 1.0 and 0.0 <= metrics["logit_acc"] <= 1.0
+        assert "negatives" in row["random"][f"{result['alpha']:g}"]
+        # alpha = 0 is the same baseline whichever vector is attached
+        assert row["mapped"]["0"] == row["native"]["0"]
+    assert len(result["map"]["r2_heldout"]) == 18
+    for stem in ("fig2a_accuracy_vs_alpha", "fig2b_pca_before_after", "fig5_accuracy_vs_examples",
+                 "fig7_8_hidden_states_2d"):
+        for suffix in (".png", ".pdf"):
+            assert (quick_demo / "figures" / f"{stem}{suffix}").stat().st_size > 1000
+    summary = (quick_demo / "summary.md").read_text()
+    assert "smollm2-135m-instruct → gemma-3-270m" in summary and "| fear |" in summary
+
+
+def test_rerun_resumes_from_finished_cells(quick_demo):
+    cells = {p.name: p.stat().st_mtime_ns for p in (quick_demo / "cells").glob("*.json")}
+    before = json.loads((quick_demo / "results.json").read_text())
+    assert main(["demo", "--quick", "--no-plots", "--out", str(quick_demo)]) == 0
+    after = json.loads((quick_demo / "results.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in (quick_demo / "cells").glob("*.json")} == cells
+    assert after["results"] == before["results"] and after["headline"] == before["headline"]
+
+
+def test_notebook_runs(quick_demo):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = Path(__file__).resolve().parents[1]
+    nb = nbformat.read(root / "notebooks" / "emotion_transfer.ipynb", as_version=4)
+    os.environ["CONTRANS_QUICK"] = "1"
+    os.environ["CONTRANS_NOTEBOOK_OUT"] = str(quick_demo)  # resumes the quick run's cells
+    nbclient.NotebookClient(nb, timeout=900, resources={"metadata": {"path": str(root)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "transplant" in outputs and "held-out R2" in outputs
