@@ -38,3 +38,19 @@ def _align_eval_run(args) -> int:
 
 COMMANDS["align-eval"] = ("alignment evaluations: TruthfulQA MC1, ToxiGen, perplexity (paper §5)",
                           _align_eval_args, _align_eval_run)
+
+
+def _lazy(module: str):
+    """(add_args, run) of an analysis module that has add_args(parser) and run_cli(args), imported on use."""
+    from importlib import import_module
+
+    return (lambda parser: import_module(f"analyses.{module}").add_args(parser),
+            lambda args: import_module(f"analyses.{module}").run_cli(args))
+
+
+COMMANDS["size-matrix"] = ("size matrix: every model's emotion vectors into every model (paper §6.3, Fig 4)",
+                           *_lazy("size_matrix"))
+COMMANDS["checkpoint-sweep"] = ("checkpoint sweep: final-model vectors into training checkpoints (paper §6.1, Fig 3)",
+                                *_lazy("checkpoint_sweep"))
+COMMANDS["token-shift"] = ("logit-lens token shift of transplanted vectors (paper appendix B.3, Table 8)",
+                           *_lazy("token_shift"))

@@ -150,6 +150,8 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-texts", type=int, default=200, help="neutral sentences for fitting maps")
     p.add_argument("--n-refine", type=int, default=24, help="contrast prompts per side")
     p.add_argument("--out", required=True, help="output directory (JSON, figures, artifacts)")
+    p.add_argument("--outlier-factor", type=float, default=10.0,
+                   help="drop aligned samples with norm > this x the layer median (0: keep all)")
     p.add_argument("--device", default=None)
 
 
@@ -163,8 +165,13 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-budget", type=float, default=0.25, help="nats of neutral-text KL for --alpha auto")
     p.add_argument("--metric", choices=["logit_acc", "label_prob"], default="logit_acc")
     p.add_argument("--n-eval", type=int, default=24, help="negative scenarios the metric is scored on")
-    p.add_argument("--steer-layers", default="", help="comma-separated target layers steered together (default: all)")
+    p.add_argument("--steer-layers", default="", help="target layers steered together: comma-separated, 'auto' "
+                   "(diagnostics.auto_layers) or empty (all layers of the map)")
     p.add_argument("--per-layer", default="", help="comma-separated target layers to also test one at a time")
+    p.add_argument("--per-layer-alpha", type=float, default=None, help="strength of the one-layer runs")
+    p.add_argument("--pairs", choices=["default", "search"], default="default",
+                   help="map layer pairs: depth-matched, or the best of a layer-pair search")
+    p.add_argument("--stride", type=int, default=3, help="layer-pair search stride (with --pairs search)")
 
 
 def _report_run(args: argparse.Namespace) -> int:

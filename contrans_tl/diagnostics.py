@@ -54,6 +54,7 @@ __all__ = [
     "layer_pair_search_from_states",
     "layer_pair_search",
     "strided_layers",
+    "drop_outlier_samples",
     "auto_layers",
     "plot_transfer_report",
     "plot_layer_search",
@@ -115,6 +116,17 @@ def concept_readout(
     return direction
 
 
+def _jsonable(value: Any) -> Any:
+    """NaN/inf → None (strict JSON), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def _cos(a: Tensor, b: Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     den = float(a.norm() * b.norm())
@@ -150,7 +162,7 @@ class TransferReport:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
+        path.write_text(json.dumps(_jsonable(self.to_dict()), indent=1, allow_nan=False))
         return path
 
 
@@ -236,6 +248,7 @@ def transfer_report(
     unit: Unit = "norm",
     layers: Sequence[int] | None = None,
     per_layer: Sequence[int] = (),
+    per_layer_alpha: float | None = None,
     cos_threshold: float = 0.5,
     ratio_threshold: float = 0.2,
     min_effect: float = 1e-6,
@@ -246,7 +259,9 @@ def transfer_report(
     layers of the map); ``per_layer`` lists target layers also steered one at a time.
     ``alpha``/``unit`` set the transplanted vector's strength as in
     :func:`~contrans_tl.transplant.transplant`; the native vector gets the same offset norm per
-    layer. Without ``metric`` only the geometric part is computed.
+    layer; ``per_layer_alpha`` (default ``alpha``) is the strength of the one-layer runs, since
+    one layer at the all-layer strength often moves nothing. Without ``metric`` only the
+    geometric part is computed.
     """
     if native_vector.model != amap.target:
         raise ModelMismatchError(
@@ -284,6 +299,7 @@ def transfer_report(
         cosine_mean=float(sum(steered_cos) / len(steered_cos)) if steered_cos else float("nan"),
         settings={
             "steered_layers": steered,
+            "per_layer_alpha": float(alpha if per_layer_alpha is None else per_layer_alpha),
             "cos_threshold": cos_threshold,
             "ratio_threshold": ratio_threshold,
             "matched_norm": "native rows rescaled to the transplanted offset's norm, layer by layer",
@@ -296,9 +312,11 @@ def transfer_report(
     report.metric_base = base
     kw = dict(alpha=alpha, unit=unit, min_effect=min_effect)
     report.combined = _causal(model, mapped, native_vector, metric, base, layers=steered, **kw)
+    one_alpha = float(alpha if per_layer_alpha is None else per_layer_alpha)
     for layer in per_layer:
-        row = _causal(model, mapped, native_vector, metric, base, layers=[int(layer)], **kw)
-        report.per_layer.append({"target_layer": int(layer), **row})
+        row = _causal(model, mapped, native_vector, metric, base, layers=[int(layer)], alpha=one_alpha,
+                      unit=unit, min_effect=min_effect)
+        report.per_layer.append({"target_layer": int(layer), "alpha": one_alpha, **row})
     note = _flag(report.combined, "all steered layers", cos_threshold, ratio_threshold)
     if note:
         report.warnings.append(note)
@@ -379,8 +397,40 @@ class LayerPairSearch:
     def save(self, path: str | Path, top_k: int = 5) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(top_k), indent=1))
+        path.write_text(json.dumps(_jsonable(self.to_dict(top_k)), indent=1, allow_nan=False))
         return path
+
+
+def drop_outlier_samples(
+    source: AlignedStates, target: AlignedStates, *, factor: float = 10.0
+) -> tuple[AlignedStates, AlignedStates, int]:
+    """Both captures without the samples whose norm exceeds ``factor`` × the layer's median.
+
+    A sample is dropped from both sides when, at any captured layer of either model, its
+    resid_post norm is more than ``factor`` times that layer's median norm. Massive
+    activations do this: on the default pair one token ("Snow" opening a sentence) reaches
+    ~140× the median norm at SmolLM2 layers 11–29, and when its text is held out the maps
+    of all those layers score a held-out R² far below zero although they fit the rest well.
+    Returns the filtered captures and the number of samples dropped.
+    """
+    if factor <= 0:
+        return source, target, 0
+    if not torch.equal(source.text_index, target.text_index):
+        raise EmptyPromptsError("the two captures are not aligned sample by sample")
+
+    def bad(states: AlignedStates) -> Tensor:
+        norms = states.states.norm(dim=-1)  # [samples, layers]
+        return (norms > factor * norms.median(dim=0).values).any(dim=1)
+
+    keep = ~(bad(source) | bad(target))
+    n_dropped = int((~keep).sum())
+    if n_dropped == 0:
+        return source, target, 0
+
+    def subset(states: AlignedStates) -> AlignedStates:
+        return dataclasses.replace(states, states=states.states[keep], text_index=states.text_index[keep])
+
+    return subset(source), subset(target), n_dropped
 
 
 def strided_layers(n: int, stride: int) -> list[int]:
@@ -471,6 +521,7 @@ def layer_pair_search(
     alignment: Literal["auto", "words", "tokens"] = "auto",
     batch_size: int = 8,
     seed: int = 0,
+    outlier_factor: float = 0.0,
     progress: bool = False,
 ) -> LayerPairSearch:
     """Capture both models once on ``texts`` and score the strided layer grid.
@@ -490,10 +541,13 @@ def layer_pair_search(
                          progress="source corpus" if progress else None)
     ys = capture_aligned(target, texts, layers=tgt_layers, scheme=scheme, batch_size=batch_size,
                          progress="target corpus" if progress else None)
-    return layer_pair_search_from_states(
+    xs, ys, n_dropped = drop_outlier_samples(xs, ys, factor=outlier_factor)
+    search = layer_pair_search_from_states(
         xs, ys, source_vector=source_vector, readout=readout, native_vector=native_vector,
         ridge=ridge, holdout=holdout, seed=seed,
     )
+    search.settings["outliers_dropped"] = n_dropped
+    return search
 
 
 # ---- automatic layer choice --------------------------------------------------------------------
@@ -558,7 +612,8 @@ def plot_transfer_report(report: TransferReport | dict[str, Any]):  # -> Figure
     ax.plot(t, [p["r2_heldout"] for p in pairs], "o-", label="held-out R² of the map")
     ax.plot(t, [p["cosine"] for p in pairs], "s-", label="cos(mapped, native)")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("target layer (source layer paired by depth)")
+    ax.set_xlabel("target layer")
+    ax.set_xticks(t, [f"{p['target_layer']}\n←{p['source_layer']}" for p in pairs], fontsize=6)
     ax.set_ylim(min(-0.1, min(p["cosine"] for p in pairs) - 0.05), 1.02)
     ax.legend(fontsize=7)
     ax.set_title("geometry", fontsize=9)
@@ -572,12 +627,17 @@ def plot_transfer_report(report: TransferReport | dict[str, Any]):  # -> Figure
         for i, (_, r) in enumerate(rows):
             ratio = r["causal_ratio"]
             top = max(r["effect_native"], r["effect_mapped"], 0)
-            ax.text(i, top, "n/a" if not math.isfinite(ratio) else f"{ratio:.2f}", ha="center", va="bottom", fontsize=7)
+            label = "n/a" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}"
+            ax.text(i, top, label, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(x), [name for name, _ in rows], fontsize=7)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("steered target layers")
         ax.set_ylabel(f"effect on {rep.get('metric_name') or 'metric'}")
-        ax.set_title(f"causal effect (ratio on top), alpha={rep['alpha']:g} {rep['unit']}", fontsize=9)
+        one = {r.get("alpha", rep["alpha"]) for r in rep["per_layer"]}
+        strength = f"alpha {rep['alpha']:g} ({rep['unit']})"
+        if one and one != {rep["alpha"]}:
+            strength += f", one layer: {', '.join(f'{a:g}' for a in sorted(one))}"
+        ax.set_title(f"causal effect, causal ratio on top; {strength}", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"{rep['source']} → {rep['target']}: {rep['concept']}", fontsize=10)
     fig.tight_layout()
@@ -594,11 +654,11 @@ def plot_layer_search(search: LayerPairSearch):  # -> Figure
     if search.proxy is not None:
         panels.append(("logit-lens proxy cos(v̂, readout)", search.proxy, "coolwarm"))
         panels.append(("score = R²⁺ · proxy⁺", search.score, "magma"))
-    ncols = len(panels)
-    width = 1.5 + 0.38 * len(search.target_layers)
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 1.2 + 0.3 * len(search.source_layers)), squeeze=False)
+    width = 2.0 + 0.4 * len(search.target_layers)
+    height = 1.0 + 0.3 * len(search.source_layers)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, height * len(panels)), squeeze=False)
     best = {(p["source_layer"], p["target_layer"]) for p in search.best_pairs(3)}
-    for ax, (title, values, cmap) in zip(axes[0], panels):
+    for ax, (title, values, cmap) in zip(axes[:, 0], panels):
         arr = np.asarray(values, dtype=float)
         kw = {}
         if cmap == "coolwarm":
@@ -611,9 +671,14 @@ def plot_layer_search(search: LayerPairSearch):  # -> Figure
         ax.set_yticks(range(len(search.source_layers)), search.source_layers, fontsize=6)
         for i, s in enumerate(search.source_layers):
             for j, t in enumerate(search.target_layers):
+                if cmap == "viridis" and arr.size <= 600:
+                    ax.text(j, i, f"{arr[i, j]:.2f}" if abs(arr[i, j]) < 10 else f"{arr[i, j]:.0f}",
+                            ha="center", va="center", fontsize=4.5, color="white" if arr[i, j] < 0.6 else "black")
                 if (s, t) in best:
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="white", lw=1.5))
         ax.set_xlabel(f"target layer ({search.target})", fontsize=8)
+        if cmap == "viridis" and float(np.nanmin(arr)) < 0:
+            title += f" (colour clipped at 0; min {float(np.nanmin(arr)):.2f})"
         ax.set_ylabel(f"source layer ({search.source})", fontsize=8)
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax)

@@ -479,4 +479,5 @@ def toxicity_summary(scorer: Any, texts: Sequence[str], *, threshold: float = 0.
         "percent_above": 100.0 * sum(s > threshold for s in scores) / len(scores),
         "mean_score": sum(scores) / len(scores),
         "n": len(scores),
+        "n_empty": sum(not t.strip() for t in texts),  # empty text scores low on any scorer: watch it
     }

@@ -34,6 +34,7 @@ from contrans_tl.transplant import Unit, transplant
 __all__ = [
     "final_softcap",
     "logits_from_resid",
+    "lens_resid",
     "logit_lens",
     "TokenShift",
     "token_shift",
@@ -81,6 +82,39 @@ def logits_from_resid(
     return torch.cat(out)
 
 
+def lens_resid(
+    model: torch.nn.Module,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    vector: ConceptVector | None = None,
+    alpha: float = 0.0,
+    unit: Unit = "norm",
+    steer_layers: Sequence[int] | None = None,
+    check_model: bool = True,
+    batch_size: int = 16,
+) -> Float[Tensor, "batch layer d_model"]:
+    """``resid_post`` of ``layers`` at the last token, with ``vector`` transplanted if given.
+
+    One forward pass per batch serves every read-out layer. With a vector (and ``alpha != 0``)
+    ``steer_layers`` says where it is added; it defaults to ``layers`` when one layer is read.
+    Feed the result to :func:`logits_from_resid` for the read-out.
+    """
+    layer_list = check_layers(model, layers)
+    steer = vector is not None and alpha != 0
+    if steer and steer_layers is None:
+        if len(layer_list) != 1:
+            raise ValueError("reading several layers with a vector: say where it is added (steer_layers)")
+        steer_layers = layer_list
+    context = (
+        transplant(model, vector, alpha=alpha, layers=list(steer_layers), unit=unit, check_model=check_model)  # type: ignore[arg-type]
+        if steer
+        else nullcontext()
+    )
+    with context:
+        return capture(model, prompts, layers=layer_list, batch_size=batch_size)
+
+
 def logit_lens(
     model: torch.nn.Module,
     prompts: Sequence[str],
@@ -100,16 +134,8 @@ def logit_lens(
     ``steer_layers`` (default: ``[layer]``, so the read-out sees the offset just added).
     ``logits=True`` returns logits instead of probabilities.
     """
-    (layer,) = check_layers(model, [layer])
-    steer = vector is not None and alpha != 0
-    context = (
-        transplant(model, vector, alpha=alpha, layers=list(steer_layers) if steer_layers is not None else [layer],  # type: ignore[arg-type]
-                   unit=unit, check_model=check_model)
-        if steer
-        else nullcontext()
-    )
-    with context:
-        resid = capture(model, prompts, layers=[layer], batch_size=batch_size)[:, 0]
+    resid = lens_resid(model, prompts, [layer], vector=vector, alpha=alpha, unit=unit, steer_layers=steer_layers,
+                       check_model=check_model, batch_size=batch_size)[:, 0]
     out = logits_from_resid(model, resid)
     return out if logits else out.softmax(-1)
 

@@ -47,8 +47,9 @@ __all__ = [
     "guarded_sweep",
 ]
 
-DEFAULT_ALPHAS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
-"""Default grid in norm units (fractions of the layer's mean residual norm)."""
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+"""Default grid in norm units (fractions of the layer's mean residual norm). Steering every
+layer at once adds up: on gemma-3-270m all 18 layers at 0.02 already cost ~1 nat of KL."""
 
 
 def neutral_prompts(n: int = 32, *, texts: Sequence[str] | None = None, min_words: int = 4) -> list[str]:

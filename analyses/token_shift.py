@@ -1,0 +1,360 @@
+"""Logit-lens token shift (paper appendix B.3, Table 8): which tokens a transplant makes likelier.
+
+Each emotion's vector is refined in the source, mapped into the target with an affine map
+fitted on word-aligned neutral text (source steering layer → target steering layer) and
+transplanted at the target's steering layer. On the emotion's negatives (other emotions'
+evaluation scenarios in the refinement query, no few-shot block) the target's ``resid_post``
+at the last token is read through its final norm and unembedding (:mod:`contrans_tl.lens`)
+before and after the transplant. Per prompt the ``k`` tokens whose probability rises most and
+the ``k`` that fall most are kept; over all prompts each token's count is how many prompts
+have it among them — the "token (count)" entries of Table 8.
+
+The same is done with the **native** vector (refined in the target itself, same alpha in the
+same norm units) and the two top-k sets are compared: per prompt the shared fraction
+|A ∩ B| / k (and Jaccard), and the overlap of the two aggregated top-``top`` lists.
+
+Read-out layers (``lens_layers``): ``"steer"`` reads the block where the vector is added (what
+the offset itself says in vocabulary space), ``"final"`` the last block (how the model's next-
+token distribution moves). Both are computed by default.
+
+Outputs under ``out``: ``token_shift.json``, ``token_shift.md`` (tables), ``token_shift.csv``
+(every counted token) and bar figures ``token_shift_<layer>.png/pdf``.
+
+Run: ``python -m analyses.token_shift --quick`` (source smollm2-135m-instruct → gemma-3-270m).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import contrans_tl as ct
+from analyses import _common as cm
+from contrans_tl.datasets import EMOTIONS, neutral_sentences
+from contrans_tl.errors import ContransError
+from contrans_tl.lens import (
+    count_tokens,
+    lens_resid,
+    logits_from_resid,
+    shift_csv,
+    shift_markdown,
+    token_label,
+    token_shift,
+    topk_overlap,
+)
+
+__all__ = ["Config", "QUICK", "run", "plot", "markdown", "add_args", "run_cli", "main", "HELP"]
+
+HELP = "logit-lens token shift of transplanted emotion vectors (paper appendix B.3, Table 8)"
+
+QUICK: dict[str, Any] = {"n_refine": 10, "n_eval": 4, "n_texts": 120}
+"""``--quick``: 10 refinement prompts per side, 4 scenarios per other emotion (20 prompts per emotion)."""
+
+
+@dataclass
+class Config:
+    source: str = "smollm2-135m-instruct"
+    target: str = "gemma-3-270m"
+    out: str = "runs/token_shift"
+    emotions: tuple[str, ...] = EMOTIONS
+    n_refine: int | None = None
+    n_eval: int | None = None
+    """Scenarios per other emotion used as prompts (None: all 35, 175 prompts per emotion)."""
+    alpha: float = 0.3
+    unit: str = "norm"
+    depth: float = 2 / 3
+    lens_layers: tuple[str, ...] = ("steer", "final")
+    """Blocks read out: "steer" (the transplant layer), "final" (the last block) or an index."""
+    k: int = 10
+    """Rising/falling tokens kept per prompt."""
+    top: int = 10
+    """Tokens shown per table cell (the CSV keeps all)."""
+    native: bool = True
+    """Also run the target's own (native) vector and report the top-k overlap."""
+    n_texts: int | None = None
+    """Neutral sentences for the map (None: all 400)."""
+    batch_size: int = 16
+    chunk: int = 32
+    """Prompts per read-out chunk (bounds memory: chunk × vocabulary probabilities; residuals are small)."""
+    device: str | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    data_dir: str | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        self.emotions = tuple(self.emotions)
+        self.lens_layers = tuple(str(x) for x in self.lens_layers)
+        for x in self.lens_layers:
+            if x not in ("steer", "final") and not x.lstrip("-").isdigit():
+                raise ValueError(f"lens layer {x!r}: use 'steer', 'final' or a block index")
+        if self.unit not in ("norm", "raw"):
+            raise ValueError("unit must be 'norm' or 'raw'")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _lens_index(spec: str, steer: int, n_layers: int) -> int:
+    if spec == "steer":
+        return steer
+    if spec == "final":
+        return n_layers - 1
+    i = int(spec)
+    return i + n_layers if i < 0 else i
+
+
+def _shifts(model: Any, before: torch.Tensor, after: torch.Tensor, block: int, cfg: Config) -> dict[str, torch.Tensor]:
+    """Top-k rising/falling ids per prompt from residuals before/after, read-out chunked over prompts."""
+    parts = []
+    for start in range(0, before.shape[0], cfg.chunk):
+        rows = slice(start, start + cfg.chunk)
+        p_before = logits_from_resid(model, before[rows, block]).softmax(-1)
+        p_after = logits_from_resid(model, after[rows, block]).softmax(-1)
+        parts.append(token_shift(p_before, p_after, k=cfg.k))
+        del p_before, p_after
+    return {f: torch.cat([getattr(s, f) for s in parts]) for f in ("rising", "rising_delta", "falling", "falling_delta")}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Compute the token-shift tables; writes JSON, markdown and CSV under ``cfg.out``."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = cm.RunLog(verbose=cfg.progress)
+    task = cm.emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
+    texts = neutral_sentences()[: cfg.n_texts]
+    kw = {"device": cfg.device, "dtype": _DTYPES[cfg.dtype]}
+
+    source = log.load(cfg.source, "refine + aligned states", **kw)
+    s_layer = cm.layer_at_depth(int(source.cfg.n_layers), cfg.depth)
+    src_vectors = cm.refine_emotions(source, task, batch_size=cfg.batch_size, log=log, name=cfg.source)
+    src_states = ct.capture_aligned(source, texts, layers=[s_layer], scheme="words")
+    log.forward(cfg.source, "capture_aligned", cm.batches(len(texts), 8))
+    source = None
+    gc.collect()
+
+    target = log.load(cfg.target, "aligned states, native vectors, lens read-outs", **kw)
+    n_layers = int(target.cfg.n_layers)
+    t_layer = cm.layer_at_depth(n_layers, cfg.depth)
+    tgt_states = ct.capture_aligned(target, texts, layers=[t_layer], scheme="words")
+    log.forward(cfg.target, "capture_aligned", cm.batches(len(texts), 8))
+    amap = ct.fit_map_from_states(src_states, tgt_states, layers=[(s_layer, t_layer)], seed=cfg.seed)
+    native = cm.refine_emotions(target, task, batch_size=cfg.batch_size, log=log, name=cfg.target)
+    tok = target.tokenizer
+
+    result: dict[str, Any] = {
+        "analysis": "token_shift",
+        "source": cfg.source,
+        "target": cfg.target,
+        "source_layer": s_layer,
+        "target_layer": t_layer,
+        "map_r2_heldout": float(amap.r2_heldout[0]),
+        "alpha": cfg.alpha,
+        "unit": cfg.unit,
+        "k": cfg.k,
+        "task": task.describe(),
+        "prompts": "each emotion's negatives: other emotions' evaluation scenarios in the refinement query",
+        "count": "number of prompts whose top-k rising (falling) tokens include the token",
+        "layers": {},
+    }
+    lens_layers = {spec: _lens_index(spec, t_layer, n_layers) for spec in cfg.lens_layers}
+    blocks = sorted(set(lens_layers.values()))
+    # one pass per prompt set serves every read-out block; "before" is shared by all emotions
+    prompt_sets = {e: task.negative_prompts(e) for e in cfg.emotions}
+    unique = list(dict.fromkeys(p for ps in prompt_sets.values() for p in ps))
+    row_of = {p: i for i, p in enumerate(unique)}
+    before_all = lens_resid(target, unique, blocks, batch_size=cfg.batch_size)
+    log.forward(cfg.target, "capture (lens)", cm.batches(len(unique), cfg.batch_size))
+    shifts: dict[str, dict[str, dict[int, dict[str, torch.Tensor]]]] = {}
+    for emotion, prompts in prompt_sets.items():
+        before = before_all[[row_of[p] for p in prompts]]
+        vectors = {"transplanted": cm.with_norms(amap.apply(src_vectors[emotion]), native[emotion].layer_norms)}
+        if cfg.native:
+            vectors["native"] = native[emotion]
+        shifts[emotion] = {}
+        for name, vector in vectors.items():
+            after = lens_resid(target, prompts, blocks, vector=vector, alpha=cfg.alpha, unit=cfg.unit,  # type: ignore[arg-type]
+                               steer_layers=[t_layer], batch_size=cfg.batch_size)
+            log.forward(cfg.target, "capture (lens)", cm.batches(len(prompts), cfg.batch_size))
+            shifts[emotion][name] = {i: _shifts(target, before, after, i, cfg) for i in range(len(blocks))}
+    for spec, layer in lens_layers.items():
+        col = blocks.index(layer)
+        section: dict[str, Any] = {"block": layer, "transplanted": {}, "native": {}, "overlap": {}, "examples": {}}
+        for emotion, prompts in prompt_sets.items():
+            for name, per_block in shifts[emotion].items():
+                sh = per_block[col]
+                section[name][emotion] = {"rising": count_tokens(sh["rising"], tok),
+                                          "falling": count_tokens(sh["falling"], tok)}
+            tr = shifts[emotion]["transplanted"][col]
+            section["examples"][emotion] = [
+                {"prompt": prompts[i][-120:],
+                 "rising": [[token_label(tok, t), round(float(d), 6)] for t, d in zip(tr["rising"][i], tr["rising_delta"][i])],
+                 "falling": [[token_label(tok, t), round(float(d), 6)] for t, d in zip(tr["falling"][i], tr["falling_delta"][i])]}
+                for i in range(min(2, len(prompts)))
+            ]
+            if cfg.native:
+                nat = shifts[emotion]["native"][col]
+                agg = {}
+                for side in ("rising", "falling"):
+                    a = {t for t, _ in section["transplanted"][emotion][side][: cfg.top]}
+                    b = {t for t, _ in section["native"][emotion][side][: cfg.top]}
+                    agg[side] = {"shared": len(a & b), "of": cfg.top, "jaccard": len(a & b) / max(1, len(a | b))}
+                rise = topk_overlap(tr["rising"], nat["rising"])
+                fall = topk_overlap(tr["falling"], nat["falling"])
+                section["overlap"][emotion] = {
+                    "per_prompt_rising": {k: v for k, v in rise.items() if k != "per_prompt_shared"},
+                    "per_prompt_falling": {k: v for k, v in fall.items() if k != "per_prompt_shared"},
+                    "aggregate_top": agg,
+                }
+        result["layers"][spec] = section
+    target = None
+    gc.collect()
+    result.update(log.summary())
+    result["timings_s"] = {"total": round(time.perf_counter() - t0, 2)}
+    result["config"] = dataclasses.asdict(cfg)
+    cm.write_json(out / "token_shift.json", result)
+    result = json.loads((out / "token_shift.json").read_text())
+    (out / "token_shift.md").write_text(markdown(result), encoding="utf-8")
+    (out / "token_shift.csv").write_text(_csv(result), encoding="utf-8")
+    return result
+
+
+def _table(section: dict[str, Any], name: str) -> dict[str, dict[str, list[tuple[str, int]]]]:
+    return {e: {side: [(t, int(n)) for t, n in pairs] for side, pairs in sides.items()}
+            for e, sides in section[name].items()}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Table-8-style tables per read-out layer (transplanted, then native) and the overlaps."""
+    lines = [f"## Token shift: {result['source']} → {result['target']} (alpha {result['alpha']:g}, {result['unit']} units, "
+             f"k = {result['k']}, {result['task']['n_negatives_per_emotion']} prompts per emotion)", ""]
+    top = result["config"]["top"]
+    for spec, section in result["layers"].items():
+        where = f"block {section['block']}" + (" (transplant layer)" if spec == "steer" else " (last block)" if spec == "final" else "")
+        lines.append(shift_markdown(_table(section, "transplanted"), top=top,
+                                    title=f"Transplanted vector, read at {where}"))
+        if section.get("native"):
+            lines.append(shift_markdown(_table(section, "native"), top=top, title=f"Native vector, read at {where}"))
+            lines += ["| emotion | per-prompt shared rising (of k) | per-prompt shared falling | aggregate top rising shared | aggregate top falling shared |",
+                      "|---|---|---|---|---|"]
+            for e, ov in section["overlap"].items():
+                lines.append(f"| {e} | {ov['per_prompt_rising']['mean_shared_fraction']:.2f} | "
+                             f"{ov['per_prompt_falling']['mean_shared_fraction']:.2f} | "
+                             f"{ov['aggregate_top']['rising']['shared']}/{ov['aggregate_top']['rising']['of']} | "
+                             f"{ov['aggregate_top']['falling']['shared']}/{ov['aggregate_top']['falling']['of']} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _csv(result: dict[str, Any]) -> str:
+    rows = []
+    for spec, section in result["layers"].items():
+        for name in ("transplanted", "native"):
+            if section.get(name):
+                body = shift_csv(_table(section, name)).splitlines()[1:]  # without its header
+                rows += [f"{spec},{name},{line}" for line in body]
+    return "layer,vector," + "concept,direction,rank,token,count\n" + "\n".join(rows) + "\n"
+
+
+def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
+    """Per read-out layer: one panel per emotion, bars of the top rising tokens' counts."""
+    import matplotlib.pyplot as plt
+
+    from contrans_tl.plotting import EMOTION_COLORS, save_figure
+
+    written: list[Path] = []
+    top = result["config"]["top"]
+    n_prompts = result["task"]["n_negatives_per_emotion"]
+    for spec, section in result["layers"].items():
+        emotions = list(section["transplanted"])
+        fig, axes = plt.subplots(1, len(emotions), figsize=(2.4 * len(emotions), 3.0), squeeze=False)
+        for ax, e in zip(axes[0], emotions):
+            pairs = section["transplanted"][e]["rising"][:top][::-1]
+            native = dict((t, n) for t, n in section.get("native", {}).get(e, {}).get("rising", []))
+            labels = [t for t, _ in pairs]
+            ax.barh(range(len(pairs)), [n for _, n in pairs], color=EMOTION_COLORS.get(e, "C0"), alpha=0.8,
+                    label="transplanted")
+            if native:
+                ax.plot([native.get(t, 0) for t in labels], range(len(pairs)), "k|", markersize=8, label="native")
+            ax.set_yticks(range(len(pairs)), labels, fontsize=6)
+            ax.set_xlim(0, n_prompts)
+            ax.set_title(e, fontsize=8)
+            ax.set_xlabel("prompts", fontsize=7)
+        axes[0][-1].legend(fontsize=5, loc="lower right")
+        fig.suptitle(f"Tokens rising most, {result['source']} → {result['target']}, block {section['block']} "
+                     f"({spec})", fontsize=8)
+        fig.tight_layout()
+        written += save_figure(fig, Path(out) / f"token_shift_{spec}")
+    return written
+
+
+# ---- command line ---------------------------------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source")
+    p.add_argument("--target")
+    p.add_argument("--out", default=Config.out)
+    p.add_argument("--quick", action="store_true",
+                   help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
+    p.add_argument("--emotions", type=cm.names)
+    p.add_argument("--n-refine", type=int)
+    p.add_argument("--n-eval", type=int)
+    p.add_argument("--n-texts", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--unit", choices=["norm", "raw"])
+    p.add_argument("--depth", type=float)
+    p.add_argument("--lens-layers", type=cm.names, help="comma-separated: steer, final, or block indices")
+    p.add_argument("--k", type=int)
+    p.add_argument("--top", type=int)
+    p.add_argument("--no-native", dest="native", action="store_false", default=None)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=list(_DTYPES))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for f in dataclasses.fields(Config):
+        v = getattr(args, f.name, None)
+        if v is not None and not (f.name == "progress" and v is False):
+            values[f.name] = v
+    return Config(**values)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    result = run(cfg)
+    if not args.no_plot:
+        plot(result, cfg.out)
+    print(markdown(result))
+    print(f"wrote {Path(cfg.out) / 'token_shift.json'}, token_shift.md, token_shift.csv "
+          f"({result['timings_s']['total']:.0f} s, {result['model_loads']} model loads)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analyses.token_shift", description=HELP)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_cli(args)
+    except ContransError as err:
+        print(f"token_shift: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

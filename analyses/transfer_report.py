@@ -1,0 +1,408 @@
+"""Transfer report and layer-pair search for an emotion concept on a source → target pair.
+
+Composes the library: the emotion task's contrast prompts refine the concept in the source
+(transplanted) and in the target (native reference); an affine map is fitted on neutral text;
+:func:`contrans_tl.diagnostics.transfer_report` measures held-out R², cosine and the causal
+ratio on the emotion metric; :func:`contrans_tl.diagnostics.layer_pair_search_from_states`
+scores a strided source × target grid by R² and the logit-lens proxy on the emotion's label
+token. Both models are captured once, at every layer, and the captures serve the map and the grid.
+
+The metric is scored on *negatives*: evaluation-half scenarios of the other five emotions,
+behind the few-shot block of :mod:`contrans_tl.emotion`. "logit_acc" is the share of them
+answered with the concept's label among the six labels (the paper's Logit Acc); "label_prob"
+the mean probability of that label among the six (continuous, so small effects show).
+
+Run: ``contrans report --out runs/transfer`` and ``contrans layer-search --out runs/transfer``
+(or ``python -m analyses.transfer_report --out runs/transfer`` for both in one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+HELP = "transfer report (R2, cosine, causal ratio) and layer-pair search for an emotion concept"
+
+
+@dataclass
+class Config:
+    """Settings of one run. Defaults: the offline pair, fear, sizes that run on a laptop CPU."""
+
+    source: str = "smollm2-135m-instruct"
+    target: str = "gemma-3-270m"
+    emotion: str = "fear"
+    n_texts: int = 200
+    """Neutral sentences the maps are fitted on (a fifth held out for R²)."""
+    n_refine: int = 24
+    """Contrast prompts per side for refining the concept in each model."""
+    n_eval: int = 24
+    """Negative scenarios the metric is scored on."""
+    alpha: float | str = 0.1
+    """Strength for the causal ratio, or "auto": the largest alpha of a KL-guarded sweep."""
+    unit: str = "norm"
+    kl_budget: float = 0.25
+    """Nats of mean neutral-text KL allowed when alpha is "auto"."""
+    metric: str = "logit_acc"
+    steer_layers: tuple[int, ...] | str | None = None
+    """Target layers steered together for the combined causal ratio (default: all layers of the
+    map; "auto": :func:`contrans_tl.diagnostics.auto_layers`)."""
+    per_layer: tuple[int, ...] = ()
+    """Target layers additionally steered one at a time."""
+    per_layer_alpha: float | None = None
+    """Strength of the one-layer runs (default: ``alpha``)."""
+    pairs: str = "default"
+    """Layer pairs of the report's map: "default" (depth-matched, the paper) or "search" (the best
+    source layer for every target layer of the layer-pair search); ``run`` also takes "both"
+    (report.json with the default pairs, report_search.json with the searched ones)."""
+    min_effect: float | None = None
+    """Smallest native effect for which the causal ratio is defined (default: two scenarios'
+    worth, 1.5/n_eval, for logit_acc; 0.005 for label_prob)."""
+    outlier_factor: float = 10.0
+    """Drop aligned samples whose norm exceeds this many times the layer's median (0: keep all)."""
+    stride: int = 3
+    target_stride: int = 1
+    top_k: int = 5
+    map_path: str | None = None
+    vector_path: str | None = None
+    native_path: str | None = None
+    out: str = "runs/transfer"
+    device: str | None = None
+    batch_size: int = 8
+    seed: int = 0
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """A Config from ``contrans report`` / ``contrans layer-search`` arguments."""
+    cfg = Config(source=args.source, target=args.target, emotion=args.emotion, n_texts=args.n_texts,
+                 n_refine=args.n_refine, out=args.out, device=args.device)
+    for name in ("alpha", "unit", "metric", "n_eval", "stride", "target_stride", "top_k", "kl_budget",
+                 "per_layer_alpha", "pairs", "outlier_factor"):
+        if hasattr(args, name):
+            setattr(cfg, name, getattr(args, name))
+    if isinstance(cfg.alpha, str) and cfg.alpha != "auto":
+        cfg.alpha = float(cfg.alpha)
+    if getattr(args, "per_layer", ""):
+        cfg.per_layer = tuple(int(x) for x in args.per_layer.split(",") if x.strip())
+    cfg.steer_layers = _layers_arg(getattr(args, "steer_layers", ""))
+    cfg.map_path = getattr(args, "map", None)
+    cfg.vector_path = getattr(args, "vector", None)
+    cfg.native_path = getattr(args, "native", None)
+    return cfg
+
+
+def _layers_arg(text: str) -> tuple[int, ...] | str | None:
+    if not text:
+        return None
+    if text == "auto":
+        return "auto"
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+# ---- the emotion concept: prompts, label tokens, metric -----------------------------------------
+@dataclass(frozen=True)
+class EmotionTask:
+    emotion: str
+    positives: list[str]
+    negatives: list[str]
+    eval_scenarios: list[str]
+    """Evaluation-half scenarios of the other emotions (the metric's negatives)."""
+    prefix: str
+
+
+def emotion_task(emotion: str, *, n_refine: int, n_eval: int, seed: int = 0) -> EmotionTask:
+    from contrans_tl.datasets import emotion_scenarios
+    from contrans_tl.emotion import contrast_prompts, few_shot_prefix, split_scenarios
+
+    split = split_scenarios(emotion_scenarios(), seed=seed)
+    pos, neg = contrast_prompts(split.refine, emotion, n=n_refine, seed=seed)
+    others = [s for e, items in split.evaluate.items() if e != emotion for s in items]
+    rng = random.Random(f"eval-{seed}-{emotion}")
+    scenarios = rng.sample(others, min(n_eval, len(others)))
+    return EmotionTask(emotion, pos, neg, scenarios, few_shot_prefix(split.refine, seed=seed))
+
+
+def emotion_metric(task: EmotionTask, kind: str = "logit_acc", *, batch_size: int = 16) -> Callable[[Any], float]:
+    """``metric(model)``: Logit Acc of the task's emotion on its negatives, or its label probability."""
+    import torch
+
+    from contrans_tl.capture import next_token_logits
+    from contrans_tl.datasets import EMOTIONS
+    from contrans_tl.emotion import QUERY, evaluate_emotion, label_tokens
+
+    index = list(EMOTIONS).index(task.emotion)
+    if kind == "logit_acc":
+        return lambda model: float(
+            evaluate_emotion(model, task.eval_scenarios, task.emotion, prefix=task.prefix, batch_size=batch_size)["logit_acc"]
+        )
+    if kind == "label_prob":
+
+        def label_prob(model) -> float:
+            labels = label_tokens(model.tokenizer)
+            logits = next_token_logits(model, [QUERY.format(s) for s in task.eval_scenarios], prefix=task.prefix,
+                                       batch_size=batch_size)
+            return float(torch.softmax(logits[:, labels].double(), -1)[:, index].mean())
+
+        return label_prob
+    raise ValueError(f"unknown metric {kind!r}: choose logit_acc or label_prob")
+
+
+def emotion_readout(model, emotion: str):
+    """Logit-lens readout of the emotion's label token against the other five labels."""
+    from contrans_tl.datasets import EMOTIONS
+    from contrans_tl.diagnostics import concept_readout
+    from contrans_tl.emotion import label_tokens
+
+    labels = label_tokens(model.tokenizer).tolist()
+    i = list(EMOTIONS).index(emotion)
+    return concept_readout(model, [labels[i]], labels[:i] + labels[i + 1 :])
+
+
+# ---- the runs ---------------------------------------------------------------------------------
+class _Run:
+    """Models, texts and vectors shared by the report and the search (loaded once)."""
+
+    def __init__(self, cfg: Config) -> None:
+        import contrans_tl as ct
+        from contrans_tl.datasets import neutral_sentences
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.source = ct.load_model(cfg.source, device=cfg.device)
+        self.target = ct.load_model(cfg.target, device=cfg.device)
+        self.timings["load"] = time.perf_counter() - t0
+        pool = neutral_sentences()
+        step = max(1, len(pool) // cfg.n_texts)
+        self.texts = pool[::step][: cfg.n_texts]
+        self.task = emotion_task(cfg.emotion, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed)
+        self._states: tuple[Any, Any] | None = None
+        self.search: Any = None
+        self.n_dropped = 0
+        t0 = time.perf_counter()
+        if cfg.vector_path:
+            self.vector = ct.ConceptVector.load(cfg.vector_path)
+        else:
+            self.vector = ct.refine(self.source, self.task.positives, self.task.negatives, batch_size=cfg.batch_size)
+            self.vector.save(self.out / f"{cfg.emotion}_source.safetensors")
+        if cfg.native_path:
+            self.native = ct.ConceptVector.load(cfg.native_path)
+        else:
+            self.native = ct.refine(self.target, self.task.positives, self.task.negatives, batch_size=cfg.batch_size)
+            self.native.save(self.out / f"{cfg.emotion}_native.safetensors")
+        self.timings["refine"] = time.perf_counter() - t0
+
+    def states(self):
+        """Aligned captures of both models at every layer (once)."""
+        if self._states is None:
+            from contrans_tl.alignment import capture_aligned
+            from contrans_tl.diagnostics import drop_outlier_samples
+
+            t0 = time.perf_counter()
+            same = self.source.tokenizer.get_vocab() == self.target.tokenizer.get_vocab()
+            scheme = "tokens" if same else "words"
+            xs = capture_aligned(self.source, self.texts, scheme=scheme, batch_size=self.cfg.batch_size)
+            ys = capture_aligned(self.target, self.texts, scheme=scheme, batch_size=self.cfg.batch_size)
+            xs, ys, self.n_dropped = drop_outlier_samples(xs, ys, factor=self.cfg.outlier_factor)
+            self._states = (xs, ys)
+            self.timings["capture"] = time.perf_counter() - t0
+        return self._states
+
+    def amap(self, pairs_from: str):
+        import contrans_tl as ct
+
+        if self.cfg.map_path:
+            return ct.AffineMap.load(self.cfg.map_path)
+        xs, ys = self.states()
+        pairs = None
+        if pairs_from == "search":
+            pairs = (self.search or layer_search(self)).best_source_for_target()
+        elif pairs_from != "default":
+            raise ValueError(f"pairs must be 'default' or 'search', not {pairs_from!r}")
+        t0 = time.perf_counter()
+        amap = ct.fit_map_from_states(xs, ys, layers=pairs, seed=self.cfg.seed)
+        amap.save(self.out / ("map.safetensors" if pairs_from == "default" else "map_search.safetensors"))
+        self.timings[f"fit_map_{pairs_from}"] = time.perf_counter() - t0
+        return amap
+
+
+def _min_effect(run: _Run) -> float:
+    if run.cfg.min_effect is not None:
+        return float(run.cfg.min_effect)
+    if run.cfg.metric == "logit_acc":
+        return 1.5 / max(1, len(run.task.eval_scenarios))  # one flipped scenario is noise
+    return 0.005
+
+
+def _steered(run: _Run, mapped) -> list[int] | None:
+    from contrans_tl.diagnostics import auto_layers
+
+    if run.cfg.steer_layers == "auto":
+        return auto_layers(mapped, search=run.search)
+    return list(run.cfg.steer_layers) if run.cfg.steer_layers else None
+
+
+def _alpha(run: _Run, mapped, metric) -> tuple[float, dict[str, Any] | None]:
+    cfg = run.cfg
+    if cfg.alpha != "auto":
+        return float(cfg.alpha), None
+    from contrans_tl.strength import guarded_sweep
+
+    t0 = time.perf_counter()
+    layers = _steered(run, mapped)
+    sweep = guarded_sweep(run.target, mapped, budget=cfg.kl_budget, unit=cfg.unit, layers=layers,
+                          metric=metric, batch_size=cfg.batch_size)
+    run.timings["alpha_sweep"] = time.perf_counter() - t0
+    if sweep.chosen is None:
+        raise SystemExit(f"no alpha keeps the neutral-text KL within {cfg.kl_budget} nats: {sweep.kl_mean}")
+    return sweep.chosen, sweep.to_dict()
+
+
+def report(run: _Run, pairs_from: str | None = None):
+    """The transfer report; writes report[_search].json and .png/.pdf under ``cfg.out``."""
+    from contrans_tl.diagnostics import plot_transfer_report, transfer_report
+    from contrans_tl.plotting import save_figure
+
+    cfg = run.cfg
+    pairs_from = pairs_from or cfg.pairs
+    stem = "report" if pairs_from == "default" else "report_search"
+    amap = run.amap(pairs_from)
+    metric = emotion_metric(run.task, cfg.metric, batch_size=16)
+    mapped = amap.apply(run.vector)
+    alpha, sweep = _alpha(run, mapped, metric)
+    t0 = time.perf_counter()
+    rep = transfer_report(
+        run.target, amap, run.vector, run.native, metric=metric, metric_name=cfg.metric, concept=cfg.emotion,
+        alpha=alpha, unit=cfg.unit, layers=_steered(run, mapped), per_layer=cfg.per_layer,
+        per_layer_alpha=cfg.per_layer_alpha, min_effect=_min_effect(run),
+    )
+    run.timings[stem] = time.perf_counter() - t0
+    rep.settings["pairs"] = pairs_from
+    rep.settings["config"] = dataclasses.asdict(cfg)
+    rep.settings["n_eval"] = len(run.task.eval_scenarios)
+    rep.settings["outliers_dropped"] = run.n_dropped
+    rep.settings["min_effect"] = _min_effect(run)
+    if sweep is not None:
+        rep.settings["alpha_sweep"] = sweep
+    rep.settings["timings_s"] = {k: round(v, 1) for k, v in run.timings.items()}
+    rep.save(run.out / f"{stem}.json")
+    save_figure(plot_transfer_report(rep), run.out / stem)
+    return rep
+
+
+def layer_search(run: _Run):
+    """The layer-pair grid; writes layer_search.json and layer_search.png/pdf under ``cfg.out``."""
+    from contrans_tl.diagnostics import layer_pair_search_from_states, plot_layer_search, strided_layers
+    from contrans_tl.plotting import save_figure
+
+    cfg = run.cfg
+    xs, ys = run.states()
+    t0 = time.perf_counter()
+    search = layer_pair_search_from_states(
+        xs, ys,
+        source_layers=strided_layers(len(xs.layers), cfg.stride),
+        target_layers=strided_layers(len(ys.layers), cfg.target_stride),
+        source_vector=run.vector, readout=emotion_readout(run.target, cfg.emotion), native_vector=run.native,
+        seed=cfg.seed,
+    )
+    run.timings["layer_search"] = time.perf_counter() - t0
+    run.search = search
+    search.settings["outliers_dropped"] = run.n_dropped
+    search.settings["config"] = dataclasses.asdict(cfg)
+    search.settings["timings_s"] = {k: round(v, 1) for k, v in run.timings.items()}
+    search.save(run.out / "layer_search.json", top_k=cfg.top_k)
+    save_figure(plot_layer_search(search), run.out / "layer_search")
+    return search
+
+
+def _summary_report(rep) -> str:
+    lines = [f"{rep.source} -> {rep.target}, {rep.concept}: alpha {rep.alpha:g} ({rep.unit})"]
+    for p in rep.pairs:
+        lines.append(f"  pair {p['source_layer']:2d} -> {p['target_layer']:2d}  R2 {p['r2_heldout']:.3f}  cos {p['cosine']:+.3f}")
+    if rep.combined:
+        c = rep.combined
+        lines.append(f"  {rep.metric_name}: base {rep.metric_base:.3f}  mapped {c['metric_mapped']:.3f}  "
+                     f"native {c['metric_native']:.3f}  causal ratio {c['causal_ratio']:.3f}")
+    for r in rep.per_layer:
+        lines.append(f"  layer {r['target_layer']:2d} alone: effect mapped {r['effect_mapped']:+.3f}  "
+                     f"native {r['effect_native']:+.3f}  ratio {r['causal_ratio']:.3f}  cos {r['cosine']:+.3f}")
+    lines += [f"  WARNING {w}" for w in rep.warnings]
+    return "\n".join(lines)
+
+
+def _summary_search(search, top_k: int) -> str:
+    lines = [f"layer-pair search {search.source} -> {search.target}: best pairs"]
+    for c in search.best_pairs(top_k):
+        lines.append("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()))
+    return "\n".join(lines)
+
+
+def run_report(cfg: Config):
+    run = _Run(cfg)
+    rep = report(run)
+    print(_summary_report(rep))
+    stem = "report" if cfg.pairs == "default" else "report_search"
+    print(f"wrote {run.out / (stem + '.json')} and {run.out / (stem + '.png')}")
+    return rep
+
+
+def run_layer_search(cfg: Config):
+    run = _Run(cfg)
+    search = layer_search(run)
+    print(_summary_search(search, cfg.top_k))
+    print(f"wrote {run.out / 'layer_search.json'} and {run.out / 'layer_search.png'}")
+    return search
+
+
+def run(cfg: Config):
+    """Both, sharing the models, vectors and captures."""
+    shared = _Run(cfg)
+    search = layer_search(shared)
+    kinds = ("default", "search") if cfg.pairs == "both" else (cfg.pairs,)
+    reports = [report(shared, kind) for kind in kinds]
+    print(_summary_search(search, cfg.top_k))
+    for rep in reports:
+        print(_summary_report(rep))
+    (shared.out / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in shared.timings.items()}, indent=1))
+    return reports[-1], search
+
+
+_SPECIAL = ("steer_layers", "per_layer", "per_layer_alpha", "map_path", "vector_path", "native_path", "alpha",
+            "min_effect")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analyses.transfer_report", description=HELP)
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        if f.name in _SPECIAL:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        p.add_argument(flag, type=type(value) if value is not None else str, default=value)
+    p.add_argument("--alpha", default="0.1", help="a number, or 'auto' (KL-guarded sweep)")
+    p.add_argument("--steer-layers", default="", help="comma-separated target layers, or 'auto'")
+    p.add_argument("--per-layer", default="")
+    p.add_argument("--per-layer-alpha", type=float, default=None)
+    p.add_argument("--min-effect", type=float, default=None)
+    args = p.parse_args(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name not in _SPECIAL})
+    cfg.alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
+    cfg.per_layer = tuple(int(x) for x in args.per_layer.split(",") if x.strip())
+    cfg.steer_layers = _layers_arg(args.steer_layers)
+    cfg.per_layer_alpha = args.per_layer_alpha
+    cfg.min_effect = args.min_effect
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

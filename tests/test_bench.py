@@ -1,0 +1,68 @@
+"""The benchmark runs end to end on the tiny models and writes the keys the issue names.
+
+Only the plumbing is tested here (finite positive numbers in bench.json, the CLI wiring);
+speed targets live in the benchmark itself, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench.run import GOALS, TOP_LEVEL, BenchConfig, format_table, run_bench, write_json
+from contrans_tl.cli import build_parser
+
+# one thread: tiny ops on a shared 2-core machine are ~10x slower with two spinning threads
+TINY = dict(repeats=1, n_prompts=2, gen_prompts=1, gen_tokens=2, corpus_size=12, fit_repeats=1,
+            seq_lens=(8, 32), mem_batch=1, mem_repeats=1, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tiny_llama, tiny_llama_b, tmp_path_factory):
+    cfg = BenchConfig.quick_run(models=(tiny_llama, tiny_llama_b), **TINY)
+    threads = torch.get_num_threads()
+    result = run_bench(cfg, log=lambda msg: None)
+    assert torch.get_num_threads() == threads  # the run restores the thread count
+    path = write_json(result, tmp_path_factory.mktemp("bench"))
+    return result, json.loads(path.read_text())
+
+
+def test_bench_json_has_finite_positive_ratios(tiny_result):
+    _, data = tiny_result
+    for key in TOP_LEVEL:
+        value = data[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+    assert data["size_matrix"] is None and "size-matrix" in data["size_matrix_note"]
+    assert set(data["goals"]) == set(GOALS)
+    assert data["machine"]["device"] == "cpu" and data["machine"]["dtype"] == "float32"
+
+
+def test_bench_details_are_consistent(tiny_result):
+    result, data = tiny_result
+    assert len(data["models"]) == 2
+    for entry in data["models"].values():
+        capture = entry["capture"]
+        assert capture["reference_rel_diff"] < 1e-3  # the baseline captures the same states
+        for kind in ("refine", "plain", "reference"):
+            assert capture[kind]["tokens_per_s"] > 0
+        rows = entry["memory"]["rows"]
+        assert [r["seq_len"] for r in rows] == sorted(r["seq_len"] for r in rows)
+        # exact bytes: capture keeps one position per layer, the full cache every position
+        assert rows[-1]["capture_cache_mib"] == rows[0]["capture_cache_mib"]
+        assert rows[-1]["full_cache_cache_mib"] > rows[0]["full_cache_cache_mib"]
+    fit = data["fit"]
+    assert fit["n_samples"] > fit["n_texts"]  # word alignment: several samples per text
+    table = format_table(result)
+    assert all(key in table for key in TOP_LEVEL)
+
+
+def test_cli_has_bench_command(tmp_path):
+    args = build_parser().parse_args(["bench", "--quick", "--out", str(tmp_path), "--models", "a", "b"])
+    assert args.quick and args.out == str(tmp_path) and args.models == ["a", "b"]
+    from bench.run import config_from_args
+
+    cfg = config_from_args(args)
+    assert cfg.quick and cfg.models == ("a", "b") and cfg.repeats >= 1
