@@ -284,3 +284,19 @@ def floats(text: str) -> tuple[float, ...]:
 
 def names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def script_main(prog: str, description: str, add_args: Any, run_cli: Any, argv: Any = None) -> int:
+    """The ``python -m analyses.<name>`` entry: parse flags, run, report named errors as exit 2."""
+    import argparse
+
+    from contrans_tl.errors import ContransError
+
+    parser = argparse.ArgumentParser(prog=f"python -m analyses.{prog}", description=description)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(run_cli(args))
+    except ContransError as err:
+        print(f"{prog}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2

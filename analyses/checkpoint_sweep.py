@@ -593,14 +593,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analyses.checkpoint_sweep", description=HELP)
-    add_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_cli(args)
-    except ContransError as err:
-        print(f"checkpoint_sweep: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+    return cm.script_main("checkpoint_sweep", HELP, add_args, run_cli, argv)
 
 
 if __name__ == "__main__":

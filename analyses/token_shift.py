@@ -40,7 +40,6 @@ import torch
 import contrans_tl as ct
 from analyses import _common as cm
 from contrans_tl.datasets import EMOTIONS, neutral_sentences
-from contrans_tl.errors import ContransError
 from contrans_tl.lens import (
     count_tokens,
     lens_resid,
@@ -346,14 +345,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analyses.token_shift", description=HELP)
-    add_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_cli(args)
-    except ContransError as err:
-        print(f"token_shift: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+    return cm.script_main("token_shift", HELP, add_args, run_cli, argv)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ class _Run:
         self.task = emotion_task(cfg.emotion, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed)
         self._states: tuple[Any, Any] | None = None
         self.search: Any = None
-        self.n_dropped = 0
+        self.n_dropped: int | None = None  # None: no capture in this run (maps loaded from files)
         t0 = time.perf_counter()
         if cfg.vector_path:
             self.vector = ct.ConceptVector.load(cfg.vector_path)
