@@ -59,13 +59,14 @@ def transplant(
     vector: ConceptVector | Sequence[ConceptVector],
     *,
     alpha: float | Sequence[float],
-    layers: Sequence[int] | None = None,
+    layers: Sequence[int] | Literal["auto"] | None = None,
     unit: Unit = "raw",
     check_model: bool = True,
 ) -> Iterator[dict[int, Tensor]]:
     """Transplant concept vector(s) into ``model`` for the duration of the ``with`` block.
 
-    ``layers`` restricts the layers steered (default: the vector's own ``layers``); ``alpha``
+    ``layers`` restricts the layers steered (default: the vector's own ``layers``; "auto":
+    :func:`contrans_tl.diagnostics.auto_layers`, the pairs whose map fits well); ``alpha``
     is one strength or one per vector; ``unit`` says how alpha is read (see :data:`Unit`).
     Yields the per-layer offsets actually added (useful for checks and logs).
     """
@@ -78,6 +79,12 @@ def transplant(
             v.check_model(model)
         elif v.d_model != int(model.cfg.d_model):  # type: ignore[attr-defined]
             v.check_model(model)  # width is never optional: raises WidthMismatchError
+    if isinstance(layers, str):
+        if layers != "auto":
+            raise ContransError(f"layers must be a list of ints, None or 'auto', not {layers!r}")
+        from contrans_tl.diagnostics import auto_layers  # lazy: diagnostics builds on this module
+
+        layers = auto_layers(vectors)
     if layers is not None:
         check_layers(model, layers)
     offsets = steering_offsets(vectors, alphas, layers=layers, unit=unit)

@@ -102,3 +102,15 @@ def test_steering_acts_during_generation(tiny_model, vector):
         steered_nocache = ct.generate(tiny_model, ["The river runs"], max_new_tokens=6, use_kv_cache=False)
     assert steered != plain
     assert steered == steered_nocache
+
+
+def test_auto_layers_follow_the_map_fit(tiny_llama):
+    from contrans_tl.datasets import neutral_sentences
+
+    amap = ct.fit_map(tiny_llama, tiny_llama, neutral_sentences()[:60], ridge=0.0)
+    v_hat = amap.apply(ct.refine(tiny_llama, POS, NEG))
+    with ct.transplant(tiny_llama, v_hat, alpha=1.0, layers="auto") as offsets:
+        assert sorted(offsets) == [0, 1]  # a self-map fits every pair (R² ≈ 1)
+    with pytest.raises(ct.ContransError, match="'auto'"):
+        with ct.transplant(tiny_llama, v_hat, alpha=1.0, layers="all"):
+            pass
