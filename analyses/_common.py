@@ -300,3 +300,18 @@ def script_main(prog: str, description: str, add_args: Any, run_cli: Any, argv: 
     except ContransError as err:
         print(f"{prog}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+
+
+def config_from_args(config_cls: Any, quick: dict[str, Any], args: Any) -> Any:
+    """A Config from parsed flags: ``quick`` presets first, then every flag the user set.
+
+    Unset flags are None; a False from an unset store_true flag is dropped too, while a
+    False that turns off a default-True field (``--no-native``) is kept.
+    """
+    values: dict[str, Any] = dict(quick) if args.quick else {}
+    for f in dataclasses.fields(config_cls):
+        v = getattr(args, f.name, None)
+        if v is None or (v is False and not f.default):
+            continue
+        values[f.name] = v
+    return config_cls(**values)

@@ -560,12 +560,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    for f in dataclasses.fields(Config):
-        v = getattr(args, f.name, None)
-        if v is not None and v is not False:
-            values[f.name] = v
-    return Config(**values)
+    return cm.config_from_args(Config, QUICK, args)
 
 
 def summary_table(result: dict[str, Any]) -> str:

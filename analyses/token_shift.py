@@ -325,12 +325,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    for f in dataclasses.fields(Config):
-        v = getattr(args, f.name, None)
-        if v is not None and not (f.name == "progress" and v is False):
-            values[f.name] = v
-    return Config(**values)
+    return cm.config_from_args(Config, QUICK, args)
 
 
 def run_cli(args: argparse.Namespace) -> int:
