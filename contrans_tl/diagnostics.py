@@ -37,12 +37,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from contrans_tl.alignment import AlignedStates, capture_aligned
+from contrans_tl.alignment import AlignedStates
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import check_layers
 from contrans_tl.errors import ContransError, EmptyPromptsError, ModelMismatchError
 from contrans_tl.metrics import layer_cosine
-from contrans_tl.reformulate import fit_map_from_states
+from contrans_tl.reformulate import capture_pair, fit_map_from_states
 from contrans_tl.transplant import Unit, steering_offsets, transplant
 
 __all__ = [
@@ -532,15 +532,8 @@ def layer_pair_search(
     """
     src_layers = strided_layers(int(source.cfg.n_layers), source_stride)  # type: ignore[union-attr]
     tgt_layers = strided_layers(int(target.cfg.n_layers), target_stride)  # type: ignore[union-attr]
-    if alignment == "auto":
-        same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()  # type: ignore[union-attr]
-        scheme: Literal["words", "tokens"] = "tokens" if same else "words"
-    else:
-        scheme = alignment
-    xs = capture_aligned(source, texts, layers=src_layers, scheme=scheme, batch_size=batch_size,
-                         progress="source corpus" if progress else None)
-    ys = capture_aligned(target, texts, layers=tgt_layers, scheme=scheme, batch_size=batch_size,
-                         progress="target corpus" if progress else None)
+    xs, ys = capture_pair(source, target, texts, src_layers, tgt_layers,
+                          alignment=alignment, batch_size=batch_size, progress=progress)
     xs, ys, n_dropped = drop_outlier_samples(xs, ys, factor=outlier_factor)
     search = layer_pair_search_from_states(
         xs, ys, source_vector=source_vector, readout=readout, native_vector=native_vector,

@@ -31,6 +31,7 @@ __all__ = [
     "r2_score",
     "RIDGE_GRID",
     "fit_map_from_states",
+    "capture_pair",
     "fit_map",
 ]
 
@@ -281,6 +282,32 @@ def fit_map_from_states(
     )
 
 
+def capture_pair(
+    source: torch.nn.Module,
+    target: torch.nn.Module,
+    texts: Sequence[str],
+    source_layers: Sequence[int],
+    target_layers: Sequence[int],
+    *,
+    alignment: Literal["auto", "words", "tokens"] = "auto",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[AlignedStates, AlignedStates]:
+    """Both models' aligned states on ``texts``: every token when the two tokenizers share a
+    vocabulary ("auto"), word boundaries otherwise."""
+    scheme: Literal["words", "tokens"]
+    if alignment == "auto":
+        same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()  # type: ignore[union-attr]
+        scheme = "tokens" if same else "words"
+    else:
+        scheme = alignment
+    xs = capture_aligned(source, texts, layers=source_layers, scheme=scheme, batch_size=batch_size,
+                         progress="source corpus" if progress else None)
+    ys = capture_aligned(target, texts, layers=target_layers, scheme=scheme, batch_size=batch_size,
+                         progress="target corpus" if progress else None)
+    return xs, ys
+
+
 def fit_map(
     source: torch.nn.Module,
     target: torch.nn.Module,
@@ -307,14 +334,6 @@ def fit_map(
     pairs = list(layers) if layers is not None else default_layer_pairs(n_src, n_tgt)
     src_layers = check_layers(source, sorted({s for s, _ in pairs}))
     tgt_layers = check_layers(target, sorted({t for _, t in pairs}))
-    scheme: Literal["words", "tokens"]
-    if alignment == "auto":
-        same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()  # type: ignore[union-attr]
-        scheme = "tokens" if same else "words"
-    else:
-        scheme = alignment
-    xs = capture_aligned(source, texts, layers=src_layers, scheme=scheme, batch_size=batch_size,
-                         progress="source corpus" if progress else None)
-    ys = capture_aligned(target, texts, layers=tgt_layers, scheme=scheme, batch_size=batch_size,
-                         progress="target corpus" if progress else None)
+    xs, ys = capture_pair(source, target, texts, src_layers, tgt_layers,
+                          alignment=alignment, batch_size=batch_size, progress=progress)
     return fit_map_from_states(xs, ys, layers=pairs, ridge=ridge, holdout=holdout, bias=bias, seed=seed)
