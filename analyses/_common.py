@@ -54,6 +54,9 @@ __all__ = [
     "floats",
     "names",
     "batches",
+    "DTYPES",
+    "add_run_args",
+    "config_from_args",
 ]
 
 
@@ -300,6 +303,21 @@ def script_main(prog: str, description: str, add_args: Any, run_cli: Any, argv: 
     except ContransError as err:
         print(f"{prog}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The ``--dtype`` choices of the analyses, by name."""
+
+
+def add_run_args(p: Any) -> None:
+    """The flags every emotion analysis shares: batching, device and dtype, seed, data, output."""
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=list(DTYPES))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir", help="folder of <emotion>.json scenario files (default: built-in)")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
 
 
 def config_from_args(config_cls: Any, quick: dict[str, Any], args: Any) -> Any:

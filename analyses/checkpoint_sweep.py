@@ -147,9 +147,6 @@ class Config:
         return {k: getattr(self, k) for k in keys}
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 # ---- checkpoints --------------------------------------------------------------------------------
 def resolve_checkpoint(model: str, spec: str) -> tuple[str, dict[str, Any]]:
     """(name or path, load_model keyword arguments) for one checkpoint spec."""
@@ -233,7 +230,7 @@ def _prepared(args: CellArgs) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     name, kwargs = resolve_checkpoint(args.model, args.checkpoint)
-    model = ct.load_model(name, device=args.device, dtype=_DTYPES[args.dtype], **kwargs)
+    model = ct.load_model(name, device=args.device, dtype=cm.DTYPES[args.dtype], **kwargs)
     load_s = time.perf_counter() - start
     task = cm.emotion_task(args.emotions, n_refine=args.n_refine, n_eval=args.n_eval, seed=args.seed,
                            data_dir=args.data_dir)
@@ -352,7 +349,7 @@ def _final_artifacts(cfg: Config, out: Path, log: cm.RunLog) -> tuple[Path, Path
     need_states = states_path is not None and not states_path.is_file()
     if not missing and not need_states:
         return vec_dir, states_path
-    kwargs: dict[str, Any] = {"device": cfg.device, "dtype": _DTYPES[cfg.dtype]}
+    kwargs: dict[str, Any] = {"device": cfg.device, "dtype": cm.DTYPES[cfg.dtype]}
     if cfg.final_revision:
         kwargs["revision"] = cfg.final_revision
     model = log.load(cfg.model, "refine in the final model", **kwargs)
@@ -459,35 +456,22 @@ def _assemble(cfg: Config, results: dict[str, Any]) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
     """Baseline and transplanted mean accuracy against training tokens (Logit and Token Acc)."""
-    import matplotlib.pyplot as plt
-
-    from contrans_tl.plotting import save_figure
+    from contrans_tl import plotting
 
     rows = result["rows"]
     tokens = [r["tokens"] for r in rows]
     known = all(t is not None for t in tokens)
-    x = np.array(tokens if known else range(len(rows)), dtype=float)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
-    for ax, metric, label in zip(axes, ("mean_logit_acc", "mean_token_acc"), ("Logit Acc", "Token Acc")):
-        ax.plot(x, [r["baseline"][metric] for r in rows], "o--", color="grey", label="baseline")
-        for i, alpha in enumerate(a for a in result["alphas"] if a != 0):
-            tag = f"{alpha:g}"
-            ax.plot(x, [r["transplanted"][tag][metric] for r in rows], "o-", color=plt.get_cmap("tab10")(i),
-                    label=f"transplanted (alpha {tag})")
-        if known and x.min() > 0 and x.max() / x.min() > 100:
-            ax.set_xscale("log")
-        if known:
-            ax.set_xlabel("training tokens")
-        else:
-            ax.set_xticks(x, [Path(r["checkpoint"]).name for r in rows], rotation=45, ha="right", fontsize=7)
-            ax.set_xlabel("checkpoint")
-        ax.set_title(label, fontsize=9)
-        ax.set_ylim(0, 1.02)
-    axes[0].set_ylabel("mean accuracy on negatives")
-    axes[-1].legend(fontsize=6)
-    fig.suptitle(f"{result['model']}: final-model vectors into checkpoints", fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, Path(out) / "checkpoint_sweep")
+    metrics = {"Logit Acc": "mean_logit_acc", "Token Acc": "mean_token_acc"}
+    alphas = [f"{a:g}" for a in result["alphas"] if a != 0]
+    fig = plotting.accuracy_vs_training(
+        tokens if known else range(len(rows)),
+        {name: [r["baseline"][m] for r in rows] for name, m in metrics.items()},
+        {name: {a: [r["transplanted"][a][m] for r in rows] for a in alphas} for name, m in metrics.items()},
+        xlabel="training tokens" if known else "checkpoint",
+        tick_labels=None if known else [Path(r["checkpoint"]).name for r in rows],
+        title=f"{result['model']}: final-model vectors into checkpoints",
+    )
+    return plotting.save_figure(fig, Path(out) / "checkpoint_sweep")
 
 
 # ---- a tiny model "trained" for a few steps, for tests and the quick notebook ----------------------
@@ -550,13 +534,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--tokens-per-step", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=list(_DTYPES))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--data-dir")
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--no-plot", action="store_true")
+    cm.add_run_args(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

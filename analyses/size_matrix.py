@@ -118,9 +118,6 @@ class Config:
         return {k: getattr(self, k) for k in keys}
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class _Paths:
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -181,7 +178,7 @@ def run(cfg: Config) -> dict[str, Any]:
     log = cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress)
     task = cm.emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
     texts = neutral_sentences()[: cfg.n_texts]
-    load_kw = {"device": cfg.device, "dtype": _DTYPES[cfg.dtype]}
+    load_kw = {"device": cfg.device, "dtype": cm.DTYPES[cfg.dtype]}
     timings: dict[str, float] = {}
     models, emotions = list(cfg.models), list(cfg.emotions)
 
@@ -404,15 +401,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=float)
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=list(_DTYPES))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--data-dir", help="folder of <emotion>.json scenario files (default: built-in)")
     p.add_argument("--keep-loaded", action="store_true",
                    help="hold all models in memory between the phases: N loads instead of 2N - 1")
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--no-plot", action="store_true")
+    cm.add_run_args(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

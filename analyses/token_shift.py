@@ -100,9 +100,6 @@ class Config:
             raise ValueError("unit must be 'norm' or 'raw'")
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _lens_index(spec: str, steer: int, n_layers: int) -> int:
     if spec == "steer":
         return steer
@@ -132,7 +129,7 @@ def run(cfg: Config) -> dict[str, Any]:
     log = cm.RunLog(verbose=cfg.progress)
     task = cm.emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
     texts = neutral_sentences()[: cfg.n_texts]
-    kw = {"device": cfg.device, "dtype": _DTYPES[cfg.dtype]}
+    kw = {"device": cfg.device, "dtype": cm.DTYPES[cfg.dtype]}
 
     source = log.load(cfg.source, "refine + aligned states", **kw)
     s_layer = cm.layer_at_depth(int(source.cfg.n_layers), cfg.depth)
@@ -267,33 +264,18 @@ def _csv(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
     """Per read-out layer: one panel per emotion, bars of the top rising tokens' counts."""
-    import matplotlib.pyplot as plt
-
-    from contrans_tl.plotting import EMOTION_COLORS, save_figure
+    from contrans_tl import plotting
 
     written: list[Path] = []
     top = result["config"]["top"]
-    n_prompts = result["task"]["n_negatives_per_emotion"]
     for spec, section in result["layers"].items():
-        emotions = list(section["transplanted"])
-        fig, axes = plt.subplots(1, len(emotions), figsize=(2.4 * len(emotions), 3.0), squeeze=False)
-        for ax, e in zip(axes[0], emotions):
-            pairs = section["transplanted"][e]["rising"][:top][::-1]
-            native = dict((t, n) for t, n in section.get("native", {}).get(e, {}).get("rising", []))
-            labels = [t for t, _ in pairs]
-            ax.barh(range(len(pairs)), [n for _, n in pairs], color=EMOTION_COLORS.get(e, "C0"), alpha=0.8,
-                    label="transplanted")
-            if native:
-                ax.plot([native.get(t, 0) for t in labels], range(len(pairs)), "k|", markersize=8, label="native")
-            ax.set_yticks(range(len(pairs)), labels, fontsize=6)
-            ax.set_xlim(0, n_prompts)
-            ax.set_title(e, fontsize=8)
-            ax.set_xlabel("prompts", fontsize=7)
-        axes[0][-1].legend(fontsize=5, loc="lower right")
-        fig.suptitle(f"Tokens rising most, {result['source']} → {result['target']}, block {section['block']} "
-                     f"({spec})", fontsize=8)
-        fig.tight_layout()
-        written += save_figure(fig, Path(out) / f"token_shift_{spec}")
+        fig = plotting.token_shift_bars(
+            {e: row["rising"][:top] for e, row in section["transplanted"].items()},
+            native={e: row.get("rising", []) for e, row in section.get("native", {}).items()},
+            n_prompts=result["task"]["n_negatives_per_emotion"],
+            title=f"Tokens rising most, {result['source']} → {result['target']}, block {section['block']} ({spec})",
+        )
+        written += plotting.save_figure(fig, Path(out) / f"token_shift_{spec}")
     return written
 
 
@@ -315,13 +297,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int)
     p.add_argument("--top", type=int)
     p.add_argument("--no-native", dest="native", action="store_false", default=None)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=list(_DTYPES))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--data-dir")
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--no-plot", action="store_true")
+    cm.add_run_args(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -268,8 +268,8 @@ def _alpha(run: _Run, mapped, metric) -> tuple[float, dict[str, Any] | None]:
 
 def report(run: _Run, pairs_from: str | None = None):
     """The transfer report; writes report[_search].json and .png/.pdf under ``cfg.out``."""
-    from contrans_tl.diagnostics import plot_transfer_report, transfer_report
-    from contrans_tl.plotting import save_figure
+    from contrans_tl.diagnostics import transfer_report
+    from contrans_tl import plotting
 
     cfg = run.cfg
     pairs_from = pairs_from or cfg.pairs
@@ -294,14 +294,14 @@ def report(run: _Run, pairs_from: str | None = None):
         rep.settings["alpha_sweep"] = sweep
     rep.settings["timings_s"] = {k: round(v, 1) for k, v in run.timings.items()}
     rep.save(run.out / f"{stem}.json")
-    save_figure(plot_transfer_report(rep), run.out / stem)
+    plotting.save_figure(plotting.transfer_report(rep), run.out / stem)
     return rep
 
 
 def layer_search(run: _Run):
     """The layer-pair grid; writes layer_search.json and layer_search.png/pdf under ``cfg.out``."""
-    from contrans_tl.diagnostics import layer_pair_search_from_states, plot_layer_search, strided_layers
-    from contrans_tl.plotting import save_figure
+    from contrans_tl.diagnostics import layer_pair_search_from_states, strided_layers
+    from contrans_tl import plotting
 
     cfg = run.cfg
     xs, ys = run.states()
@@ -319,7 +319,7 @@ def layer_search(run: _Run):
     search.settings["config"] = dataclasses.asdict(cfg)
     search.settings["timings_s"] = {k: round(v, 1) for k, v in run.timings.items()}
     search.save(run.out / "layer_search.json", top_k=cfg.top_k)
-    save_figure(plot_layer_search(search), run.out / "layer_search")
+    plotting.save_figure(plotting.layer_search(search), run.out / "layer_search")
     return search
 
 

@@ -242,8 +242,10 @@ def _register_analyses() -> None:
     """Subcommands that live in analyses/ (they import the library, never the reverse)."""
     try:
         from analyses import COMMANDS as ANALYSIS_COMMANDS
-    except ImportError:  # installed without the analyses package
-        return
+    except ModuleNotFoundError as err:
+        if err.name != "analyses":  # the package is there but one of its imports is not: say so
+            raise
+        return  # installed without the analyses package: the library's own commands only
     COMMANDS.update(ANALYSIS_COMMANDS)
 
 

@@ -56,8 +56,6 @@ __all__ = [
     "strided_layers",
     "drop_outlier_samples",
     "auto_layers",
-    "plot_transfer_report",
-    "plot_layer_search",
 ]
 
 Metric = Callable[[torch.nn.Module], float]
@@ -588,92 +586,3 @@ def auto_layers(
     if top_k is not None:
         keep = keep[:top_k]
     return sorted(set(keep)) if keep else [scored[0][1]]
-
-
-# ---- figures (matplotlib imported on use) -----------------------------------------------------
-def plot_transfer_report(report: TransferReport | dict[str, Any]):  # -> Figure
-    """Left: held-out R² and cosine(mapped, native) per target layer. Right: effects and ratios."""
-    from contrans_tl import plotting  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-
-    rep = report.to_dict() if isinstance(report, TransferReport) else report
-    pairs = rep["pairs"]
-    t = [p["target_layer"] for p in pairs]
-    has_causal = rep.get("combined") is not None
-    fig, axes = plt.subplots(1, 2 if has_causal else 1, figsize=(10 if has_causal else 5, 3.4), squeeze=False)
-    ax = axes[0][0]
-    ax.plot(t, [p["r2_heldout"] for p in pairs], "o-", label="held-out R² of the map")
-    ax.plot(t, [p["cosine"] for p in pairs], "s-", label="cos(mapped, native)")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("target layer")
-    ax.set_xticks(t, [f"{p['target_layer']}\n←{p['source_layer']}" for p in pairs], fontsize=6)
-    ax.set_ylim(min(-0.1, min(p["cosine"] for p in pairs) - 0.05), 1.02)
-    ax.legend(fontsize=7)
-    ax.set_title("geometry", fontsize=9)
-    if has_causal:
-        rows = [("all", rep["combined"])] + [(str(r["target_layer"]), r) for r in rep["per_layer"]]
-        ax = axes[0][1]
-        x = range(len(rows))
-        w = 0.38
-        ax.bar([i - w / 2 for i in x], [r["effect_native"] for _, r in rows], w, label="native (matched norm)")
-        ax.bar([i + w / 2 for i in x], [r["effect_mapped"] for _, r in rows], w, label="transplanted")
-        for i, (_, r) in enumerate(rows):
-            ratio = r["causal_ratio"]
-            top = max(r["effect_native"], r["effect_mapped"], 0)
-            label = "n/a" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}"
-            ax.text(i, top, label, ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(list(x), [name for name, _ in rows], fontsize=7)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xlabel("steered target layers")
-        ax.set_ylabel(f"effect on {rep.get('metric_name') or 'metric'}")
-        one = {r.get("alpha", rep["alpha"]) for r in rep["per_layer"]}
-        strength = f"alpha {rep['alpha']:g} ({rep['unit']})"
-        if one and one != {rep["alpha"]}:
-            strength += f", one layer: {', '.join(f'{a:g}' for a in sorted(one))}"
-        ax.set_title(f"causal effect, causal ratio on top; {strength}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{rep['source']} → {rep['target']}: {rep['concept']}", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_layer_search(search: LayerPairSearch):  # -> Figure
-    """Heatmaps over the grid: held-out R², the logit-lens proxy and the combined score."""
-    from contrans_tl import plotting  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    panels = [("held-out R²", search.r2, "viridis")]
-    if search.proxy is not None:
-        panels.append(("logit-lens proxy cos(v̂, readout)", search.proxy, "coolwarm"))
-        panels.append(("score = R²⁺ · proxy⁺", search.score, "magma"))
-    width = 2.0 + 0.4 * len(search.target_layers)
-    height = 1.0 + 0.3 * len(search.source_layers)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(width, height * len(panels)), squeeze=False)
-    best = {(p["source_layer"], p["target_layer"]) for p in search.best_pairs(3)}
-    for ax, (title, values, cmap) in zip(axes[:, 0], panels):
-        arr = np.asarray(values, dtype=float)
-        kw = {}
-        if cmap == "coolwarm":
-            lim = float(np.nanmax(np.abs(arr))) or 1.0
-            kw = {"vmin": -lim, "vmax": lim}
-        elif cmap == "viridis":
-            kw = {"vmin": max(0.0, float(np.nanmin(arr))), "vmax": 1.0}
-        im = ax.imshow(arr, cmap=cmap, aspect="auto", **kw)
-        ax.set_xticks(range(len(search.target_layers)), search.target_layers, fontsize=6)
-        ax.set_yticks(range(len(search.source_layers)), search.source_layers, fontsize=6)
-        for i, s in enumerate(search.source_layers):
-            for j, t in enumerate(search.target_layers):
-                if cmap == "viridis" and arr.size <= 600:
-                    ax.text(j, i, f"{arr[i, j]:.2f}" if abs(arr[i, j]) < 10 else f"{arr[i, j]:.0f}",
-                            ha="center", va="center", fontsize=4.5, color="white" if arr[i, j] < 0.6 else "black")
-                if (s, t) in best:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="white", lw=1.5))
-        ax.set_xlabel(f"target layer ({search.target})", fontsize=8)
-        if cmap == "viridis" and float(np.nanmin(arr)) < 0:
-            title += f" (colour clipped at 0; min {float(np.nanmin(arr)):.2f})"
-        ax.set_ylabel(f"source layer ({search.source})", fontsize=8)
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig

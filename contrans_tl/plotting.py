@@ -7,7 +7,8 @@ Figure; :func:`save_figure` writes PNG and PDF side by side.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -23,6 +24,10 @@ __all__ = [
     "pca_before_after",
     "embedding_2d",
     "heatmap",
+    "accuracy_vs_training",
+    "token_shift_bars",
+    "transfer_report",
+    "layer_search",
 ]
 
 EMOTION_COLORS = {
@@ -179,5 +184,153 @@ def heatmap(
     if title:
         ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_training(
+    x: Sequence[float],
+    baseline: Mapping[str, Sequence[float]],
+    transplanted: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    xlabel: str = "training tokens",
+    tick_labels: Sequence[str] | None = None,
+    title: str = "",
+) -> Figure:
+    """Fig 3: baseline and transplanted accuracy against training progress, one panel per metric.
+
+    ``baseline[metric]`` is a curve over ``x``; ``transplanted[metric][alpha]`` one per alpha.
+    With ``tick_labels`` the x axis is categorical (checkpoints whose token count is unknown).
+    """
+    xs = np.asarray(x, dtype=float)
+    fig, axes = plt.subplots(1, len(baseline), figsize=(4 * len(baseline), 3.2), sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], baseline):
+        ax.plot(xs, baseline[metric], "o--", color="grey", label="baseline")
+        for i, (alpha, curve) in enumerate(transplanted[metric].items()):
+            ax.plot(xs, curve, "o-", color=plt.get_cmap("tab10")(i), label=f"transplanted (alpha {alpha})")
+        if tick_labels is not None:
+            ax.set_xticks(xs, list(tick_labels), rotation=45, ha="right", fontsize=7)
+        elif xs.min() > 0 and xs.max() / xs.min() > 100:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(metric, fontsize=9)
+        ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("mean accuracy on negatives")
+    axes[0][-1].legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def token_shift_bars(
+    rising: Mapping[str, Sequence[tuple[str, int]]],
+    *,
+    native: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+    n_prompts: int,
+    title: str = "",
+) -> Figure:
+    """Table 8 as bars: per emotion, how many prompts put each token among the top risers.
+
+    ``rising[emotion]`` lists (token, count) best first; ``native`` (same shape) marks the
+    counts of the natively refined vector with a tick for comparison.
+    """
+    fig, axes = plt.subplots(1, len(rising), figsize=(2.4 * len(rising), 3.0), squeeze=False)
+    for i, (ax, (emotion, pairs)) in enumerate(zip(axes[0], rising.items())):
+        pairs = list(pairs)[::-1]
+        labels = [t for t, _ in pairs]
+        ax.barh(range(len(pairs)), [n for _, n in pairs], color=_color(emotion, i), alpha=0.8, label="transplanted")
+        own = dict(native.get(emotion, [])) if native else {}
+        if own:
+            ax.plot([own.get(t, 0) for t in labels], range(len(pairs)), "k|", markersize=8, label="native")
+        ax.set_yticks(range(len(pairs)), labels, fontsize=6)
+        ax.set_xlim(0, n_prompts)
+        ax.set_title(emotion, fontsize=8)
+        ax.set_xlabel("prompts", fontsize=7)
+    axes[0][-1].legend(fontsize=5, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+def transfer_report(report: Any) -> Figure:
+    """A :class:`~contrans_tl.diagnostics.TransferReport` (or its dict). Left: held-out R² and
+    cosine(mapped, native) per target layer. Right: causal effects and ratios."""
+    rep = report.to_dict() if hasattr(report, "to_dict") else report
+    pairs = rep["pairs"]
+    t = [p["target_layer"] for p in pairs]
+    has_causal = rep.get("combined") is not None
+    fig, axes = plt.subplots(1, 2 if has_causal else 1, figsize=(10 if has_causal else 5, 3.4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(t, [p["r2_heldout"] for p in pairs], "o-", label="held-out R² of the map")
+    ax.plot(t, [p["cosine"] for p in pairs], "s-", label="cos(mapped, native)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("target layer")
+    ax.set_xticks(t, [f"{p['target_layer']}\n←{p['source_layer']}" for p in pairs], fontsize=6)
+    ax.set_ylim(min(-0.1, min(p["cosine"] for p in pairs) - 0.05), 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("geometry", fontsize=9)
+    if has_causal:
+        rows = [("all", rep["combined"])] + [(str(r["target_layer"]), r) for r in rep["per_layer"]]
+        ax = axes[0][1]
+        x = range(len(rows))
+        w = 0.38
+        ax.bar([i - w / 2 for i in x], [r["effect_native"] for _, r in rows], w, label="native (matched norm)")
+        ax.bar([i + w / 2 for i in x], [r["effect_mapped"] for _, r in rows], w, label="transplanted")
+        for i, (_, r) in enumerate(rows):
+            ratio = r["causal_ratio"]
+            top = max(r["effect_native"], r["effect_mapped"], 0)
+            label = "n/a" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}"
+            ax.text(i, top, label, ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(x), [name for name, _ in rows], fontsize=7)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("steered target layers")
+        ax.set_ylabel(f"effect on {rep.get('metric_name') or 'metric'}")
+        one = {r.get("alpha", rep["alpha"]) for r in rep["per_layer"]}
+        strength = f"alpha {rep['alpha']:g} ({rep['unit']})"
+        if one and one != {rep["alpha"]}:
+            strength += f", one layer: {', '.join(f'{a:g}' for a in sorted(one))}"
+        ax.set_title(f"causal effect, causal ratio on top; {strength}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{rep['source']} → {rep['target']}: {rep['concept']}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def layer_search(search: Any) -> Figure:
+    """A :class:`~contrans_tl.diagnostics.LayerPairSearch` as heatmaps over the layer grid:
+    held-out R², the logit-lens proxy and the combined score (best three pairs framed)."""
+    panels = [("held-out R²", search.r2, "viridis")]
+    if search.proxy is not None:
+        panels.append(("logit-lens proxy cos(v̂, readout)", search.proxy, "coolwarm"))
+        panels.append(("score = R²⁺ · proxy⁺", search.score, "magma"))
+    width = 2.0 + 0.4 * len(search.target_layers)
+    height = 1.0 + 0.3 * len(search.source_layers)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, height * len(panels)), squeeze=False)
+    best = {(p["source_layer"], p["target_layer"]) for p in search.best_pairs(3)}
+    for ax, (title, values, cmap) in zip(axes[:, 0], panels):
+        arr = np.asarray(values, dtype=float)
+        kw = {}
+        if cmap == "coolwarm":
+            lim = float(np.nanmax(np.abs(arr))) or 1.0
+            kw = {"vmin": -lim, "vmax": lim}
+        elif cmap == "viridis":
+            kw = {"vmin": max(0.0, float(np.nanmin(arr))), "vmax": 1.0}
+        im = ax.imshow(arr, cmap=cmap, aspect="auto", **kw)
+        ax.set_xticks(range(len(search.target_layers)), search.target_layers, fontsize=6)
+        ax.set_yticks(range(len(search.source_layers)), search.source_layers, fontsize=6)
+        for i, s in enumerate(search.source_layers):
+            for j, t in enumerate(search.target_layers):
+                if cmap == "viridis" and arr.size <= 600:
+                    ax.text(j, i, f"{arr[i, j]:.2f}" if abs(arr[i, j]) < 10 else f"{arr[i, j]:.0f}",
+                            ha="center", va="center", fontsize=4.5, color="white" if arr[i, j] < 0.6 else "black")
+                if (s, t) in best:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="white", lw=1.5))
+        ax.set_xlabel(f"target layer ({search.target})", fontsize=8)
+        if cmap == "viridis" and float(np.nanmin(arr)) < 0:
+            title += f" (colour clipped at 0; min {float(np.nanmin(arr)):.2f})"
+        ax.set_ylabel(f"source layer ({search.source})", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig

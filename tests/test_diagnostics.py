@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import contrans_tl as ct
+from contrans_tl import plotting
 from contrans_tl.alignment import capture_aligned
 from contrans_tl.capture import capture
 from contrans_tl.cli import main
@@ -20,8 +21,6 @@ from contrans_tl.diagnostics import (
     final_norm_gain,
     layer_pair_search,
     layer_pair_search_from_states,
-    plot_layer_search,
-    plot_transfer_report,
     strided_layers,
     transfer_report,
 )
@@ -209,14 +208,17 @@ def test_auto_layers_survives_save_load(tmp_path, amap, src_vec):
     assert auto_layers(loaded, min_r2=-1.0) == auto_layers(mapped, min_r2=-1.0)
 
 
-def test_plots(tiny_llama_b, amap, src_vec, native, states):
+def test_plots(tiny_llama_b, amap, src_vec, native, states, tmp_path):
     rep = transfer_report(tiny_llama_b, amap, src_vec, native, metric=lambda m: float(len(m.cfg.model_name)),
                           per_layer=[1])
-    assert plot_transfer_report(rep) is not None
-    assert plot_transfer_report(transfer_report(tiny_llama_b, amap, src_vec, native)) is not None
+    assert len(plotting.transfer_report(rep).axes) == 2  # geometry + causal panels
+    assert len(plotting.transfer_report(transfer_report(tiny_llama_b, amap, src_vec, native)).axes) == 1
     xs, ys = states
     search = layer_pair_search_from_states(xs, ys, source_vector=src_vec, readout=concept_readout(tiny_llama_b, [5]))
-    assert plot_layer_search(search) is not None
+    fig = plotting.layer_search(search)
+    assert len(fig.axes) == 6  # R², proxy and score panels, each with its colour bar
+    written = plotting.save_figure(fig, tmp_path / "search")
+    assert all(p.stat().st_size > 0 for p in written)
 
 
 @pytest.fixture(scope="module")
