@@ -171,14 +171,17 @@ def heatmap(
 ) -> Figure:
     """A labelled heatmap with the value written in every cell (size matrix, layer-pair grids)."""
     values = np.asarray(values, dtype=float)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(col_labels), 1 + 0.45 * len(row_labels)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 2.5 + 1.0 * len(col_labels)), max(3.0, 1.8 + 0.55 * len(row_labels))))
     im = ax.imshow(values, cmap=cmap, aspect="auto")
-    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
     if values.size <= 400:
+        lo, hi = im.get_clim()
         for (r, c), v in np.ndenumerate(values):
-            if np.isfinite(v):
-                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=6, color="white")
+            if np.isfinite(v):  # dark text on the bright half of the colour map
+                bright = hi > lo and (v - lo) / (hi - lo) > 0.6
+                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=8,
+                        color="black" if bright else "white")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

@@ -14,6 +14,7 @@ import torch
 
 from bench.run import GOALS, TOP_LEVEL, BenchConfig, format_table, run_bench, write_json
 from contrans_tl.cli import build_parser
+from contrans_tl.testing import make_tiny_model_dir
 
 # one thread: tiny ops on a shared 2-core machine are ~10x slower with two spinning threads
 TINY = dict(repeats=1, n_prompts=2, gen_prompts=1, gen_tokens=2, corpus_size=12, fit_repeats=1,
@@ -22,7 +23,11 @@ TINY = dict(repeats=1, n_prompts=2, gen_prompts=1, gen_tokens=2, corpus_size=12,
 
 @pytest.fixture(scope="module")
 def tiny_result(tiny_llama, tiny_llama_b, tmp_path_factory):
-    cfg = BenchConfig.quick_run(models=(tiny_llama, tiny_llama_b), **TINY)
+    root = tmp_path_factory.mktemp("bench_models")
+    # item 6 loads models by name; n_ctx 1024 holds the emotion task's few-shot block
+    names = tuple(str(make_tiny_model_dir(root / k, "llama", seed=i, d_model=32, n_layers=2, n_ctx=1024))
+                  for i, k in enumerate("ab"))
+    cfg = BenchConfig.quick_run(models=(tiny_llama, tiny_llama_b), size_matrix_models=names, **TINY)
     threads = torch.get_num_threads()
     result = run_bench(cfg, log=lambda msg: None)
     assert torch.get_num_threads() == threads  # the run restores the thread count
@@ -35,7 +40,10 @@ def test_bench_json_has_finite_positive_ratios(tiny_result):
     for key in TOP_LEVEL:
         value = data[key]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
-    assert data["size_matrix"] is None and "size-matrix" in data["size_matrix_note"]
+    # item 6: N loads with --keep-loaded, 2N - 1 by the default route (N = 2)
+    assert data["size_matrix"] == 1.0
+    assert data["size_matrix_detail"]["keep_loaded"]["model_loads"] == 2
+    assert data["size_matrix_detail"]["default"]["model_loads"] == 3
     assert set(data["goals"]) == set(GOALS)
     assert data["machine"]["device"] == "cpu" and data["machine"]["dtype"] == "float32"
 
