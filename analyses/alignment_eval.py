@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 import contrans_tl as ct
 from contrans_tl import alignment_data as ad
@@ -53,6 +54,7 @@ from contrans_tl.capture import check_layers
 from contrans_tl.datasets import neutral_sentences
 from contrans_tl.errors import ContransError, EmptyPromptsError
 from contrans_tl.reformulate import default_layer_pairs
+from contrans_tl.sweep import CellStore, cell_key
 
 __all__ = ["Config", "run", "write_outputs", "markdown_tables", "add_args", "run_cli", "main", "HELP"]
 
@@ -160,6 +162,8 @@ class _Run:
     ppl_texts: list[str] = field(default_factory=list)
     ppl_guard_texts: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    store: CellStore | None = None
+    """Finished MC1 scores, one cell per (model, condition, question): a killed run resumes."""
 
     def progress(self, what: str) -> str | None:
         return what if self.cfg.progress else None
@@ -243,11 +247,14 @@ def _native(vector: ConceptVector, model: Any) -> ConceptVector:
 
 # ---- honesty: TruthfulQA MC1 -------------------------------------------------------------------
 class _MC:
-    """Per-choice MC1 scores of one model, cached per (condition key, question)."""
+    """Per-choice MC1 scores of one model, kept per (condition key, question) in memory and,
+    through the run's cell store, on disk (written every ``CHUNK`` questions)."""
+
+    CHUNK = 64
 
     def __init__(self, run: _Run, model: Any, questions: list[ad.MCQuestion], instruction: str | None = None,
-                 chat: str | None = None) -> None:
-        self.run, self.model, self.questions = run, model, questions
+                 chat: str | None = None, *, tag: str) -> None:
+        self.run, self.model, self.questions, self.tag = run, model, questions, tag
         cfg = run.cfg
         built = [ad.mc_prompt(q.question, tokenizer=model.tokenizer, chat=(chat or cfg.target_chat),  # type: ignore[arg-type]
                               style=cfg.prompt_style, instruction=instruction) for q in questions]  # type: ignore[arg-type]
@@ -255,18 +262,29 @@ class _MC:
         self.seps = [s for _, s in built]
         self.cache: dict[tuple[Any, int], list[float]] = {}
 
+    def _cell(self, key: Any, i: int) -> str:
+        return cell_key(model=self.tag, cond=key, q=i)
+
     def scores(self, key: Any, idx: Sequence[int], steers: Sequence[Steer] = ()) -> list[list[float]]:
+        store = self.run.store
         todo = [i for i in idx if (key, i) not in self.cache]
-        if todo:
-            with _steered(self.model, steers, self.run.cfg.unit):
+        if store is not None:
+            for i in [i for i in todo if store.has(self._cell(key, i))]:
+                self.cache[(key, i)] = store.get(self._cell(key, i))
+            todo = [i for i in todo if (key, i) not in self.cache]
+        chunks = [todo[k : k + self.CHUNK] for k in range(0, len(todo), self.CHUNK)]
+        with _steered(self.model, steers, self.run.cfg.unit):
+            for chunk in tqdm(chunks, desc=self.run.progress(f"MC1 {key} ({len(todo)} questions)"),
+                              disable=not self.run.cfg.progress or not chunks):
                 res = ev.score_mc1(
-                    self.model, [self.prompts[i] for i in todo], [self.questions[i].choices for i in todo],
-                    [self.questions[i].correct for i in todo], separator=[self.seps[i] for i in todo],
+                    self.model, [self.prompts[i] for i in chunk], [self.questions[i].choices for i in chunk],
+                    [self.questions[i].correct for i in chunk], separator=[self.seps[i] for i in chunk],
                     reduction=self.run.cfg.reduction, batch_size=self.run.cfg.batch_size,  # type: ignore[arg-type]
-                    progress=self.run.progress(f"MC1 {key}"),
                 )
-            for i, s in zip(todo, res.scores):
-                self.cache[(key, i)] = s
+                for i, s in zip(chunk, res.scores):
+                    self.cache[(key, i)] = s
+                    if store is not None:
+                        store.put(self._cell(key, i), s)
         return [self.cache[(key, i)] for i in idx]
 
     def result(self, key: Any, idx: Sequence[int], steers: Sequence[Steer] = ()) -> ev.MC1Result:
@@ -320,7 +338,7 @@ def _honesty(run: _Run) -> dict[str, Any]:
     splits = ev.selection_splits(len(questions), n_val=cfg.n_val, folds=cfg.folds, seed=cfg.seed)
     test_all = sorted(i for s in splits for i in s.test)
     everything = sorted(set(test_all) | {i for s in splits for i in s.validation})
-    mc = _MC(run, run.target, questions)
+    mc = _MC(run, run.target, questions, tag="target")
     rows: dict[str, Any] = {}
     run.log(f"honesty: {len(questions)} questions, {len(splits)} fold(s), test {len(test_all)}")
 
@@ -361,11 +379,11 @@ def _honesty(run: _Run) -> dict[str, Any]:
             rows[cond] = {**_mc1_row(res), "alpha": [s[1] for s in chosen[cond]], "layers": [list(s[2]) for s in chosen[cond]]}
     if "inst-align" in cfg.conditions:
         with run.timed("mc1_inst_align"):
-            inst = _MC(run, run.target, questions, instruction=ad.HONEST_PERSONA)
+            inst = _MC(run, run.target, questions, instruction=ad.HONEST_PERSONA, tag="target-instructed")
             rows["inst-align"] = {**_mc1_row(inst.result("inst", test_all)), "instruction": ad.HONEST_PERSONA}
     if "align-training" in cfg.conditions and run.instruct is not None:
         with run.timed("mc1_align_training"):
-            own = _MC(run, run.instruct, questions, chat="auto")
+            own = _MC(run, run.instruct, questions, chat="auto", tag="instruct-model")
             rows["align-training"] = {**_mc1_row(own.result("own", test_all)), "model": cfg.instruct_model}
     _perplexity_rows(run, rows, {c: chosen[c] for c in chosen if c in rows}, ad.HONEST_PERSONA)
     return {
@@ -575,16 +593,21 @@ def run(cfg: Config) -> dict[str, Any]:
     n_layers = int(target.cfg.n_layers)
     layers = tuple(cfg.layers) if cfg.layers else default_layers(n_layers)
     check_layers(target, layers)
-    r = _Run(cfg, target, layers)
+    r = _Run(cfg, target, layers, store=CellStore(Path(cfg.out_dir) / "cells", settings=_settings(cfg)))
     r.timings["load_target"] = round(time.perf_counter() - t0, 2)
     if "transplant" in cfg.conditions:
         with r.timed("load_source"):
             r.source = _load(cfg, cfg.source)
         pairs_all = dict((t, s) for s, t in default_layer_pairs(int(r.source.cfg.n_layers), n_layers))
+        map_path = Path(cfg.out_dir) / "cells" / "map.safetensors"
         with r.timed("fit_map"):
-            r.amap = ct.fit_map(r.source, target, neutral_sentences()[: cfg.map_texts],
-                                layers=[(pairs_all[t], t) for t in layers], batch_size=cfg.batch_size,
-                                progress=cfg.progress)
+            if map_path.is_file():  # same settings (the store checked them): reuse the fitted map
+                r.amap = ct.AffineMap.load(map_path)
+            else:
+                r.amap = ct.fit_map(r.source, target, neutral_sentences()[: cfg.map_texts],
+                                    layers=[(pairs_all[t], t) for t in layers], batch_size=cfg.batch_size,
+                                    progress=cfg.progress)
+                r.amap.save(map_path)
     if "self-align" in cfg.conditions:
         r.self_model = _load(cfg, cfg.self_align_model) if cfg.self_align_model else target
     if "align-training" in cfg.conditions and cfg.instruct_model:
@@ -616,6 +639,12 @@ def run(cfg: Config) -> dict[str, Any]:
     result = json.loads(json.dumps(result, default=_json_default))
     write_outputs(result, cfg.out_dir)
     return result
+
+
+def _settings(cfg: Config) -> dict[str, Any]:
+    """The settings that change a stored MC1 score (not where or how fast the run goes)."""
+    skip = {"out_dir", "progress", "batch_size", "gen_batch_size", "device"}
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}))
 
 
 def _json_default(obj: Any) -> Any:

@@ -329,18 +329,6 @@ def _init_worker(threads: int | None) -> None:
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
-def _check_fingerprint(cfg: Config, out: Path) -> None:
-    path = out / "fingerprint.json"
-    mine = cm.json_ready(cfg.fingerprint())
-    if path.is_file():
-        theirs = json.loads(path.read_text())
-        if theirs != mine:
-            raise ContransError(f"{out} holds cells computed with other settings ({theirs}); these are {mine}. "
-                                "Use another --out, or the same settings to resume.")
-    else:
-        cm.write_json(path, mine)
-
-
 def _final_artifacts(cfg: Config, out: Path, log: cm.RunLog) -> tuple[Path, Path | None]:
     """Refine the vectors in the final model (and capture its aligned states) unless on disk."""
     vec_dir = out / "final" / "vectors"
@@ -383,9 +371,8 @@ def run(cfg: Config, *, executor: Executor | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_fingerprint(cfg, out)
     log = cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress)
-    store = CellStore(out / "cells")
+    store = CellStore(out / "cells", settings=cm.json_ready(cfg.fingerprint()))
     vec_dir, states_path = _final_artifacts(cfg, out, log)
     cells: dict[str, CellArgs] = {}
     for ckpt in cfg.checkpoints:  # grouped by checkpoint, so a worker reuses its loaded model

@@ -49,7 +49,6 @@ from analyses import _common as cm
 from contrans_tl.alignment import AlignedStates
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import EMOTIONS, neutral_sentences
-from contrans_tl.errors import ContransError
 from contrans_tl.sweep import CellStore, cell_key
 
 __all__ = ["Config", "DEFAULT_MODELS", "QUICK", "run", "plot", "add_args", "run_cli", "main", "HELP"]
@@ -146,20 +145,6 @@ def _steer_key(source: str, target: str, emotion: str, alpha: float) -> str:
     return cell_key(kind="steer", source=cm.slug(source), target=cm.slug(target), emotion=emotion, alpha=f"{alpha:g}")
 
 
-def _check_fingerprint(cfg: Config, out: Path) -> None:
-    path = out / "fingerprint.json"
-    mine = cm.json_ready(cfg.fingerprint())
-    if path.is_file():
-        theirs = json.loads(path.read_text())
-        if theirs != mine:
-            raise ContransError(
-                f"{out} holds cells computed with other settings ({theirs}); these are {mine}. "
-                "Use another --out, or the same settings to resume."
-            )
-    else:
-        cm.write_json(path, mine)
-
-
 def _collect() -> None:
     """Return a dropped model's memory (call after the last reference is gone)."""
     gc.collect()
@@ -172,9 +157,8 @@ def run(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_fingerprint(cfg, out)
     paths = _Paths(out)
-    store = CellStore(out / "cells")
+    store = CellStore(out / "cells", settings=cm.json_ready(cfg.fingerprint()))
     log = cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress)
     task = cm.emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
     texts = neutral_sentences()[: cfg.n_texts]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,11 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out-dir", default="runs/bench_alignment_mc1")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the scores a killed run stored (default: start clean, so the timings are real)")
     args = p.parse_args(argv)
     if args.data_dir is None:
         p.error("--data-dir is required (no ../shared/data beside this checkout)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.resume:
+        shutil.rmtree(Path(args.out_dir) / "cells", ignore_errors=True)
 
     scored = {"sequences": 0, "seconds": 0.0}
     inner = ev.score_rows

@@ -18,9 +18,15 @@ from typing import Any, Callable, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
-__all__ = ["CellStore", "cell_key"]
+from contrans_tl.errors import ContransError
+
+__all__ = ["CellStore", "SettingsMismatchError", "cell_key"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+class SettingsMismatchError(ContransError, ValueError):
+    """A cell store is reused with settings other than those its cells were computed with."""
 
 
 def cell_key(**parts: object) -> str:
@@ -29,11 +35,36 @@ def cell_key(**parts: object) -> str:
 
 
 class CellStore:
-    """A directory of finished cells, ``<root>/<key>.json`` each."""
+    """A directory of finished cells, ``<root>/<key>.json`` each.
 
-    def __init__(self, root: str | Path) -> None:
+    With ``settings`` (a JSON-serialisable dict of everything that changes a cell's value) the
+    store remembers them in ``<root>/settings.json`` and refuses to be reused with other ones,
+    so a resumed run never mixes cells computed under different settings.
+    """
+
+    SETTINGS = "settings.json"
+
+    def __init__(self, root: str | Path, *, settings: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        if settings is not None:
+            self._claim(json.loads(json.dumps(settings, sort_keys=True)))
+
+    def _claim(self, mine: dict[str, Any]) -> None:
+        path = self.root / self.SETTINGS
+        if path.is_file():
+            theirs = json.loads(path.read_text())
+            if theirs != mine:
+                changed = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+                raise SettingsMismatchError(
+                    f"{self.root} holds cells computed with other settings (differing: {', '.join(changed)}; "
+                    f"stored {[theirs.get(k) for k in changed]}, now {[mine.get(k) for k in changed]}). "
+                    "Use another output directory, or the same settings to resume."
+                )
+        else:
+            tmp = self.root / f".{self.SETTINGS}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(mine, indent=1, sort_keys=True))
+            tmp.replace(path)
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.json"
@@ -52,7 +83,7 @@ class CellStore:
 
     def all(self) -> dict[str, Any]:
         """Every finished cell, by key."""
-        return {p.stem: json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))}
+        return {p.stem: json.loads(p.read_text()) for p in sorted(self.root.glob("*.json")) if p.name != self.SETTINGS}
 
     def run(
         self,

@@ -252,6 +252,29 @@ def test_alignment_eval_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
     assert saved["honesty"]["rows"]["base"]["mc1"] == h["rows"]["base"]["mc1"]
 
 
+def test_alignment_eval_resumes_from_stored_scores(tiny_dirs, tmp_path, monkeypatch):
+    """A rerun (e.g. after a kill) scores no MC1 row again; other settings are refused."""
+    import dataclasses
+
+    from analyses import alignment_eval as ae
+    from contrans_tl.sweep import SettingsMismatchError
+
+    _tiny_data(tmp_path / "data")
+    cfg = ae.Config(source=str(tiny_dirs["llama"]), target=str(tiny_dirs["llama_b"]), data_dir=str(tmp_path / "data"),
+                    n_val=2, folds=2, n_concept=4, alphas=(0.0, 0.5), conditions=("base", "transplant", "inst-align"),
+                    n_ppl=0, map_texts=60, out_dir=str(tmp_path / "out"))
+    first = ae.run(cfg)
+    assert len(list((tmp_path / "out" / "cells").glob("model=*.json"))) >= 6 * 2  # base + inst-align, every question
+    scored: list[int] = []
+    inner = ae.ev.score_rows
+    monkeypatch.setattr(ae.ev, "score_rows", lambda model, rows, **kw: scored.append(len(rows)) or inner(model, rows, **kw))
+    again = ae.run(cfg)
+    assert scored == []  # every MC1 score came from the store
+    assert again["honesty"]["rows"] == first["honesty"]["rows"]
+    with pytest.raises(SettingsMismatchError, match="n_concept"):
+        ae.run(dataclasses.replace(cfg, n_concept=5))
+
+
 def test_alignment_eval_cli_honesty_fact(tiny_dirs, tmp_path, capsys):
     from analyses import alignment_eval as ae
     from contrans_tl.cli import main
