@@ -107,7 +107,8 @@ def run(cfg: EmotionConfig) -> dict[str, Any]:
     cfg = cfg.effective()
     out = Path(cfg.out)
     art = out / "artifacts"
-    store = CellStore(out / "cells")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device", "extra")}
+    store = CellStore(out / "cells", settings=json.loads(json.dumps(settings)))
     t0 = time.time()
     emotions = list(cfg.emotions)
     data = emotion_scenarios(cfg.data_dir, tuple(emotions))
@@ -235,19 +236,21 @@ def run(cfg: EmotionConfig) -> dict[str, Any]:
         _log(f"{e}: done ({time.time() - t0:.0f}s)")
 
     # ---- Fig 5: number of refinement examples ---------------------------------------------
-    n_examples: dict[str, dict[str, Any]] = {}
+    n_examples: dict[str, dict[str, Any]] = {e: {} for e in emotions}
+    size_cells: dict[str, tuple[str, int]] = {}
     for e in emotions:
-        n_examples[e] = {}
         for n in cfg.n_examples:
             n_eff = len(split.refine[e]) if n <= 0 else min(n, len(split.refine[e]))
-            key = cell_key(phase="n_examples", emotion=e, n=n_eff, alpha=chosen_alpha,
-                           layers="-".join(map(str, layers)))
             if n_eff == (n_main or len(split.refine[e])):  # the main vector: already evaluated
                 n_examples[e][str(n_eff)] = results[e]["mapped"][f"{chosen_alpha:g}"]["negatives"]
-                continue
-            neg = negatives(split.evaluate, e, cfg.n_negatives)
-            n_examples[e][str(n_eff)] = store.run({key: None}, lambda _: score(
-                amap.apply(vector(source, "source", e, n_eff)), e, layers, chosen_alpha, neg))[key]
+            else:
+                size_cells[cell_key(phase="n_examples", emotion=e, n=n_eff, alpha=chosen_alpha,
+                                    layers="-".join(map(str, layers)))] = (e, n_eff)
+    sized = store.run(size_cells, lambda arg: score(amap.apply(vector(source, "source", arg[0], arg[1])), arg[0], layers,
+                                                    chosen_alpha, negatives(split.evaluate, arg[0], cfg.n_negatives)),
+                      desc="Fig 5: refinement sizes")
+    for key, (e, n_eff) in size_cells.items():
+        n_examples[e][str(n_eff)] = sized[key]
 
     # ---- hidden states for Fig 2b and Fig 7/8 (saved as arrays, plotted by plot()) ----------
     state_path = out / "states.pt"
