@@ -38,11 +38,11 @@ class CellStore:
     """A directory of finished cells, ``<root>/<key>.json`` each.
 
     With ``settings`` (a JSON-serialisable dict of everything that changes a cell's value) the
-    store remembers them in ``<root>/settings.json`` and refuses to be reused with other ones,
+    store remembers them in ``<root>/.settings`` (JSON) and refuses to be reused with other ones,
     so a resumed run never mixes cells computed under different settings.
     """
 
-    SETTINGS = "settings.json"
+    SETTINGS = ".settings"  # not *.json: globbing the cells never picks it up
 
     def __init__(self, root: str | Path, *, settings: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)
@@ -83,7 +83,7 @@ class CellStore:
 
     def all(self) -> dict[str, Any]:
         """Every finished cell, by key."""
-        return {p.stem: json.loads(p.read_text()) for p in sorted(self.root.glob("*.json")) if p.name != self.SETTINGS}
+        return {p.stem: json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))}
 
     def run(
         self,
