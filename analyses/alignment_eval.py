@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 import contrans_tl as ct
@@ -55,6 +54,8 @@ from contrans_tl.datasets import neutral_sentences
 from contrans_tl.errors import ContransError, EmptyPromptsError
 from contrans_tl.reformulate import default_layer_pairs
 from contrans_tl.sweep import CellStore, cell_key
+
+from analyses._common import DTYPES
 
 __all__ = ["Config", "run", "write_outputs", "markdown_tables", "add_args", "run_cli", "main", "HELP"]
 
@@ -219,12 +220,8 @@ def _data_path(cfg: Config, explicit: str | None, sub: str) -> str | None:
     return None
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def _load(cfg: Config, name: str) -> Any:
-    return ct.load_model(name, device=cfg.device, dtype=_dtype(cfg.dtype))
+    return ct.load_model(name, device=cfg.device, dtype=DTYPES[cfg.dtype])
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -644,7 +641,7 @@ def run(cfg: Config) -> dict[str, Any]:
 def _settings(cfg: Config) -> dict[str, Any]:
     """The settings that change a stored MC1 score (not where or how fast the run goes)."""
     skip = {"out_dir", "progress", "batch_size", "gen_batch_size", "device"}
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}))
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
 def _json_default(obj: Any) -> Any:
@@ -784,7 +781,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
     p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d.dtype)
+    p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
     p.add_argument("--out-dir", default=d.out_dir)
     p.add_argument("--progress", action="store_true")
 

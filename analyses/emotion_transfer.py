@@ -108,7 +108,7 @@ def run(cfg: EmotionConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     art = out / "artifacts"
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device", "extra")}
-    store = CellStore(out / "cells", settings=json.loads(json.dumps(settings)))
+    store = CellStore(out / "cells", settings=settings)
     t0 = time.time()
     emotions = list(cfg.emotions)
     data = emotion_scenarios(cfg.data_dir, tuple(emotions))
