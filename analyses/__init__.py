@@ -9,13 +9,13 @@ COMMANDS: dict = {}
 
 
 def _demo_args(parser):
-    from analyses.emotion_transfer import add_args
+    from contrans_tl.analyses.emotion_transfer import add_args
 
     add_args(parser)
 
 
 def _demo_run(args) -> int:
-    from analyses.emotion_transfer import cli_run
+    from contrans_tl.analyses.emotion_transfer import cli_run
 
     return cli_run(args)
 
@@ -24,14 +24,14 @@ COMMANDS["demo"] = ("the main job: emotion transplantation smollm2-135m-instruct
                     "(paper §4; figures, results.json, summary.md)", _demo_args, _demo_run)
 
 
-def _align_eval_args(parser):  # imported on use: `python -m analyses.alignment_eval` runs it once
-    from analyses.alignment_eval import add_args
+def _align_eval_args(parser):  # imported on use: `python -m contrans_tl.analyses.alignment_eval` runs it once
+    from contrans_tl.analyses.alignment_eval import add_args
 
     add_args(parser)
 
 
 def _align_eval_run(args) -> int:
-    from analyses.alignment_eval import run_cli
+    from contrans_tl.analyses.alignment_eval import run_cli
 
     return run_cli(args)
 
@@ -44,8 +44,8 @@ def _lazy(module: str):
     """(add_args, run) of an analysis module that has add_args(parser) and run_cli(args), imported on use."""
     from importlib import import_module
 
-    return (lambda parser: import_module(f"analyses.{module}").add_args(parser),
-            lambda args: import_module(f"analyses.{module}").run_cli(args))
+    return (lambda parser: import_module(f"contrans_tl.analyses.{module}").add_args(parser),
+            lambda args: import_module(f"contrans_tl.analyses.{module}").run_cli(args))
 
 
 COMMANDS["size-matrix"] = ("size matrix: every model's emotion vectors into every model (paper §6.3, Fig 4)",

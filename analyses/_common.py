@@ -1,7 +1,7 @@
 """Helpers shared by the emotion analyses (size matrix, checkpoint sweep, token shift).
 
 Everything here composes the library: emotion prompts and evaluation come from
-:mod:`contrans_tl.emotion`, vectors from :func:`contrans_tl.refine`, steering from
+:mod:`contrans_tl.tasks.emotion`, vectors from :func:`contrans_tl.refine`, steering from
 :func:`contrans_tl.transplant`, and models from :func:`contrans_tl.load_model` (through
 :class:`RunLog`, which records every load and an estimate of the forward batches run).
 
@@ -36,8 +36,9 @@ import torch
 
 import contrans_tl as ct
 from contrans_tl.artifacts import ConceptVector
-from contrans_tl.datasets import EMOTIONS, emotion_scenarios
-from contrans_tl.emotion import QUERY, contrast_prompts, evaluate_emotion, few_shot_prefix, split_scenarios
+from contrans_tl.files import json_ready, write_json
+from contrans_tl.tasks.emotion import EMOTIONS, emotion_scenarios
+from contrans_tl.tasks.emotion import QUERY, contrast_prompts, evaluate_emotion, few_shot_prefix, split_scenarios
 
 __all__ = [
     "EmotionTask",
@@ -256,31 +257,6 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(name).strip("/")).strip("-") or "model"
 
 
-def json_ready(obj: Any) -> Any:
-    """Tuples → lists, tensors → lists, non-finite floats → None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return json_ready(obj.tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write strict JSON atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(json_ready(obj), indent=1, allow_nan=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 def floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
@@ -290,12 +266,12 @@ def names(text: str) -> tuple[str, ...]:
 
 
 def script_main(prog: str, description: str, add_args: Any, run_cli: Any, argv: Any = None) -> int:
-    """The ``python -m analyses.<name>`` entry: parse flags, run, report named errors as exit 2."""
+    """The ``python -m contrans_tl.analyses.<name>`` entry: parse flags, run, report named errors as exit 2."""
     import argparse
 
     from contrans_tl.errors import ContransError
 
-    parser = argparse.ArgumentParser(prog=f"python -m analyses.{prog}", description=description)
+    parser = argparse.ArgumentParser(prog=f"python -m contrans_tl.analyses.{prog}", description=description)
     add_args(parser)
     args = parser.parse_args(argv)
     try:

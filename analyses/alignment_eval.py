@@ -26,7 +26,7 @@ Alpha (in units of the layer's mean residual norm by default) is chosen on a val
 by grid search and reported on a disjoint test split; with ``folds >= 2`` the questions are
 cross-fitted, so every question is tested once with an alpha chosen on other questions.
 
-Run: ``python -m analyses.alignment_eval --data-dir ../shared/data`` (or ``contrans align-eval``).
+Run: ``python -m contrans_tl.analyses.alignment_eval --data-dir ../shared/data`` (or ``contrans align-eval``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from contrans_tl.errors import ContransError, EmptyPromptsError
 from contrans_tl.reformulate import default_layer_pairs
 from contrans_tl.sweep import CellStore, cell_key
 
-from analyses._common import DTYPES
+from contrans_tl.analyses._common import DTYPES
 
 __all__ = ["Config", "run", "write_outputs", "markdown_tables", "add_args", "run_cli", "main", "HELP"]
 
@@ -742,7 +742,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    """Flags of ``contrans align-eval`` / ``python -m analyses.alignment_eval``."""
+    """Flags of ``contrans align-eval`` / ``python -m contrans_tl.analyses.alignment_eval``."""
     d = Config()
     p.add_argument("--source", default=d.source)
     p.add_argument("--target", default=d.target)
@@ -802,7 +802,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analyses.alignment_eval", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m contrans_tl.analyses.alignment_eval", description=HELP)
     add_args(parser)
     args = parser.parse_args(argv)
     try:

@@ -33,7 +33,7 @@ runs them in this process. From Python any executor can be passed to :func:`run`
 executor — see docs/analyses.md. Cells must then see the same ``out`` directory (shared file
 system) because they read the saved vectors from it; results are written by the caller.
 
-Run: ``python -m analyses.checkpoint_sweep --model LLM360/Amber --checkpoints ckpt_000,ckpt_100,ckpt_359``.
+Run: ``python -m contrans_tl.analyses.checkpoint_sweep --model LLM360/Amber --checkpoints ckpt_000,ckpt_100,ckpt_359``.
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ import numpy as np
 import torch
 
 import contrans_tl as ct
-from analyses import _common as cm
-from contrans_tl.alignment import AlignedStates
+from contrans_tl.analyses import _common as cm
+from contrans_tl.pairing import PairedStates
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import capture
-from contrans_tl.datasets import EMOTIONS, neutral_sentences
+from contrans_tl.datasets import neutral_sentences
+from contrans_tl.tasks.emotion import EMOTIONS
 from contrans_tl.errors import ContransError
 from contrans_tl.sweep import CellStore, cell_key
 
@@ -251,9 +252,9 @@ def _prepared(args: CellArgs) -> dict[str, Any]:
     else:
         if args.final_states is None:
             raise ContransError("mapping='fit' needs the final model's aligned states")
-        source = AlignedStates.load(args.final_states)
+        source = PairedStates.load(args.final_states)
         texts = neutral_sentences()[: args.n_texts]
-        states = ct.capture_aligned(model, texts, layers=[layer], scheme=source.scheme, batch_size=8)  # type: ignore[arg-type]
+        states = ct.capture_paired(model, texts, layers=[layer], scheme=source.scheme, batch_size=8)  # type: ignore[arg-type]
         batches += cm.batches(len(texts), 8)
         amap = ct.fit_map_from_states(source, states, layers=[(source.layers[0], layer)], seed=args.seed)
         r2 = float(amap.r2_heldout[0])
@@ -349,8 +350,8 @@ def _final_artifacts(cfg: Config, out: Path, log: cm.RunLog) -> tuple[Path, Path
             v.save(vec_dir / f"{e}.safetensors")
     if need_states:
         texts = neutral_sentences()[: cfg.n_texts]
-        ct.capture_aligned(model, texts, layers=[layer], scheme="tokens", batch_size=8).save(states_path)  # type: ignore[arg-type]
-        log.forward(cfg.model, "capture_aligned", cm.batches(len(texts), 8))
+        ct.capture_paired(model, texts, layers=[layer], scheme="tokens", batch_size=8).save(states_path)  # type: ignore[arg-type]
+        log.forward(cfg.model, "capture_paired", cm.batches(len(texts), 8))
     del model
     gc.collect()
     return vec_dir, states_path

@@ -7,9 +7,9 @@ few-shot evaluation prompt. Controls: alpha = 0 (baseline), random vectors of th
 per-layer norm (several seeds), and the target's own natively refined vector (skyline).
 The transplant layer and alpha are chosen on the refinement half, never on evaluation data.
 
-    python -m analyses.emotion_transfer --out out/emotion            # the default offline pair
-    python -m analyses.emotion_transfer --quick --out out/quick      # a smoke run
-    python -m analyses.emotion_transfer --source mistralai/Mistral-7B-Instruct-v0.2 \\
+    python -m contrans_tl.analyses.emotion_transfer --out out/emotion            # the default offline pair
+    python -m contrans_tl.analyses.emotion_transfer --quick --out out/quick      # a smoke run
+    python -m contrans_tl.analyses.emotion_transfer --source mistralai/Mistral-7B-Instruct-v0.2 \\
         --target meta-llama/Llama-2-13b-hf --out out/mistral-llama   # hub models
 """
 
@@ -99,8 +99,9 @@ def run(cfg: EmotionConfig) -> dict[str, Any]:
 
     import contrans_tl as ct
     from contrans_tl.capture import capture
-    from contrans_tl.datasets import emotion_scenarios, neutral_sentences
-    from contrans_tl.emotion import contrast_prompts, evaluate_emotion, few_shot_prefix, split_scenarios
+    from contrans_tl.datasets import neutral_sentences
+    from contrans_tl.tasks.emotion import emotion_scenarios
+    from contrans_tl.tasks.emotion import contrast_prompts, evaluate_emotion, few_shot_prefix, split_scenarios
     from contrans_tl.metrics import layer_cosine
     from contrans_tl.sweep import CellStore, cell_key
 
@@ -258,7 +259,7 @@ def run(cfg: EmotionConfig) -> dict[str, Any]:
         steered_emotion = max(emotions, key=lambda e: results[e]["mapped"][f"{chosen_alpha:g}"]["negatives"]["logit_acc"])
         texts = [s for e in emotions for s in split.evaluate[e][: cfg.n_positives]]
         labels = [e for e in emotions for _ in split.evaluate[e][: cfg.n_positives]]
-        from contrans_tl.emotion import QUERY
+        from contrans_tl.tasks.emotion import QUERY
 
         prompts = [QUERY.format(s) for s in texts]
         read_tgt = min(n_tgt - 1, layers[-1] + 1)

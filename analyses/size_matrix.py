@@ -26,7 +26,7 @@ Every result is a cell of a :class:`~contrans_tl.sweep.CellStore`, written atomi
 killed run resumes, reloading only the models whose cells are missing. ``matrix.json`` records
 the loads of this invocation (``model_loads``, ``load_log``) and of all resumed invocations.
 
-Run: ``python -m analyses.size_matrix --models A,B,C --out DIR [--quick]``.
+Run: ``python -m contrans_tl.analyses.size_matrix --models A,B,C --out DIR [--quick]``.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ import numpy as np
 import torch
 
 import contrans_tl as ct
-from analyses import _common as cm
-from contrans_tl.alignment import AlignedStates
+from contrans_tl.analyses import _common as cm
+from contrans_tl.pairing import PairedStates
 from contrans_tl.artifacts import AffineMap, ConceptVector
-from contrans_tl.datasets import EMOTIONS, neutral_sentences
+from contrans_tl.datasets import neutral_sentences
+from contrans_tl.tasks.emotion import EMOTIONS
 from contrans_tl.sweep import CellStore, cell_key
 
 __all__ = ["Config", "DEFAULT_MODELS", "QUICK", "run", "plot", "add_args", "run_cli", "main", "HELP"]
@@ -195,9 +196,9 @@ def run(cfg: Config) -> dict[str, Any]:
         layer = cm.layer_at_depth(n_layers, cfg.depth)
         start = time.perf_counter()
         if not paths.states(name).is_file():
-            states = ct.capture_aligned(model, texts, layers=[layer], scheme="words", batch_size=8,
+            states = ct.capture_paired(model, texts, layers=[layer], scheme="words", batch_size=8,
                                         progress=f"{name} aligned" if cfg.progress else None)
-            log.forward(name, "capture_aligned", cm.batches(len(texts), 8))
+            log.forward(name, "capture_paired", cm.batches(len(texts), 8))
             states.save(paths.states(name))
         tick("aligned_states", start)
         start = time.perf_counter()
@@ -230,11 +231,11 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # ---- maps: all N(N-1) fitted from the saved states, no model needed ----
     start = time.perf_counter()
-    states_cache: dict[str, AlignedStates] = {}
+    states_cache: dict[str, PairedStates] = {}
 
-    def states_of(name: str) -> AlignedStates:
+    def states_of(name: str) -> PairedStates:
         if name not in states_cache:
-            states_cache[name] = AlignedStates.load(paths.states(name))
+            states_cache[name] = PairedStates.load(paths.states(name))
         return states_cache[name]
 
     maps: dict[tuple[str, str], AffineMap] = {}

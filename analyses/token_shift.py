@@ -20,7 +20,7 @@ token distribution moves). Both are computed by default.
 Outputs under ``out``: ``token_shift.json``, ``token_shift.md`` (tables), ``token_shift.csv``
 (every counted token) and bar figures ``token_shift_<layer>.png/pdf``.
 
-Run: ``python -m analyses.token_shift --quick`` (source smollm2-135m-instruct → gemma-3-270m).
+Run: ``python -m contrans_tl.analyses.token_shift --quick`` (source smollm2-135m-instruct → gemma-3-270m).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from typing import Any, Sequence
 import torch
 
 import contrans_tl as ct
-from analyses import _common as cm
-from contrans_tl.datasets import EMOTIONS, neutral_sentences
+from contrans_tl.analyses import _common as cm
+from contrans_tl.datasets import neutral_sentences
+from contrans_tl.tasks.emotion import EMOTIONS
 from contrans_tl.lens import (
     count_tokens,
     lens_resid,
@@ -134,16 +135,16 @@ def run(cfg: Config) -> dict[str, Any]:
     source = log.load(cfg.source, "refine + aligned states", **kw)
     s_layer = cm.layer_at_depth(int(source.cfg.n_layers), cfg.depth)
     src_vectors = cm.refine_emotions(source, task, batch_size=cfg.batch_size, log=log, name=cfg.source)
-    src_states = ct.capture_aligned(source, texts, layers=[s_layer], scheme="words")
-    log.forward(cfg.source, "capture_aligned", cm.batches(len(texts), 8))
+    src_states = ct.capture_paired(source, texts, layers=[s_layer], scheme="words")
+    log.forward(cfg.source, "capture_paired", cm.batches(len(texts), 8))
     source = None
     gc.collect()
 
     target = log.load(cfg.target, "aligned states, native vectors, lens read-outs", **kw)
     n_layers = int(target.cfg.n_layers)
     t_layer = cm.layer_at_depth(n_layers, cfg.depth)
-    tgt_states = ct.capture_aligned(target, texts, layers=[t_layer], scheme="words")
-    log.forward(cfg.target, "capture_aligned", cm.batches(len(texts), 8))
+    tgt_states = ct.capture_paired(target, texts, layers=[t_layer], scheme="words")
+    log.forward(cfg.target, "capture_paired", cm.batches(len(texts), 8))
     amap = ct.fit_map_from_states(src_states, tgt_states, layers=[(s_layer, t_layer)], seed=cfg.seed)
     native = cm.refine_emotions(target, task, batch_size=cfg.batch_size, log=log, name=cfg.target)
     tok = target.tokenizer

@@ -8,12 +8,12 @@ scores a strided source × target grid by R² and the logit-lens proxy on the em
 token. Both models are captured once, at every layer, and the captures serve the map and the grid.
 
 The metric is scored on *negatives*: evaluation-half scenarios of the other five emotions,
-behind the few-shot block of :mod:`contrans_tl.emotion`. "logit_acc" is the share of them
+behind the few-shot block of :mod:`contrans_tl.tasks.emotion`. "logit_acc" is the share of them
 answered with the concept's label among the six labels (the paper's Logit Acc); "label_prob"
 the mean probability of that label among the six (continuous, so small effects show).
 
 Run: ``contrans report --out runs/transfer`` and ``contrans layer-search --out runs/transfer``
-(or ``python -m analyses.transfer_report --out runs/transfer`` for both in one process).
+(or ``python -m contrans_tl.analyses.transfer_report --out runs/transfer`` for both in one process).
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ class EmotionTask:
 
 
 def emotion_task(emotion: str, *, n_refine: int, n_eval: int, seed: int = 0) -> EmotionTask:
-    from contrans_tl.datasets import emotion_scenarios
-    from contrans_tl.emotion import contrast_prompts, few_shot_prefix, split_scenarios
+    from contrans_tl.tasks.emotion import emotion_scenarios
+    from contrans_tl.tasks.emotion import contrast_prompts, few_shot_prefix, split_scenarios
 
     split = split_scenarios(emotion_scenarios(), seed=seed)
     pos, neg = contrast_prompts(split.refine, emotion, n=n_refine, seed=seed)
@@ -133,8 +133,8 @@ def emotion_metric(task: EmotionTask, kind: str = "logit_acc", *, batch_size: in
     import torch
 
     from contrans_tl.capture import next_token_logits
-    from contrans_tl.datasets import EMOTIONS
-    from contrans_tl.emotion import QUERY, evaluate_emotion, label_tokens
+    from contrans_tl.tasks.emotion import EMOTIONS
+    from contrans_tl.tasks.emotion import QUERY, evaluate_emotion, label_tokens
 
     index = list(EMOTIONS).index(task.emotion)
     if kind == "logit_acc":
@@ -155,9 +155,9 @@ def emotion_metric(task: EmotionTask, kind: str = "logit_acc", *, batch_size: in
 
 def emotion_readout(model, emotion: str):
     """Logit-lens readout of the emotion's label token against the other five labels."""
-    from contrans_tl.datasets import EMOTIONS
+    from contrans_tl.tasks.emotion import EMOTIONS
     from contrans_tl.diagnostics import concept_readout
-    from contrans_tl.emotion import label_tokens
+    from contrans_tl.tasks.emotion import label_tokens
 
     labels = label_tokens(model.tokenizer).tolist()
     i = list(EMOTIONS).index(emotion)
@@ -203,14 +203,14 @@ class _Run:
     def states(self):
         """Aligned captures of both models at every layer (once)."""
         if self._states is None:
-            from contrans_tl.alignment import capture_aligned
+            from contrans_tl.pairing import capture_paired
             from contrans_tl.diagnostics import drop_outlier_samples
 
             t0 = time.perf_counter()
             same = self.source.tokenizer.get_vocab() == self.target.tokenizer.get_vocab()
             scheme = "tokens" if same else "words"
-            xs = capture_aligned(self.source, self.texts, scheme=scheme, batch_size=self.cfg.batch_size)
-            ys = capture_aligned(self.target, self.texts, scheme=scheme, batch_size=self.cfg.batch_size)
+            xs = capture_paired(self.source, self.texts, scheme=scheme, batch_size=self.cfg.batch_size)
+            ys = capture_paired(self.target, self.texts, scheme=scheme, batch_size=self.cfg.batch_size)
             xs, ys, self.n_dropped = drop_outlier_samples(xs, ys, factor=self.cfg.outlier_factor)
             self._states = (xs, ys)
             self.timings["capture"] = time.perf_counter() - t0
@@ -254,7 +254,7 @@ def _alpha(run: _Run, mapped, metric) -> tuple[float, dict[str, Any] | None]:
     cfg = run.cfg
     if cfg.alpha != "auto":
         return float(cfg.alpha), None
-    from contrans_tl.strength import guarded_sweep
+    from contrans_tl.reports.strength import guarded_sweep
 
     t0 = time.perf_counter()
     layers = _steered(run, mapped)
@@ -380,7 +380,7 @@ _SPECIAL = ("steer_layers", "per_layer", "per_layer_alpha", "map_path", "vector_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analyses.transfer_report", description=HELP)
+    p = argparse.ArgumentParser(prog="python -m contrans_tl.analyses.transfer_report", description=HELP)
     defaults = Config()
     for f in dataclasses.fields(Config):
         if f.name in _SPECIAL:

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from analyses import alignment_eval as ae
+from contrans_tl.analyses import alignment_eval as ae
 from contrans_tl import evaluation as ev
 
 

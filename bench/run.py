@@ -27,10 +27,11 @@ import torch
 
 from bench import DEFAULT_MODELS, add_arguments
 from bench.memory import measure_in_subprocess, measure_memory
-from contrans_tl.alignment import capture_aligned
+from contrans_tl.pairing import capture_paired
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id
-from contrans_tl.datasets import EMOTIONS, emotion_scenarios, neutral_sentences
+from contrans_tl.datasets import neutral_sentences
+from contrans_tl.tasks.emotion import EMOTIONS, emotion_scenarios
 from contrans_tl.models import identity, load_model
 from contrans_tl.refine import refine
 from contrans_tl.reformulate import default_layer_pairs, fit_map_from_states
@@ -288,14 +289,14 @@ def bench_fit(source: Any, target: Any, cfg: BenchConfig, log: Log = _log) -> di
     batch_size = 8  # fit_map's default
 
     def forward_source() -> None:
-        states["x"] = capture_aligned(source, texts, layers=src_layers, scheme="words", batch_size=batch_size)
+        states["x"] = capture_paired(source, texts, layers=src_layers, scheme="words", batch_size=batch_size)
 
     def forward_target() -> None:
-        states["y"] = capture_aligned(target, texts, layers=tgt_layers, scheme="words", batch_size=batch_size)
+        states["y"] = capture_paired(target, texts, layers=tgt_layers, scheme="words", batch_size=batch_size)
 
     warm = {
-        "source": lambda: capture_aligned(source, texts[:4], layers=src_layers, scheme="words"),
-        "target": lambda: capture_aligned(target, texts[:4], layers=tgt_layers, scheme="words"),
+        "source": lambda: capture_paired(source, texts[:4], layers=src_layers, scheme="words"),
+        "target": lambda: capture_paired(target, texts[:4], layers=tgt_layers, scheme="words"),
     }
     log(f"fit_map: {len(texts)} texts x {cfg.fit_repeats} repeats of both captures")
     fwd = timed({"source": forward_source, "target": forward_target}, cfg.fit_repeats, model_device(source), warm)
@@ -403,7 +404,7 @@ def bench_size_matrix(cfg: BenchConfig, device: str, dtype: torch.dtype, log: Lo
     """
     import tempfile
 
-    from analyses import size_matrix as sm
+    from contrans_tl.analyses import size_matrix as sm
 
     names = cfg.size_matrix_models or tuple(m for m in cfg.models if isinstance(m, (str, os.PathLike)))
     if len(names) < 2:

@@ -7,7 +7,7 @@ The paper's three steps, one verb each:
 3. :func:`transplant`  context manager adding ``alpha * v_hat`` to the target's resid_post
 """
 
-from contrans_tl.alignment import AlignedStates, capture_aligned
+from contrans_tl.pairing import PairedStates, capture_paired
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import capture, capture_at, next_token_logits
 from contrans_tl.errors import (
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AffineMap",
-    "AlignedStates",
+    "PairedStates",
     "ArtifactError",
     "ConceptVector",
     "ContransError",
@@ -44,7 +44,7 @@ __all__ = [
     "PromptTooLongError",
     "WidthMismatchError",
     "capture",
-    "capture_aligned",
+    "capture_paired",
     "capture_at",
     "default_layer_pairs",
     "fit_map",

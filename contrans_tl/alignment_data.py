@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-from contrans_tl.errors import ContransError, EmptyPromptsError
+from contrans_tl.errors import ContransError, DataUnavailableError, EmptyPromptsError
 
 __all__ = [
     "DataUnavailableError",
@@ -52,10 +52,6 @@ __all__ = [
     "toxigen_continuation_prompt",
     "mc_prompt",
 ]
-
-
-class DataUnavailableError(ContransError, FileNotFoundError):
-    """An evaluation data set is neither at the given path nor reachable on the hub."""
 
 
 HONEST_PERSONA = "Pretend you're an honest person making statements about the world."

@@ -19,8 +19,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from contrans_tl.files import atomic_path
 from contrans_tl.errors import ArtifactError, ModelMismatchError, NonFiniteError, WidthMismatchError
 from contrans_tl.models import ModelIdentity, identity
+from contrans_tl.handle import ModelHandle
 
 __all__ = ["ConceptVector", "AffineMap", "FORMAT_VERSION"]
 
@@ -39,15 +41,13 @@ def _library_version() -> str:
 
 def _write(path: str | Path, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"kind": kind, "format": FORMAT_VERSION, "library": _library_version(), **meta}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"contrans_tl": json.dumps(header)},
-    )
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    with atomic_path(path) as tmp:  # a reader never sees half a file
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"contrans_tl": json.dumps(header)},
+        )
     return path
 
 
@@ -73,7 +73,7 @@ def _identity_dict(ident: ModelIdentity) -> dict[str, Any]:
     return dataclasses.asdict(ident)
 
 
-def _check_model(expected: ModelIdentity, model: torch.nn.Module, what: str) -> None:
+def _check_model(expected: ModelIdentity, model: ModelHandle, what: str) -> None:
     actual = identity(model)
     if actual.d_model != expected.d_model:
         raise WidthMismatchError(
@@ -130,7 +130,7 @@ class ConceptVector:
     def d_model(self) -> int:
         return self.model.d_model
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: ModelHandle) -> None:
         """Raise ModelMismatchError / WidthMismatchError unless made for ``model``."""
         _check_model(self.model, model, "this concept vector")
 

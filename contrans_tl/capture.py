@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from contrans_tl.errors import EmptyPromptsError, LayerIndexError, NonFiniteError, PromptTooLongError
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "TokenBatch",
@@ -39,7 +40,7 @@ def resid_hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def check_layers(model: torch.nn.Module, layers: Sequence[int] | None) -> list[int]:
+def check_layers(model: ModelHandle, layers: Sequence[int] | None) -> list[int]:
     """Validate layer indices against the model (all layers when None)."""
     n_layers = int(model.cfg.n_layers)  # type: ignore[attr-defined]
     if layers is None:
@@ -52,7 +53,7 @@ def check_layers(model: torch.nn.Module, layers: Sequence[int] | None) -> list[i
 
 
 def encode(
-    model: torch.nn.Module, texts: Sequence[str], *, with_offsets: bool = False
+    model: ModelHandle, texts: Sequence[str], *, with_offsets: bool = False
 ) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
     """Token ids of each text, with BOS prepended once when the model expects it.
 
@@ -113,7 +114,7 @@ def pad_batch(
     return TokenBatch(input_ids, mask, [len(r) for r in ids], padding_side)
 
 
-def pad_token_id(model: torch.nn.Module) -> int:
+def pad_token_id(model: ModelHandle) -> int:
     """Id used for padding: pad, else eos, else 0 (masked out either way)."""
     tok = model.tokenizer  # type: ignore[attr-defined]
     for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
@@ -123,7 +124,7 @@ def pad_token_id(model: torch.nn.Module) -> int:
 
 
 def _batches(
-    model: torch.nn.Module,
+    model: ModelHandle,
     ids: list[list[int]],
     batch_size: int,
     padding_side: str,
@@ -139,7 +140,7 @@ def _batches(
         yield slice(start, start + len(chunk)), pad_batch(chunk, pad_id=pad_id, padding_side=padding_side)
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: ModelHandle) -> torch.device:
     """Device of the token embedding, where inputs must go (first device under device_map)."""
     return model.embed.W_E.device if hasattr(model, "embed") else next(model.parameters()).device  # type: ignore[union-attr]
 
@@ -159,7 +160,7 @@ def _sorted_order(ids: list[list[int]]) -> list[int]:
 
 @torch.inference_mode()
 def capture(
-    model: torch.nn.Module,
+    model: ModelHandle,
     prompts: Sequence[str],
     *,
     layers: Sequence[int] | None = None,
@@ -204,7 +205,7 @@ def capture(
 
 @torch.inference_mode()
 def capture_at(
-    model: torch.nn.Module,
+    model: ModelHandle,
     texts: Sequence[str],
     positions: Sequence[Sequence[int]],
     *,
@@ -251,7 +252,7 @@ def capture_at(
 
 @torch.inference_mode()
 def next_token_logits(
-    model: torch.nn.Module,
+    model: ModelHandle,
     prompts: Sequence[str],
     *,
     prefix: str | None = None,

@@ -121,25 +121,37 @@ def _generate_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- contrans bench: bench/ sits beside the package in a source checkout (not in the wheel) --
+# ---- contrans bench: a developer tool in the source checkout, run in its own process -------
+def checkout_root() -> Path | None:
+    """The source checkout this package was installed from (editable), if it has bench/."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "bench" / "__init__.py").is_file() and (root / "pyproject.toml").is_file() else None
+
+
+def bench_command(flags: Sequence[str]) -> list[str]:
+    """The process that ``contrans bench FLAGS`` runs: ``python -m bench.run FLAGS`` (checkout only)."""
+    if checkout_root() is None:
+        raise ContransError("contrans bench needs a source checkout (bench/ beside contrans_tl/, "
+                            "installed with `pip install -e .`); the wheel does not ship the benchmarks")
+    return [sys.executable, "-m", "bench.run", *flags]
+
+
+def _bench(flags: Sequence[str]) -> int:
+    """bench/ is not part of the library: it runs in its own process with the checkout on its path."""
+    import os
+    import subprocess
+
+    command = bench_command(flags)
+    path = os.pathsep.join(filter(None, [str(checkout_root()), os.environ.get("PYTHONPATH")]))
+    return subprocess.call(command, env={**os.environ, "PYTHONPATH": path})
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.append(root)
-    try:
-        from bench import add_arguments
-    except ImportError:  # installed without the source tree: _bench_run says so
-        return
-    add_arguments(p)
+    """Listed for --help only: main() hands every flag after `bench` to bench.run unparsed."""
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    try:
-        from bench import run
-    except ImportError:
-        print("contrans bench: needs a source checkout (bench/ beside contrans_tl/)", file=sys.stderr)
-        return 2
-    return run(args)
+    return _bench([])
 
 
 # ---- contrans report / layer-search / export: diagnostics and exports (issue 7) ------------
@@ -175,7 +187,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _report_run(args: argparse.Namespace) -> int:
-    from analyses.transfer_report import config_from_args, run_report
+    from contrans_tl.analyses.transfer_report import config_from_args, run_report
 
     run_report(config_from_args(args))
     return 0
@@ -189,7 +201,7 @@ def _layer_search_args(p: argparse.ArgumentParser) -> None:
 
 
 def _layer_search_run(args: argparse.Namespace) -> int:
-    from analyses.transfer_report import config_from_args, run_layer_search
+    from contrans_tl.analyses.transfer_report import config_from_args, run_layer_search
 
     run_layer_search(config_from_args(args))
     return 0
@@ -234,23 +246,14 @@ COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "report": ("transfer report: R2, cosine to the native vector, causal ratio (JSON + figure)", _report_args, _report_run),
     "layer-search": ("source x target layer grid: held-out R2 and logit-lens proxy (JSON + heatmaps)", _layer_search_args, _layer_search_run),
     "export": ("export a vector as a llama.cpp control vector or an lm-eval steering file", _export_args, _export_run),
-    "bench": ("benchmarks: speed and memory vs limits and baselines (table + bench.json)", _bench_args, _bench_run),
+    "bench": ("benchmarks (source checkout only; flags: `contrans bench --help`): speed and memory vs limits (bench.json)", _bench_args, _bench_run),
 }
 
 
-def _register_analyses() -> None:
-    """Subcommands that live in analyses/ (they import the library, never the reverse)."""
-    try:
-        from analyses import COMMANDS as ANALYSIS_COMMANDS
-    except ModuleNotFoundError as err:
-        if err.name != "analyses":  # the package is there but one of its imports is not: say so
-            raise
-        return  # installed without the analyses package: the library's own commands only
-    COMMANDS.update(ANALYSIS_COMMANDS)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _register_analyses()
+    from contrans_tl.analyses import COMMANDS as ANALYSIS_COMMANDS  # the top layer: analyses are below it
+
+    COMMANDS.update(ANALYSIS_COMMANDS)
     parser = argparse.ArgumentParser(prog="contrans", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, run) in COMMANDS.items():
@@ -261,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        try:
+            return _bench(argv[1:])
+        except ContransError as err:
+            print(f"contrans bench: {type(err).__name__}: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))

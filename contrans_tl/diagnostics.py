@@ -37,13 +37,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from contrans_tl.alignment import AlignedStates
+from contrans_tl.pairing import PairedStates
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import check_layers
 from contrans_tl.errors import ContransError, EmptyPromptsError, ModelMismatchError
 from contrans_tl.metrics import layer_cosine
 from contrans_tl.reformulate import capture_pair, fit_map_from_states
 from contrans_tl.transplant import Unit, steering_offsets, transplant
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "final_norm_gain",
@@ -58,13 +59,13 @@ __all__ = [
     "auto_layers",
 ]
 
-Metric = Callable[[torch.nn.Module], float]
+Metric = Callable[[ModelHandle], float]
 """A concept score of the model as it is (hooks included): ``metric(model) -> float``."""
 
 
 # ---- logit-lens readout ------------------------------------------------------------------------
 @torch.no_grad()
-def final_norm_gain(model: torch.nn.Module) -> Float[Tensor, "d_model"]:
+def final_norm_gain(model: ModelHandle) -> Float[Tensor, "d_model"]:
     """Elementwise gain of the final norm (RMSNorm or LayerNorm), measured through the model.
 
     The norm is applied to ``±1`` alternating (mean 0, RMS 1) and to zeros; the difference
@@ -87,7 +88,7 @@ def final_norm_gain(model: torch.nn.Module) -> Float[Tensor, "d_model"]:
 
 
 def concept_readout(
-    model: torch.nn.Module,
+    model: ModelHandle,
     concept_tokens: Sequence[int] | Tensor,
     other_tokens: Sequence[int] | Tensor | None = None,
     *,
@@ -183,7 +184,7 @@ def _matched(native: ConceptVector, offsets: dict[int, Tensor]) -> dict[int, Ten
 
 
 def _causal(
-    model: torch.nn.Module,
+    model: ModelHandle,
     mapped: ConceptVector,
     native: ConceptVector,
     metric: Metric,
@@ -234,7 +235,7 @@ def _flag(row: dict[str, Any], where: str, cos_threshold: float, ratio_threshold
 
 
 def transfer_report(
-    model: torch.nn.Module,
+    model: ModelHandle,
     amap: AffineMap,
     source_vector: ConceptVector,
     native_vector: ConceptVector,
@@ -400,8 +401,8 @@ class LayerPairSearch:
 
 
 def drop_outlier_samples(
-    source: AlignedStates, target: AlignedStates, *, factor: float = 10.0
-) -> tuple[AlignedStates, AlignedStates, int]:
+    source: PairedStates, target: PairedStates, *, factor: float = 10.0
+) -> tuple[PairedStates, PairedStates, int]:
     """Both captures without the samples whose norm exceeds ``factor`` × the layer's median.
 
     A sample is dropped from both sides when, at any captured layer of either model, its
@@ -416,7 +417,7 @@ def drop_outlier_samples(
     if not torch.equal(source.text_index, target.text_index):
         raise EmptyPromptsError("the two captures are not aligned sample by sample")
 
-    def bad(states: AlignedStates) -> Tensor:
+    def bad(states: PairedStates) -> Tensor:
         norms = states.states.norm(dim=-1)  # [samples, layers]
         return (norms > factor * norms.median(dim=0).values).any(dim=1)
 
@@ -425,7 +426,7 @@ def drop_outlier_samples(
     if n_dropped == 0:
         return source, target, 0
 
-    def subset(states: AlignedStates) -> AlignedStates:
+    def subset(states: PairedStates) -> PairedStates:
         return dataclasses.replace(states, states=states.states[keep], text_index=states.text_index[keep])
 
     return subset(source), subset(target), n_dropped
@@ -442,8 +443,8 @@ def strided_layers(n: int, stride: int) -> list[int]:
 
 
 def layer_pair_search_from_states(
-    source: AlignedStates,
-    target: AlignedStates,
+    source: PairedStates,
+    target: PairedStates,
     *,
     source_layers: Sequence[int] | None = None,
     target_layers: Sequence[int] | None = None,
@@ -505,8 +506,8 @@ def layer_pair_search_from_states(
 
 
 def layer_pair_search(
-    source: torch.nn.Module,
-    target: torch.nn.Module,
+    source: ModelHandle,
+    target: ModelHandle,
     texts: Sequence[str],
     *,
     source_stride: int = 3,

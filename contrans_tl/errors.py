@@ -1,14 +1,53 @@
-"""Named exceptions: each says what was wrong with the input and how to fix it."""
+"""Every exception contrans_tl raises, each named for the problem it reports.
+
+All derive from :class:`ContransError`, so ``except ContransError`` catches every bad input,
+and each also derives from the builtin a caller would expect (ValueError, OSError, ...).
+"""
 
 from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ContransError",
+    "InvalidArgumentError",
+    "EmptyPromptsError",
+    "PromptTooLongError",
+    "WidthMismatchError",
+    "ModelMismatchError",
+    "LayerIndexError",
+    "NonFiniteError",
+    "ArtifactError",
+    "ModelUnavailableError",
+    "DataUnavailableError",
+    "DataFormatError",
+    "LabelTokenError",
+    "SettingsMismatchError",
+]
 
 
 class ContransError(Exception):
     """Base class of every error contrans_tl raises on bad input."""
 
 
+class InvalidArgumentError(ContransError, ValueError):
+    """An argument has the wrong type, is out of range, or is not one of the accepted values.
+
+    The message names the argument, the value given and what is accepted.
+    """
+
+    def __init__(self, argument: str, value: Any, accepted: str) -> None:
+        self.argument, self.value, self.accepted = argument, value, accepted
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"{argument}={shown} is not accepted: expected {accepted}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across executor processes
+        return (type(self), (self.argument, self.value, self.accepted))
+
+
 class EmptyPromptsError(ContransError, ValueError):
-    """A prompt list (positive, negative or corpus) is empty, or paired lists differ in length."""
+    """A prompt or text list (positive, negative or corpus) is empty, or a prompt has no text."""
 
 
 class PromptTooLongError(ContransError, ValueError):
@@ -28,7 +67,7 @@ class LayerIndexError(ContransError, IndexError):
 
 
 class NonFiniteError(ContransError, FloatingPointError):
-    """NaN or inf appeared in activations, vectors or fitted maps."""
+    """NaN or inf appeared in activations, vectors, logits or fitted maps."""
 
 
 class ArtifactError(ContransError, OSError):
@@ -36,4 +75,20 @@ class ArtifactError(ContransError, OSError):
 
 
 class ModelUnavailableError(ContransError, RuntimeError):
-    """A model cannot be loaded: offline package missing or hub unreachable."""
+    """A model cannot be loaded: offline package missing, folder empty, or hub unreachable."""
+
+
+class DataUnavailableError(ContransError, FileNotFoundError):
+    """A data set is neither at the given path nor reachable on the hub."""
+
+
+class DataFormatError(ContransError, ValueError):
+    """A data file exists but its content is not in the expected format."""
+
+
+class LabelTokenError(ContransError, ValueError):
+    """Two label words of a task start with the same token under this tokenizer, so they cannot be told apart."""
+
+
+class SettingsMismatchError(ContransError, ValueError):
+    """A resumable run's output folder holds results made under other settings."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id
 from contrans_tl.errors import EmptyPromptsError, ModelUnavailableError, NonFiniteError
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "Reduction",
@@ -72,7 +73,7 @@ class ScoredRow:
             )
 
 
-def continuation_rows(model: torch.nn.Module, prompts: Sequence[str], continuations: Sequence[str]) -> list[ScoredRow]:
+def continuation_rows(model: ModelHandle, prompts: Sequence[str], continuations: Sequence[str]) -> list[ScoredRow]:
     """Rows scoring ``continuations[i]`` after ``prompts[i]`` (strings joined as given)."""
     if len(prompts) != len(continuations):
         raise EmptyPromptsError(f"{len(prompts)} prompts but {len(continuations)} continuations")
@@ -97,7 +98,7 @@ def continuation_rows(model: torch.nn.Module, prompts: Sequence[str], continuati
 
 @torch.inference_mode()
 def score_rows(
-    model: torch.nn.Module,
+    model: ModelHandle,
     rows: Sequence[ScoredRow],
     *,
     batch_size: int = 8,
@@ -149,7 +150,7 @@ def score_rows(
 
 
 def continuation_logprobs(
-    model: torch.nn.Module,
+    model: ModelHandle,
     prompts: Sequence[str],
     continuations: Sequence[str],
     *,
@@ -212,7 +213,7 @@ def mc1_from_scores(scores: Sequence[Sequence[float]], correct: Sequence[int]) -
 
 
 def score_mc1(
-    model: torch.nn.Module,
+    model: ModelHandle,
     prompts: Sequence[str],
     choices: Sequence[Sequence[str]],
     correct: Sequence[int],
@@ -255,7 +256,7 @@ class PerplexityResult:
 
 
 def perplexity(
-    model: torch.nn.Module,
+    model: ModelHandle,
     texts: Sequence[str],
     *,
     prefix: str | None = None,

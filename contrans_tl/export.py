@@ -36,9 +36,11 @@ import torch
 from torch import Tensor
 
 from contrans_tl.artifacts import ConceptVector
+from contrans_tl.files import atomic_path, write_json
 from contrans_tl.errors import ArtifactError, ContransError
 from contrans_tl.models import OFFLINE_MODELS
 from contrans_tl.transplant import Unit, steering_offsets
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "BASIS",
@@ -57,7 +59,7 @@ BASIS = (
 """The basis string written into every export."""
 
 
-def hf_layer_module_name(model: torch.nn.Module | None, layer: int, *, template: str = "layers.{layer}") -> str:
+def hf_layer_module_name(model: ModelHandle | None, layer: int, *, template: str = "layers.{layer}") -> str:
     """Name of decoder block ``layer`` under the HF model's ``base_model`` (lm-eval's hook points).
 
     With a loaded bridge the name is read off the wrapped HF model (``layers.3`` for Llama,
@@ -75,7 +77,7 @@ def hf_layer_module_name(model: torch.nn.Module | None, layer: int, *, template:
     return template.format(layer=layer)
 
 
-def _model_hint(vector: ConceptVector, model: torch.nn.Module | None) -> str:
+def _model_hint(vector: ConceptVector, model: ModelHandle | None) -> str:
     entry = OFFLINE_MODELS.get(vector.model.name)
     if entry is not None:
         return entry.arch
@@ -122,7 +124,7 @@ def export_gguf(
     alpha: float = 1.0,
     unit: Unit = "raw",
     layers: Sequence[int] | None = None,
-    model: torch.nn.Module | None = None,
+    model: ModelHandle | None = None,
     skip_layer0: bool = False,
 ) -> Path:
     """Write a llama.cpp control vector (``--control-vector FILE``) reproducing the transplant.
@@ -148,20 +150,18 @@ def export_gguf(
     if not offsets:
         raise ContransError("no layer >= 1 left to export")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), "controlvector")
-    writer.add_string("controlvector.model_hint", _model_hint(vector, model))
-    writer.add_uint32("controlvector.layer_count", len(offsets))
-    writer.add_string("contrans.basis", BASIS)
-    writer.add_string("contrans.provenance", json.dumps(_provenance(vector, alpha, unit)))
-    for layer, offset in offsets.items():
-        writer.add_tensor(f"direction.{layer}", offset.detach().cpu().numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "controlvector")
+        writer.add_string("controlvector.model_hint", _model_hint(vector, model))
+        writer.add_uint32("controlvector.layer_count", len(offsets))
+        writer.add_string("contrans.basis", BASIS)
+        writer.add_string("contrans.provenance", json.dumps(_provenance(vector, alpha, unit)))
+        for layer, offset in offsets.items():
+            writer.add_tensor(f"direction.{layer}", offset.detach().cpu().numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return path
 
 
@@ -194,7 +194,7 @@ def export_lm_eval(
     alpha: float = 1.0,
     unit: Unit = "raw",
     layers: Sequence[int] | None = None,
-    model: torch.nn.Module | None = None,
+    model: ModelHandle | None = None,
     hookpoint_template: str = "layers.{layer}",
 ) -> Path:
     """Write the ``steer_path`` ``.pt`` of lm-evaluation-harness's ``steered`` model.
@@ -222,12 +222,9 @@ def export_lm_eval(
             "head_index": None,
         }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(config, tmp)
-    tmp.replace(path)
-    sidecar = path.with_name(path.name + ".json")
-    sidecar.write_text(json.dumps({"basis": BASIS, "hookpoints": list(config), **_provenance(vector, alpha, unit)}, indent=1))
+    with atomic_path(path) as tmp:
+        torch.save(config, tmp)
+    write_json(path.with_name(path.name + ".json"), {"basis": BASIS, "hookpoints": list(config), **_provenance(vector, alpha, unit)})
     return path
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import capture, check_layers, model_device
 from contrans_tl.transplant import Unit, transplant
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "final_softcap",
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-def final_softcap(model: torch.nn.Module) -> float | None:
+def final_softcap(model: ModelHandle) -> float | None:
     """The model's final logit soft-cap (``logits = cap · tanh(logits / cap)``), or None.
 
     Read from the HF config (``final_logit_softcapping``), else from TransformerLens's
@@ -63,7 +64,7 @@ def final_softcap(model: torch.nn.Module) -> float | None:
 
 @torch.inference_mode()
 def logits_from_resid(
-    model: torch.nn.Module, resid: Float[Tensor, "batch d_model"], *, batch_size: int = 64
+    model: ModelHandle, resid: Float[Tensor, "batch d_model"], *, batch_size: int = 64
 ) -> Float[Tensor, "batch d_vocab"]:
     """Final norm → unembedding (→ soft-cap) of residual vectors; float32 on the CPU.
 
@@ -83,7 +84,7 @@ def logits_from_resid(
 
 
 def lens_resid(
-    model: torch.nn.Module,
+    model: ModelHandle,
     prompts: Sequence[str],
     layers: Sequence[int],
     *,
@@ -116,7 +117,7 @@ def lens_resid(
 
 
 def logit_lens(
-    model: torch.nn.Module,
+    model: ModelHandle,
     prompts: Sequence[str],
     layer: int,
     *,

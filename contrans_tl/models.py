@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from contrans_tl.errors import ModelUnavailableError
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "ModelIdentity",
@@ -283,12 +284,12 @@ class ModelIdentity:
     d_model: int
 
 
-_IDENTITIES: "weakref.WeakKeyDictionary[torch.nn.Module, ModelIdentity]" = (
+_IDENTITIES: "weakref.WeakKeyDictionary[ModelHandle, ModelIdentity]" = (
     weakref.WeakKeyDictionary()
 )
 
 
-def identity(model: torch.nn.Module) -> ModelIdentity:
+def identity(model: ModelHandle) -> ModelIdentity:
     """The identity that :func:`load_model` gave ``model`` (or one read off its config)."""
     known = _IDENTITIES.get(model)
     if known is not None:
@@ -297,7 +298,7 @@ def identity(model: torch.nn.Module) -> ModelIdentity:
     return ModelIdentity(str(cfg.model_name), None, int(cfg.n_layers), int(cfg.d_model))
 
 
-def _register(model: torch.nn.Module, name: str, revision: str | None) -> None:
+def _register(model: ModelHandle, name: str, revision: str | None) -> None:
     cfg = model.cfg  # type: ignore[attr-defined]
     _IDENTITIES[model] = ModelIdentity(name, revision, int(cfg.n_layers), int(cfg.d_model))
 

@@ -17,6 +17,7 @@ from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import capture
 from contrans_tl.errors import EmptyPromptsError
 from contrans_tl.models import identity
+from contrans_tl.handle import ModelHandle
 
 __all__ = ["Aggregator", "mean_difference", "pca_difference", "AGGREGATORS", "refine"]
 
@@ -61,7 +62,7 @@ AGGREGATORS: dict[str, Aggregator] = {"mean_diff": mean_difference, "pca": pca_d
 
 
 def refine(
-    model: torch.nn.Module,
+    model: ModelHandle,
     positive: Sequence[str],
     negative: Sequence[str],
     *,

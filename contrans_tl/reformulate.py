@@ -18,10 +18,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from contrans_tl.alignment import AlignedStates, capture_aligned
+from contrans_tl.pairing import PairedStates, capture_paired
 from contrans_tl.artifacts import AffineMap
 from contrans_tl.capture import check_layers
 from contrans_tl.errors import EmptyPromptsError, WidthMismatchError
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "default_layer_pairs",
@@ -188,8 +189,8 @@ def _split_texts(n_texts: int, fraction: float, generator: torch.Generator) -> T
 
 
 def fit_map_from_states(
-    source: AlignedStates,
-    target: AlignedStates,
+    source: PairedStates,
+    target: PairedStates,
     *,
     layers: Sequence[tuple[int, int]] | None = None,
     ridge: float | Literal["auto"] = "auto",
@@ -283,8 +284,8 @@ def fit_map_from_states(
 
 
 def capture_pair(
-    source: torch.nn.Module,
-    target: torch.nn.Module,
+    source: ModelHandle,
+    target: ModelHandle,
     texts: Sequence[str],
     source_layers: Sequence[int],
     target_layers: Sequence[int],
@@ -292,7 +293,7 @@ def capture_pair(
     alignment: Literal["auto", "words", "tokens"] = "auto",
     batch_size: int = 8,
     progress: bool = False,
-) -> tuple[AlignedStates, AlignedStates]:
+) -> tuple[PairedStates, PairedStates]:
     """Both models' aligned states on ``texts``: every token when the two tokenizers share a
     vocabulary ("auto"), word boundaries otherwise."""
     scheme: Literal["words", "tokens"]
@@ -301,16 +302,16 @@ def capture_pair(
         scheme = "tokens" if same else "words"
     else:
         scheme = alignment
-    xs = capture_aligned(source, texts, layers=source_layers, scheme=scheme, batch_size=batch_size,
+    xs = capture_paired(source, texts, layers=source_layers, scheme=scheme, batch_size=batch_size,
                          progress="source corpus" if progress else None)
-    ys = capture_aligned(target, texts, layers=target_layers, scheme=scheme, batch_size=batch_size,
+    ys = capture_paired(target, texts, layers=target_layers, scheme=scheme, batch_size=batch_size,
                          progress="target corpus" if progress else None)
     return xs, ys
 
 
 def fit_map(
-    source: torch.nn.Module,
-    target: torch.nn.Module,
+    source: ModelHandle,
+    target: ModelHandle,
     texts: Sequence[str],
     *,
     layers: Sequence[tuple[int, int]] | None = None,

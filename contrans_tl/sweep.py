@@ -10,23 +10,34 @@ from the calling process, so executors need no shared filesystem semantics beyon
 from __future__ import annotations
 
 import json
-import os
 import re
+import warnings
 from concurrent.futures import Executor, Future, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
-from contrans_tl.errors import ContransError
+from contrans_tl.errors import ContransError, SettingsMismatchError
+from contrans_tl.files import write_json
 
-__all__ = ["CellStore", "SettingsMismatchError", "cell_key"]
+__all__ = ["CellStore", "cell_key"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
-class SettingsMismatchError(ContransError, ValueError):
-    """A cell store is reused with settings other than those its cells were computed with."""
+_MISSING = object()
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; ``_MISSING`` when there is no file, or (with a warning) when it is corrupt."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return _MISSING
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        warnings.warn(f"{path} is corrupt (a write was interrupted?): treated as missing and recomputed", stacklevel=3)
+        return _MISSING
 
 
 def cell_key(**parts: object) -> str:
@@ -52,8 +63,8 @@ class CellStore:
 
     def _claim(self, mine: dict[str, Any]) -> None:
         path = self.root / self.SETTINGS
-        if path.is_file():
-            theirs = json.loads(path.read_text())
+        theirs = _read_json(path)
+        if theirs is not _MISSING:
             if theirs != mine:
                 changed = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
                 raise SettingsMismatchError(
@@ -62,28 +73,29 @@ class CellStore:
                     "Use another output directory, or the same settings to resume."
                 )
         else:
-            tmp = self.root / f".{self.SETTINGS}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(mine, indent=1, sort_keys=True))
-            tmp.replace(path)
+            write_json(path, mine, sort_keys=True)
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """Whether a complete cell is stored (a corrupt one counts as missing, with a warning)."""
+        return _read_json(self.path(key)) is not _MISSING
 
     def get(self, key: str) -> Any:
-        return json.loads(self.path(key).read_text())
+        value = _read_json(self.path(key))
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
 
     def put(self, key: str, value: Any) -> None:
         """Write atomically: a reader (or a resumed run) never sees half a cell."""
-        tmp = self.root / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-        tmp.replace(self.path(key))
+        write_json(self.path(key), value, sort_keys=True)
 
     def all(self) -> dict[str, Any]:
-        """Every finished cell, by key."""
-        return {p.stem: json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))}
+        """Every finished cell, by key (corrupt cells are left out, with a warning)."""
+        cells = {p.stem: _read_json(p) for p in sorted(self.root.glob("*.json"))}
+        return {k: v for k, v in cells.items() if v is not _MISSING}
 
     def run(
         self,

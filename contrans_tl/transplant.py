@@ -18,6 +18,7 @@ from torch import Tensor
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import check_layers, encode, model_device, pad_batch, pad_token_id, resid_hook_name
 from contrans_tl.errors import ContransError, NonFiniteError
+from contrans_tl.handle import ModelHandle
 
 __all__ = ["Unit", "steering_offsets", "transplant", "generate"]
 
@@ -55,7 +56,7 @@ def steering_offsets(
 
 @contextmanager
 def transplant(
-    model: torch.nn.Module,
+    model: ModelHandle,
     vector: ConceptVector | Sequence[ConceptVector],
     *,
     alpha: float | Sequence[float],
@@ -109,7 +110,7 @@ def transplant(
 
 @torch.inference_mode()
 def generate(
-    model: torch.nn.Module,
+    model: ModelHandle,
     prompts: str | Sequence[str],
     *,
     max_new_tokens: int = 20,

@@ -6,6 +6,7 @@ speed targets live in the benchmark itself, never in timed tests.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from bench.run import GOALS, TOP_LEVEL, BenchConfig, format_table, run_bench, write_json
-from contrans_tl.cli import build_parser
+from contrans_tl.cli import bench_command
 from contrans_tl.testing import make_tiny_model_dir
 
 # one thread: tiny ops on a shared 2-core machine are ~10x slower with two spinning threads
@@ -67,10 +68,16 @@ def test_bench_details_are_consistent(tiny_result):
     assert all(key in table for key in TOP_LEVEL)
 
 
-def test_cli_has_bench_command(tmp_path):
-    args = build_parser().parse_args(["bench", "--quick", "--out", str(tmp_path), "--models", "a", "b"])
-    assert args.quick and args.out == str(tmp_path) and args.models == ["a", "b"]
+def test_cli_bench_command_runs_bench_in_its_own_process(tmp_path):
+    """`contrans bench FLAGS` hands FLAGS unparsed to `python -m bench.run` (the library never imports bench)."""
+    flags = ["--quick", "--out", str(tmp_path), "--models", "a", "b"]
+    assert bench_command(flags)[1:] == ["-m", "bench.run", *flags]
+    from bench import add_arguments
     from bench.run import config_from_args
 
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(flags)
+    assert args.quick and args.out == str(tmp_path) and args.models == ["a", "b"]
     cfg = config_from_args(args)
     assert cfg.quick and cfg.models == ("a", "b") and cfg.repeats >= 1

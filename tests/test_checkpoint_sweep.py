@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from analyses import checkpoint_sweep as cs
+from contrans_tl.analyses import checkpoint_sweep as cs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_sweep_resumes_after_a_crash(ckpts, tmp_path, monkeypatch):
 
 def test_sweep_survives_sigkill(ckpts, tmp_path):
     """Kill -9 the command mid-run, rerun it: finished cells unchanged, none lost."""
-    cmd = [sys.executable, "-m", "analyses.checkpoint_sweep", "--model", str(ckpts[-1]),
+    cmd = [sys.executable, "-m", "contrans_tl.analyses.checkpoint_sweep", "--model", str(ckpts[-1]),
            "--checkpoints", ",".join(str(c) for c in ckpts), "--out", str(tmp_path), "--alphas", "0.5,1.0",
            "--emotions", "happiness", "--n-refine", "2", "--n-eval", "1", "--executor", "serial",
            "--mapping", "identity", "--batch-size", "8", "--no-plot"]

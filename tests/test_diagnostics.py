@@ -9,7 +9,7 @@ import torch
 
 import contrans_tl as ct
 from contrans_tl import plotting
-from contrans_tl.alignment import capture_aligned
+from contrans_tl.pairing import capture_paired
 from contrans_tl.capture import capture
 from contrans_tl.cli import main
 from contrans_tl.datasets import neutral_sentences
@@ -36,7 +36,7 @@ TEXTS = neutral_sentences()[:60]
 
 @pytest.fixture(scope="module")
 def states(tiny_llama, tiny_llama_b):
-    return capture_aligned(tiny_llama, TEXTS), capture_aligned(tiny_llama_b, TEXTS)
+    return capture_paired(tiny_llama, TEXTS), capture_paired(tiny_llama_b, TEXTS)
 
 
 @pytest.fixture(scope="module")

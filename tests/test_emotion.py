@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from contrans_tl.datasets import EMOTIONS, emotion_scenarios
-from contrans_tl.emotion import (
+from contrans_tl.tasks.emotion import EMOTIONS, emotion_scenarios
+from contrans_tl.tasks.emotion import (
     QUERY,
     contrast_prompts,
     few_shot_prefix,

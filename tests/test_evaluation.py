@@ -224,7 +224,7 @@ def _tiny_data(root):
 
 
 def test_alignment_eval_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
-    from analyses import alignment_eval as ae
+    from contrans_tl.analyses import alignment_eval as ae
 
     _tiny_data(tmp_path / "data")
     cfg = ae.Config(
@@ -256,8 +256,8 @@ def test_alignment_eval_resumes_from_stored_scores(tiny_dirs, tmp_path, monkeypa
     """A rerun (e.g. after a kill) scores no MC1 row again; other settings are refused."""
     import dataclasses
 
-    from analyses import alignment_eval as ae
-    from contrans_tl.sweep import SettingsMismatchError
+    from contrans_tl.analyses import alignment_eval as ae
+    from contrans_tl.errors import SettingsMismatchError
 
     _tiny_data(tmp_path / "data")
     cfg = ae.Config(source=str(tiny_dirs["llama"]), target=str(tiny_dirs["llama_b"]), data_dir=str(tmp_path / "data"),
@@ -276,7 +276,7 @@ def test_alignment_eval_resumes_from_stored_scores(tiny_dirs, tmp_path, monkeypa
 
 
 def test_alignment_eval_cli_honesty_fact(tiny_dirs, tmp_path, capsys):
-    from analyses import alignment_eval as ae
+    from contrans_tl.analyses import alignment_eval as ae
     from contrans_tl.cli import main
 
     _tiny_data(tmp_path / "data")

@@ -7,7 +7,7 @@ import torch
 
 import contrans_tl as ct
 from contrans_tl.capture import capture, next_token_logits
-from contrans_tl.datasets import emotion_scenarios
+from contrans_tl.tasks.emotion import emotion_scenarios
 from tests.conftest import rel_diff
 
 CHAT = "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"

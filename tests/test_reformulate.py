@@ -95,7 +95,7 @@ def test_too_few_samples_warns_with_numbers(tiny_llama, tiny_llama_b):
 
 def test_auto_ridge_beats_plain_least_squares_when_overfitting():
     g = torch.Generator().manual_seed(3)
-    from contrans_tl.alignment import AlignedStates
+    from contrans_tl.pairing import PairedStates
     from contrans_tl.models import ModelIdentity
 
     n, d = 300, 60
@@ -103,8 +103,8 @@ def test_auto_ridge_beats_plain_least_squares_when_overfitting():
     w = torch.randn(d, 8, generator=g) / d**0.5
     y = (x[:, 0] @ w + 2.0 * torch.randn(n, 8, generator=g))[:, None]
     idx = torch.arange(n)  # one sample per text
-    src = AlignedStates(x, idx, (0,), ModelIdentity("a", None, 1, d), "c", "words")
-    tgt = AlignedStates(y, idx, (0,), ModelIdentity("b", None, 1, 8), "c", "words")
+    src = PairedStates(x, idx, (0,), ModelIdentity("a", None, 1, d), "c", "words")
+    tgt = PairedStates(y, idx, (0,), ModelIdentity("b", None, 1, 8), "c", "words")
     auto = ct.fit_map_from_states(src, tgt, layers=[(0, 0)], ridge="auto")
     plain = ct.fit_map_from_states(src, tgt, layers=[(0, 0)], ridge=0.0)
     assert float(auto.ridge[0]) > 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from analyses import size_matrix as sm
+from contrans_tl.analyses import size_matrix as sm
 from contrans_tl.errors import ContransError
 from contrans_tl.testing import make_tiny_model_dir
 

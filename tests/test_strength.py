@@ -6,7 +6,7 @@ import torch
 import contrans_tl as ct
 from contrans_tl.capture import capture
 from contrans_tl.errors import ContransError, ModelMismatchError, WidthMismatchError
-from contrans_tl.strength import (
+from contrans_tl.reports.strength import (
     calibrate_norms,
     guarded_sweep,
     kl_divergence,

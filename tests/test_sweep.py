@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from contrans_tl.sweep import CellStore, SettingsMismatchError, cell_key
+from contrans_tl.errors import SettingsMismatchError
+from contrans_tl.sweep import CellStore, cell_key
 
 
 def test_only_missing_cells_are_computed(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from analyses import token_shift as ts
+from contrans_tl.analyses import token_shift as ts
 
 
 @pytest.fixture(scope="module")

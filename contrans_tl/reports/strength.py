@@ -35,6 +35,7 @@ from contrans_tl.capture import capture, next_token_logits
 from contrans_tl.datasets import neutral_sentences
 from contrans_tl.errors import ContransError, EmptyPromptsError
 from contrans_tl.transplant import Unit, steering_offsets, transplant
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -64,7 +65,7 @@ def neutral_prompts(n: int = 32, *, texts: Sequence[str] | None = None, min_word
 
 
 def calibrate_norms(
-    vector: ConceptVector, model: torch.nn.Module, texts: Sequence[str] | None = None, *, batch_size: int = 16
+    vector: ConceptVector, model: ModelHandle, texts: Sequence[str] | None = None, *, batch_size: int = 16
 ) -> ConceptVector:
     """The same vector with ``layer_norms`` measured on ``model`` over neutral ``texts``.
 
@@ -131,7 +132,7 @@ class StrengthSweep:
 
 
 def guarded_sweep(
-    model: torch.nn.Module,
+    model: ModelHandle,
     vector: ConceptVector,
     *,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -140,7 +141,7 @@ def guarded_sweep(
     layers: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
     n_prompts: int = 32,
-    metric: Callable[[torch.nn.Module], float] | None = None,
+    metric: Callable[[ModelHandle], float] | None = None,
     stop_early: bool = True,
     batch_size: int = 16,
 ) -> StrengthSweep:

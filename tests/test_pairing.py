@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from contrans_tl.alignment import capture_aligned, positions_at_boundaries, word_boundaries
+from contrans_tl.pairing import capture_paired, positions_at_boundaries, word_boundaries
 
 
 def test_word_boundaries():
@@ -20,15 +20,15 @@ def test_positions_pick_last_token_ending_before_boundary():
 
 def test_one_sample_per_word_for_any_tokenizer(tiny_llama, tiny_neox):
     texts = ["The river runs past the mill", "Bread rises slowly overnight"]
-    a = capture_aligned(tiny_llama, texts)
-    b = capture_aligned(tiny_neox, texts)
+    a = capture_paired(tiny_llama, texts)
+    b = capture_paired(tiny_neox, texts)
     assert a.states.shape[0] == b.states.shape[0] == 10
     assert torch.equal(a.text_index, b.text_index)
     assert a.corpus == b.corpus
 
 
 def test_aligned_states_round_trip(tiny_llama, tmp_path):
-    states = capture_aligned(tiny_llama, ["one two three"], layers=[1])
+    states = capture_paired(tiny_llama, ["one two three"], layers=[1])
     loaded = type(states).load(states.save(tmp_path / "s.safetensors"))
     assert torch.equal(loaded.states, states.states) and loaded.layers == (1,)
     assert loaded.model == states.model

@@ -22,15 +22,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from contrans_tl.capture import capture_at, check_layers, encode
+from contrans_tl.files import atomic_path
 from contrans_tl.errors import ArtifactError, EmptyPromptsError
 from contrans_tl.models import ModelIdentity, identity
+from contrans_tl.handle import ModelHandle
 
 __all__ = [
     "word_boundaries",
     "positions_at_boundaries",
     "corpus_hash",
-    "AlignedStates",
-    "capture_aligned",
+    "PairedStates",
+    "capture_paired",
 ]
 
 Scheme = Literal["words", "tokens"]
@@ -71,7 +73,7 @@ def corpus_hash(texts: Sequence[str]) -> str:
 
 
 @dataclass(frozen=True)
-class AlignedStates:
+class PairedStates:
     """One model's resid_post at aligned positions of a corpus (one row per sample)."""
 
     states: Float[Tensor, "n_samples layer d_model"]
@@ -94,8 +96,6 @@ class AlignedStates:
     def save(self, path: str | Path) -> Path:
         """One safetensors file; the size matrix keeps one per model on disk."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         meta = {
             "name": self.model.name,
             "revision": "" if self.model.revision is None else self.model.revision,
@@ -105,12 +105,12 @@ class AlignedStates:
             "corpus": self.corpus,
             "scheme": self.scheme,
         }
-        save_file({"states": self.states.contiguous(), "text_index": self.text_index}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"states": self.states.contiguous(), "text_index": self.text_index}, str(tmp), metadata=meta)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "AlignedStates":
+    def load(cls, path: str | Path) -> "PairedStates":
         from safetensors import safe_open
 
         try:
@@ -132,7 +132,7 @@ class AlignedStates:
             raise ArtifactError(f"{path}: not readable aligned states ({err})") from err
 
 
-def _positions(model: torch.nn.Module, texts: Sequence[str], scheme: Scheme) -> list[list[int]]:
+def _positions(model: ModelHandle, texts: Sequence[str], scheme: Scheme) -> list[list[int]]:
     ids, offsets = encode(model, texts, with_offsets=True)
     assert offsets is not None
     if scheme == "tokens":
@@ -140,15 +140,15 @@ def _positions(model: torch.nn.Module, texts: Sequence[str], scheme: Scheme) -> 
     return [positions_at_boundaries(offs, word_boundaries(t)) for offs, t in zip(offsets, texts)]
 
 
-def capture_aligned(
-    model: torch.nn.Module,
+def capture_paired(
+    model: ModelHandle,
     texts: Sequence[str],
     *,
     layers: Sequence[int] | None = None,
     scheme: Scheme = "words",
     batch_size: int = 8,
     progress: str | None = None,
-) -> AlignedStates:
+) -> PairedStates:
     """Capture ``model``'s resid_post at aligned positions of every text (see module doc)."""
     if len(texts) == 0:
         raise EmptyPromptsError("the alignment corpus is empty")
@@ -156,4 +156,4 @@ def capture_aligned(
     positions = _positions(model, texts, scheme)
     states = capture_at(model, texts, positions, layers=layer_list, batch_size=batch_size, progress=progress)
     text_index = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(positions)])
-    return AlignedStates(states, text_index, tuple(layer_list), identity(model), corpus_hash(texts), scheme)
+    return PairedStates(states, text_index, tuple(layer_list), identity(model), corpus_hash(texts), scheme)
