@@ -1,11 +1,12 @@
-"""Helpers shared by the emotion analyses (size matrix, checkpoint sweep, token shift).
+"""Helpers shared by the emotion analyses (demo, size matrix, checkpoint sweep, token shift).
 
-Everything here composes the library: emotion prompts and evaluation come from
-:mod:`contrans_tl.tasks.emotion`, vectors from :func:`contrans_tl.refine`, steering from
-:func:`contrans_tl.transplant`, and models from :func:`contrans_tl.load_model` (through
-:class:`RunLog`, which records every load and an estimate of the forward batches run).
+The emotion task itself (prompts, splits, negatives, refinement, scoring) is
+:class:`contrans_tl.tasks.emotion.EmotionTask`; this module only adds what the analyses share
+around it: :class:`RunLog` (every model load and an estimate of the forward batches run), the
+steering layer by depth, the identity carry of a vector between checkpoints, and the
+command-line plumbing.
 
-Conventions the three analyses share:
+Conventions the analyses share:
 
 * **Steering layer.** Each model is steered at one layer chosen by relative depth
   (:func:`layer_at_depth`, default 2/3: ``round(2 n / 3) - 1``, as in the alignment analysis).
@@ -21,109 +22,86 @@ Conventions the three analyses share:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import gc
 import json
 import math
-import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
-import contrans_tl as ct
+from contrans_tl import validate
 from contrans_tl.artifacts import ConceptVector
-from contrans_tl.files import json_ready, write_json
-from contrans_tl.tasks.emotion import EMOTIONS, emotion_scenarios
-from contrans_tl.tasks.emotion import QUERY, contrast_prompts, evaluate_emotion, few_shot_prefix, split_scenarios
+from contrans_tl.errors import ContransError, WidthMismatchError
+from contrans_tl.handle import ModelHandle
+from contrans_tl.models import identity, load_model
+from contrans_tl.sweep import run_option
+from contrans_tl.tasks.emotion import EmotionTask
+from contrans_tl.transplant import Unit
 
 __all__ = [
-    "EmotionTask",
-    "emotion_task",
+    "RunSettings",
     "layer_at_depth",
+    "free_memory",
     "RunLog",
     "refine_emotions",
     "evaluate",
     "with_norms",
     "relabel",
     "slug",
-    "write_json",
-    "json_ready",
     "floats",
     "names",
     "batches",
+    "script_main",
     "DTYPES",
     "add_run_args",
     "config_from_args",
 ]
 
 
-# ---- the emotion task ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EmotionTask:
-    """Which emotions are steered and the prompts every analysis draws for them (seeded)."""
+@dataclass
+class RunSettings:
+    """The settings every emotion analysis's Config shares (the flags of :func:`add_run_args`)."""
 
-    emotions: tuple[str, ...]
-    """Emotions whose vectors are refined and transplanted (a subset of the six)."""
-    refine_scenarios: dict[str, list[str]]
-    eval_scenarios: dict[str, list[str]]
-    prefix: str
-    """Few-shot block (one solved example per emotion, from the refinement half)."""
-    n_refine: int | None
-    n_eval: int | None
-    seed: int
+    batch_size: int = run_option(16)
+    """Prompts per forward batch."""
+    device: str | None = run_option(None)
+    """Device of the models (None: the library's default)."""
+    dtype: str = "float32"
+    """Model dtype: float32, bfloat16 or float16."""
+    seed: int = 0
+    """Seed of the scenario split, the contrast negatives and the maps' held-out split."""
+    data_dir: str | None = None
+    """Directory of {emotion}.json scenario lists (default: the built-in set)."""
+    progress: bool = run_option(False)
+    """Report each model load and show progress bars."""
 
-    def contrast(self, emotion: str) -> tuple[list[str], list[str]]:
-        """Refinement prompts: ``n_refine`` scenarios of ``emotion`` against as many others."""
-        return contrast_prompts(self.refine_scenarios, emotion, n=self.n_refine, seed=self.seed)
-
-    def negatives(self, emotion: str) -> list[str]:
-        """Evaluation scenarios of every other emotion (``n_eval`` each), raw (no query)."""
-        return [s for e in EMOTIONS if e != emotion for s in self.eval_scenarios[e][: self.n_eval]]
-
-    def negative_prompts(self, emotion: str) -> list[str]:
-        """:meth:`negatives` formatted with the refinement query (for lens read-outs)."""
-        return [QUERY.format(s) for s in self.negatives(emotion)]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "emotions": list(self.emotions),
-            "n_refine_per_side": len(self.contrast(self.emotions[0])[0]),
-            "n_eval_per_other_emotion": self.n_eval,
-            "n_negatives_per_emotion": len(self.negatives(self.emotions[0])),
-            "seed": self.seed,
-        }
-
-
-def emotion_task(
-    emotions: Sequence[str] = EMOTIONS,
-    *,
-    n_refine: int | None = None,
-    n_eval: int | None = None,
-    seed: int = 0,
-    data_dir: str | None = None,
-) -> EmotionTask:
-    """Split the scenarios (built-in, or ``data_dir`` in the same format) once for a run."""
-    bad = [e for e in emotions if e not in EMOTIONS]
-    if bad or not emotions:
-        raise ValueError(f"unknown or no emotions {bad or list(emotions)}; choose from {EMOTIONS}")
-    split = split_scenarios(emotion_scenarios(data_dir), seed=seed)
-    return EmotionTask(
-        tuple(emotions), split.refine, split.evaluate, few_shot_prefix(split.refine, seed=seed), n_refine, n_eval, seed
-    )
+    def __post_init__(self) -> None:
+        validate.choice("dtype", self.dtype, tuple(DTYPES))
 
 
 def layer_at_depth(n_layers: int, depth: float) -> int:
     """The block at relative ``depth`` (0..1]: ``round(depth * n) - 1``, clipped to the model."""
-    if not 0 < depth <= 1:
-        raise ValueError(f"depth must be in (0, 1], not {depth}")
+    validate.real("depth", depth, low=0.0, high=1.0, low_open=True)
     return min(n_layers - 1, max(0, round(depth * n_layers) - 1))
 
 
+def free_memory() -> None:
+    """Return a dropped model's memory (call after the last reference to it is gone)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def batches(n: int, batch_size: int) -> int:
+    """Forward batches needed for ``n`` prompts."""
     return math.ceil(n / batch_size) if n else 0
 
 
@@ -151,10 +129,10 @@ class RunLog:
         if self.verbose:
             print(" ".join(f"{k}={v}" for k, v in event.items()), file=sys.stderr, flush=True)
 
-    def load(self, name: str, purpose: str, **kwargs: Any) -> Any:
+    def load(self, name: str, purpose: str, **kwargs: Any) -> ModelHandle:
         """:func:`contrans_tl.load_model` with the load recorded as (model, purpose)."""
         start = time.perf_counter()
-        model = ct.load_model(name, **kwargs)
+        model = load_model(name, **kwargs)
         entry = {"event": "load", "model": name, "purpose": purpose,
                  "seconds": round(time.perf_counter() - start, 2), "time": time.time()}
         entry.update({k: str(v) for k, v in kwargs.items() if k in ("revision", "checkpoint") and v is not None})
@@ -184,33 +162,53 @@ class RunLog:
         return [r for r in rows if r.get("event") == "load"]
 
 
-# ---- vectors and evaluation -----------------------------------------------------------------------
+# ---- the task's steps, with the forward batches recorded -------------------------------------------
 def refine_emotions(
-    model: Any, task: EmotionTask, *, batch_size: int = 16, log: RunLog | None = None, name: str = ""
+    model: ModelHandle, task: EmotionTask, *, batch_size: int = 16, log: RunLog | None = None, name: str = ""
 ) -> dict[str, ConceptVector]:
-    """One mean-difference vector per steered emotion (all layers), refined in ``model``."""
-    out = {}
-    for emotion in task.emotions:
-        pos, neg = task.contrast(emotion)
-        out[emotion] = ct.refine(model, pos, neg, batch_size=batch_size)
-        if log is not None:
+    """:meth:`EmotionTask.refine_all`, with its forward batches recorded in ``log``."""
+    vectors = task.refine_all(model, batch_size=batch_size)
+    if log is not None:
+        for emotion in task.emotions:
+            pos, neg = task.contrast(emotion)
             log.forward(name, "refine", batches(len(pos), batch_size) + batches(len(neg), batch_size))
+    return vectors
+
+
+def evaluate(
+    model: ModelHandle,
+    task: EmotionTask,
+    emotion: str,
+    *,
+    vector: ConceptVector | None = None,
+    alpha: float = 0.0,
+    layer: int | None = None,
+    unit: Unit = "norm",
+    batch_size: int = 16,
+    log: RunLog | None = None,
+    name: str = "",
+) -> dict[str, float]:
+    """:meth:`EmotionTask.score` on ``emotion``'s negatives at one ``layer``, recorded in ``log``."""
+    out = task.score(model, emotion, vector=vector, alpha=alpha, layers=None if layer is None else [layer],
+                     unit=unit, batch_size=batch_size)
+    if log is not None:
+        log.forward(name, "evaluate_emotion", 1 + batches(len(task.negatives(emotion)), batch_size))
     return out
 
 
-def with_norms(vector: ConceptVector, norms: torch.Tensor | None) -> ConceptVector:
+def with_norms(vector: ConceptVector, norms: Float[Tensor, "n_layers"] | None) -> ConceptVector:
     """``vector`` with alpha's norm unit taken from ``norms`` (the target's own, per layer)."""
     return vector if norms is None else dataclasses.replace(vector, layer_norms=norms.clone())
 
 
-def relabel(vector: ConceptVector, model: Any, norms: torch.Tensor | None = None) -> ConceptVector:
+def relabel(vector: ConceptVector, model: ModelHandle, norms: Float[Tensor, "n_layers"] | None = None) -> ConceptVector:
     """A vector of one checkpoint used in another of the same architecture (identity map).
 
     Raises :class:`~contrans_tl.WidthMismatchError` when the shapes differ: then a map is needed.
     """
-    ident = ct.identity(model)
+    ident = identity(model)
     if (vector.model.n_layers, vector.d_model) != (ident.n_layers, ident.d_model):
-        raise ct.WidthMismatchError(
+        raise WidthMismatchError(
             f"identity map needs equal shapes: {vector.model.name} is {vector.model.n_layers}x{vector.d_model}, "
             f"{ident.name} is {ident.n_layers}x{ident.d_model}; use a fitted map"
         )
@@ -220,57 +218,20 @@ def relabel(vector: ConceptVector, model: Any, norms: torch.Tensor | None = None
     return with_norms(out, norms)
 
 
-def evaluate(
-    model: Any,
-    task: EmotionTask,
-    emotion: str,
-    *,
-    vector: ConceptVector | None = None,
-    alpha: float = 0.0,
-    layer: int | None = None,
-    unit: str = "norm",
-    batch_size: int = 16,
-    log: RunLog | None = None,
-    name: str = "",
-) -> dict[str, float]:
-    """Token/Logit Acc of answering ``emotion`` on its negatives, with ``vector`` transplanted.
-
-    No vector or ``alpha == 0`` is the untransplanted baseline.
-    """
-    scenarios = task.negatives(emotion)
-    steer = vector is not None and alpha != 0
-    context = (
-        ct.transplant(model, vector, alpha=alpha, layers=None if layer is None else [layer], unit=unit)  # type: ignore[arg-type]
-        if steer
-        else nullcontext()
-    )
-    with context:
-        out = evaluate_emotion(model, scenarios, emotion, prefix=task.prefix, batch_size=batch_size)
-    if log is not None:
-        log.forward(name, "evaluate_emotion", 1 + batches(len(scenarios), batch_size))
-    return out
-
-
-# ---- files and arguments --------------------------------------------------------------------------
+# ---- names, flags and the command line ----------------------------------------------------------------
 def slug(name: str) -> str:
     """A filename-safe name for a model (hub id, offline name or local path)."""
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(name).strip("/")).strip("-") or "model"
 
 
-def floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def script_main(prog: str, description: str, add_args: Any, run_cli: Any, argv: Any = None) -> int:
+def script_main(
+    prog: str,
+    description: str,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    run_cli: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+) -> int:
     """The ``python -m contrans_tl.analyses.<name>`` entry: parse flags, run, report named errors as exit 2."""
-    import argparse
-
-    from contrans_tl.errors import ContransError
-
     parser = argparse.ArgumentParser(prog=f"python -m contrans_tl.analyses.{prog}", description=description)
     add_args(parser)
     args = parser.parse_args(argv)
@@ -285,7 +246,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 """The ``--dtype`` choices of the analyses, by name."""
 
 
-def add_run_args(p: Any) -> None:
+def add_run_args(p: argparse.ArgumentParser) -> None:
     """The flags every emotion analysis shares: batching, device and dtype, seed, data, output."""
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device")
@@ -296,7 +257,7 @@ def add_run_args(p: Any) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
-def config_from_args(config_cls: Any, quick: dict[str, Any], args: Any) -> Any:
+def config_from_args(config_cls: Any, quick: dict[str, Any], args: argparse.Namespace) -> Any:
     """A Config from parsed flags: ``quick`` presets first, then every flag the user set.
 
     Unset flags are None; a False from an unset store_true flag is dropped too, while a

@@ -6,13 +6,9 @@ task (Token/Logit Acc on each emotion's negatives, see :mod:`analyses._common`);
 checkpoint's untransplanted baseline and is always part of the grid. The figure plots baseline
 and transplanted accuracy against training tokens.
 
-Checkpoints are named as :func:`contrans_tl.load_model` takes them:
-
-* ``ckpt_000`` … ``ckpt_359`` — hub revisions (branches) of ``LLM360/Amber``, loaded with
-  ``revision=``; any other non-``step`` name is a revision too.
-* ``step1000`` — a Pythia training step, loaded with ``checkpoint=1000`` through
-  TransformerLens's checkpoint helpers.
-* a local directory — any HF checkpoint directory (the test trains a tiny model and saves a few).
+Checkpoints are ``ckpt_000`` … ``ckpt_359`` (hub revisions of ``LLM360/Amber``; any other
+non-``step`` name is a revision too), ``step1000`` (a Pythia training step) or a local HF
+directory; see :mod:`analyses._checkpoints` for how each is loaded and placed in training.
 
 Carrying the vector: ``mapping="identity"`` transplants the final model's vector as it is (the
 paper's choice within one family: same architecture, same basis up to training drift);
@@ -26,12 +22,10 @@ atomically from the calling process when the cell finishes. A sweep killed at an
 loses only the cells in flight; rerunning the same command recomputes only the missing cells
 (finished files are not touched) and skips refining if the vectors are on disk.
 
-Executors: cells run through a :class:`concurrent.futures.Executor`. ``executor="process"``
-(default) is a local ``ProcessPoolExecutor`` (``max_workers``, spawn start method), ``"serial"``
-runs them in this process. From Python any executor can be passed to :func:`run`: a
-``submitit.AutoExecutor`` for SLURM, a Dask ``distributed.Client.get_executor()``, a Ray
-executor — see docs/analyses.md. Cells must then see the same ``out`` directory (shared file
-system) because they read the saved vectors from it; results are written by the caller.
+Executors: cells run through a :class:`concurrent.futures.Executor`: ``executor="process"``
+(default, a local spawn process pool of ``max_workers``), ``"serial"`` (this process), or any
+executor passed to :func:`run` (submitit, Dask, Ray: see :mod:`analyses._checkpoints` and
+docs/analyses.md); cells read the saved vectors from ``out``, and the caller writes the results.
 
 Run: ``python -m contrans_tl.analyses.checkpoint_sweep --model LLM360/Amber --checkpoints ckpt_000,ckpt_100,ckpt_359``.
 """
@@ -40,150 +34,108 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
-import re
-import sys
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 import contrans_tl as ct
+from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
-from contrans_tl.pairing import PairedStates
+from contrans_tl.analyses._checkpoints import (
+    AMBER_CHECKPOINTS,
+    AMBER_TOTAL_TOKENS,
+    PYTHIA_TOKENS_PER_STEP,
+    JobExecutor,
+    cell_executor,
+    make_tiny_checkpoints,
+    resolve_checkpoint,
+    training_tokens,
+)
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import capture
 from contrans_tl.datasets import neutral_sentences
-from contrans_tl.tasks.emotion import EMOTIONS
-from contrans_tl.errors import ContransError
-from contrans_tl.sweep import CellStore, cell_key
+from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.handle import ModelHandle
+from contrans_tl.files import write_json
+from contrans_tl.pairing import PairedStates, Scheme
+from contrans_tl.sweep import CellStore, cell_key, grid_axis, run_option, settings_fingerprint
+from contrans_tl.tasks.emotion import EMOTIONS, emotion_task
+from contrans_tl.transplant import Unit
 
 __all__ = [
-    "Config",
-    "CellArgs",
-    "QUICK",
-    "resolve_checkpoint",
-    "training_tokens",
-    "run_cell",
-    "JobExecutor",
-    "run",
-    "plot",
-    "make_tiny_checkpoints",
-    "add_args",
-    "run_cli",
-    "main",
-    "HELP",
+    "Config", "CellArgs", "QUICK", "HELP", "run", "run_cell", "plot", "summary_table",
+    "add_args", "config_from_args", "run_cli", "main",
+    # re-exported from analyses._checkpoints: the sweep's public API
+    "PYTHIA_TOKENS_PER_STEP", "AMBER_TOTAL_TOKENS", "AMBER_CHECKPOINTS", "resolve_checkpoint", "training_tokens",
+    "JobExecutor", "make_tiny_checkpoints",
 ]
 
 HELP = "checkpoint sweep: a final model's concept transplanted into its training checkpoints (paper §6.1, Fig 3)"
 
-PYTHIA_TOKENS_PER_STEP = 2_097_152
-"""Pythia: 1024 sequences of 2048 tokens per optimizer step."""
-AMBER_TOTAL_TOKENS = 1_259_130_000_000
-AMBER_CHECKPOINTS = 360
-"""Amber: 1.259T tokens in 360 equal data chunks; ``ckpt_k`` has seen about k+1 of them."""
-
 QUICK: dict[str, Any] = {"emotions": ("happiness", "sadness"), "n_refine": 8, "n_eval": 4, "n_texts": 100}
+"""``--quick``: two emotions, 8 refinement prompts per side, 4 negatives per other emotion."""
 
 
 @dataclass
-class Config:
+class Config(cm.RunSettings):
+    """Settings of one sweep (each field is a command-line flag; shared ones in :class:`RunSettings`)."""
+
     model: str = "LLM360/Amber"
     """The final model (hub id, offline name or directory); its vectors are carried back."""
-    checkpoints: tuple[str, ...] = ("ckpt_000", "ckpt_050", "ckpt_100", "ckpt_200", "ckpt_300", "ckpt_359")
+    checkpoints: tuple[str, ...] = grid_axis(("ckpt_000", "ckpt_050", "ckpt_100", "ckpt_200", "ckpt_300", "ckpt_359"))
+    """Checkpoints swept: ``ckpt_k`` revisions, Pythia ``stepN`` or local directories."""
     final_revision: str | None = None
     """Revision of the final model (None: the hub's main branch; Amber's main is ckpt_359)."""
-    out: str = "runs/checkpoint_sweep"
-    alphas: tuple[float, ...] = (0.0, 0.3)
+    out: str = run_option("runs/checkpoint_sweep")
+    """Output directory: final/ (vectors, states), cells/, sweep.json, the figure (resumable)."""
+    alphas: tuple[float, ...] = grid_axis((0.0, 0.3))
     """Strengths (alpha 0, the baseline, is always added)."""
     emotions: tuple[str, ...] = EMOTIONS
+    """Emotions transplanted (the label set is always all six)."""
     n_refine: int | None = None
+    """Refinement prompts per side (None: the whole refinement half, 35)."""
     n_eval: int | None = None
+    """Evaluation scenarios per other emotion (None: all 35)."""
     depth: float = 2 / 3
-    unit: str = "norm"
+    """Relative depth of each checkpoint's steering layer."""
+    unit: Unit = "norm"
+    """"norm" (alpha is a fraction of the checkpoint's own residual norm) or "raw"."""
     metric: str = "logit_acc"
+    """"logit_acc" or "token_acc": the accuracy the table reports (both are stored)."""
     mapping: str = "auto"
     """"identity", "fit" (affine map on token-aligned neutral text) or "auto"."""
     n_texts: int | None = 200
     """Neutral sentences for ``mapping="fit"``."""
-    executor: str = "process"
+    executor: str = run_option("process")
     """"process" (local ProcessPoolExecutor) or "serial"; or pass an Executor to run()."""
-    max_workers: int = 1
+    max_workers: int = run_option(1)
     """Processes of the local pool (each holds one model)."""
-    threads: int | None = None
+    threads: int | None = run_option(None)
     """torch threads per cell process (None: torch's default)."""
     tokens_per_step: float | None = None
     """Tokens per ``stepN`` (default: Pythia's 2,097,152)."""
-    batch_size: int = 16
-    device: str | None = None
-    dtype: str = "float32"
-    seed: int = 0
-    data_dir: str | None = None
-    progress: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.checkpoints = tuple(str(c) for c in self.checkpoints)
         self.emotions = tuple(self.emotions)
         self.alphas = tuple(sorted({0.0, *(float(a) for a in self.alphas)}))
-        if self.mapping not in ("auto", "identity", "fit"):
-            raise ValueError("mapping must be 'auto', 'identity' or 'fit'")
-        if self.executor not in ("process", "serial"):
-            raise ValueError("executor must be 'process' or 'serial' (or pass an Executor to run())")
-        if self.metric not in ("logit_acc", "token_acc"):
-            raise ValueError("metric must be 'logit_acc' or 'token_acc'")
+        validate.choice("mapping", self.mapping, ("auto", "identity", "fit"))
+        validate.choice("executor", self.executor, ("process", "serial"))
+        validate.choice("metric", self.metric, ("logit_acc", "token_acc"))
+        validate.choice("unit", self.unit, ("norm", "raw"))
         if not self.checkpoints:
-            raise ValueError("no checkpoints to sweep")
+            raise InvalidArgumentError("checkpoints", self.checkpoints, "at least one checkpoint")
         if len({cm.slug(c) for c in self.checkpoints}) != len(self.checkpoints):
-            raise ValueError(f"checkpoint names must be distinct: {self.checkpoints}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        keys = ("model", "final_revision", "n_refine", "n_eval", "depth", "unit", "mapping", "n_texts", "dtype",
-                "seed", "data_dir")
-        return {k: getattr(self, k) for k in keys}
-
-
-# ---- checkpoints --------------------------------------------------------------------------------
-def resolve_checkpoint(model: str, spec: str) -> tuple[str, dict[str, Any]]:
-    """(name or path, load_model keyword arguments) for one checkpoint spec."""
-    if Path(spec).is_dir():
-        return str(spec), {}
-    step = re.fullmatch(r"step(\d+)", spec)
-    if step:
-        return model, {"checkpoint": int(step.group(1))}
-    return model, {"revision": spec}
-
-
-def training_tokens(spec: str, *, tokens_per_step: float | None = None) -> float | None:
-    """Tokens seen at a checkpoint, when it can be told (None otherwise).
-
-    Local directories: ``trainer_state.json`` (``num_input_tokens_seen``, else ``global_step`` ×
-    ``tokens_per_step``). ``stepN``: N × ``tokens_per_step`` (Pythia's by default).
-    ``ckpt_k`` (Amber): (k + 1) / 360 × 1.259T, an estimate from equal data chunks.
-    """
-    per_step = float(tokens_per_step or PYTHIA_TOKENS_PER_STEP)
-    path = Path(spec)
-    if path.is_dir():
-        state = path / "trainer_state.json"
-        if state.is_file():
-            data = json.loads(state.read_text())
-            if data.get("num_input_tokens_seen"):
-                return float(data["num_input_tokens_seen"])
-            if data.get("global_step") is not None and tokens_per_step:
-                return float(data["global_step"]) * per_step
-        return None
-    step = re.fullmatch(r"step(\d+)", spec)
-    if step:
-        return int(step.group(1)) * per_step
-    amber = re.fullmatch(r"ckpt_(\d+)", spec)
-    if amber:
-        return (int(amber.group(1)) + 1) / AMBER_CHECKPOINTS * AMBER_TOTAL_TOKENS
-    return None
+            raise InvalidArgumentError("checkpoints", self.checkpoints, "distinct checkpoint names")
 
 
 # ---- one cell (runs in a worker: everything it needs is in CellArgs or on disk) -----------------
@@ -202,7 +154,7 @@ class CellArgs:
     seed: int
     data_dir: str | None
     depth: float
-    unit: str
+    unit: Unit
     mapping: str
     n_texts: int | None
     batch_size: int
@@ -218,7 +170,25 @@ _SLOT: dict[str, Any] = {}
 
 def _clear_slot() -> None:
     _SLOT.clear()
-    gc.collect()
+    cm.free_memory()
+
+
+def _carry_vectors(args: CellArgs, model: ModelHandle, layer: int, norms: Float[Tensor, "n_layers"],
+                   finals: dict[str, ConceptVector]) -> tuple[str, dict[str, ConceptVector], float | None, int]:
+    """The final model's vectors in this checkpoint: (mapping used, vectors, map's held-out R², forward batches)."""
+    first = next(iter(finals.values()))
+    same_shape = (first.model.n_layers, first.d_model) == (int(model.cfg.n_layers), int(model.cfg.d_model))
+    mapping = ("identity" if same_shape else "fit") if args.mapping == "auto" else args.mapping
+    if mapping == "identity":
+        return mapping, {e: cm.relabel(v, model, norms) for e, v in finals.items()}, None, 0
+    if args.final_states is None:
+        raise InvalidArgumentError("final_states", None, "the final model's aligned states when mapping is 'fit'")
+    source = PairedStates.load(args.final_states)
+    texts = neutral_sentences()[: args.n_texts]
+    states = ct.capture_paired(model, texts, layers=[layer], scheme=cast(Scheme, source.scheme), batch_size=8)
+    amap = ct.fit_map_from_states(source, states, layers=[(source.layers[0], layer)], seed=args.seed)
+    vectors = {e: cm.with_norms(amap.apply(v), norms) for e, v in finals.items()}
+    return mapping, vectors, float(amap.r2_heldout[0]), cm.batches(len(texts), 8)
 
 
 def _prepared(args: CellArgs) -> dict[str, Any]:
@@ -233,45 +203,31 @@ def _prepared(args: CellArgs) -> dict[str, Any]:
     name, kwargs = resolve_checkpoint(args.model, args.checkpoint)
     model = ct.load_model(name, device=args.device, dtype=cm.DTYPES[args.dtype], **kwargs)
     load_s = time.perf_counter() - start
-    task = cm.emotion_task(args.emotions, n_refine=args.n_refine, n_eval=args.n_eval, seed=args.seed,
-                           data_dir=args.data_dir)
+    task = emotion_task(args.emotions, n_refine=args.n_refine, n_eval=args.n_eval, seed=args.seed,
+                        data_dir=args.data_dir)
     n_layers = int(model.cfg.n_layers)
     layer = cm.layer_at_depth(n_layers, args.depth)
     finals = {e: ConceptVector.load(Path(args.vectors_dir) / f"{e}.safetensors") for e in args.emotions}
-    first = next(iter(finals.values()))
-    same_shape = (first.model.n_layers, first.d_model) == (n_layers, int(model.cfg.d_model))
-    mapping = ("identity" if same_shape else "fit") if args.mapping == "auto" else args.mapping
     # alpha's unit: this checkpoint's own mean residual norm at its steering layer (as refine measures it)
     prompts = list(dict.fromkeys(p for e in args.emotions for side in task.contrast(e) for p in side))
     norms = torch.zeros(n_layers)
     norms[layer] = capture(model, prompts, layers=[layer], batch_size=args.batch_size)[:, 0].norm(dim=-1).mean()
-    batches = cm.batches(len(prompts), args.batch_size)
-    r2 = None
-    if mapping == "identity":
-        vectors = {e: cm.relabel(v, model, norms) for e, v in finals.items()}
-    else:
-        if args.final_states is None:
-            raise ContransError("mapping='fit' needs the final model's aligned states")
-        source = PairedStates.load(args.final_states)
-        texts = neutral_sentences()[: args.n_texts]
-        states = ct.capture_paired(model, texts, layers=[layer], scheme=source.scheme, batch_size=8)  # type: ignore[arg-type]
-        batches += cm.batches(len(texts), 8)
-        amap = ct.fit_map_from_states(source, states, layers=[(source.layers[0], layer)], seed=args.seed)
-        r2 = float(amap.r2_heldout[0])
-        vectors = {e: cm.with_norms(amap.apply(v), norms) for e, v in finals.items()}
+    mapping, vectors, r2, map_batches = _carry_vectors(args, model, layer, norms, finals)
     _SLOT.update(key=key, model=model, task=task, layer=layer, mapping=mapping, vectors=vectors, r2=r2,
-                 load_s=round(load_s, 2), prep_batches=batches, norm=float(norms[layer]))
+                 load_s=round(load_s, 2), prep_batches=cm.batches(len(prompts), args.batch_size) + map_batches,
+                 norm=float(norms[layer]))
     return _SLOT
 
 
 def _evaluate_cell(args: CellArgs) -> dict[str, Any]:
     slot = _prepared(args)
+    task = slot["task"]
     per: dict[str, Any] = {}
     batches = 0
     for e in args.emotions:
-        per[e] = cm.evaluate(slot["model"], slot["task"], e, vector=slot["vectors"][e], alpha=args.alpha,
-                             layer=slot["layer"], unit=args.unit, batch_size=args.batch_size)  # type: ignore[arg-type]
-        batches += 1 + cm.batches(len(slot["task"].negatives(e)), args.batch_size)
+        per[e] = task.score(slot["model"], e, vector=slot["vectors"][e], alpha=args.alpha, layers=[slot["layer"]],
+                            unit=args.unit, batch_size=args.batch_size)
+        batches += 1 + cm.batches(len(task.negatives(e)), args.batch_size)
     return {
         "per_emotion": per,
         "mean_logit_acc": float(np.mean([r["logit_acc"] for r in per.values()])),
@@ -301,34 +257,6 @@ def run_cell(args: CellArgs) -> dict[str, Any]:
     return out
 
 
-class JobExecutor(Executor):
-    """A ``concurrent.futures.Executor`` over an executor whose ``submit`` returns job handles.
-
-    submitit's ``AutoExecutor`` (SLURM) returns ``Job`` objects, not ``concurrent.futures.Future``,
-    so ``as_completed`` cannot wait on them. This adapter submits through the inner executor and
-    returns a real Future per job, resolved by a waiting thread calling the job's blocking
-    ``result()``. :func:`run` wraps such executors automatically.
-    """
-
-    def __init__(self, inner: Any, *, max_waiters: int = 32) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.inner = inner
-        self._waiters = ThreadPoolExecutor(max_workers=max_waiters, thread_name_prefix="job-wait")
-
-    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
-        job = self.inner.submit(fn, *args, **kwargs)
-        return self._waiters.submit(job.result)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._waiters.shutdown(wait=wait, cancel_futures=cancel_futures)
-
-
-def _init_worker(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-
-
 # ---- the sweep ------------------------------------------------------------------------------------
 def _final_artifacts(cfg: Config, out: Path, log: cm.RunLog) -> tuple[Path, Path | None]:
     """Refine the vectors in the final model (and capture its aligned states) unless on disk."""
@@ -342,18 +270,18 @@ def _final_artifacts(cfg: Config, out: Path, log: cm.RunLog) -> tuple[Path, Path
     if cfg.final_revision:
         kwargs["revision"] = cfg.final_revision
     model = log.load(cfg.model, "refine in the final model", **kwargs)
-    task = cm.emotion_task(tuple(missing or cfg.emotions[:1]), n_refine=cfg.n_refine, n_eval=cfg.n_eval,
-                           seed=cfg.seed, data_dir=cfg.data_dir)
+    task = emotion_task(tuple(missing or cfg.emotions[:1]), n_refine=cfg.n_refine, n_eval=cfg.n_eval,
+                        seed=cfg.seed, data_dir=cfg.data_dir)
     layer = cm.layer_at_depth(int(model.cfg.n_layers), cfg.depth)
     if missing:
         for e, v in cm.refine_emotions(model, task, batch_size=cfg.batch_size, log=log, name=cfg.model).items():
             v.save(vec_dir / f"{e}.safetensors")
-    if need_states:
+    if states_path is not None and need_states:
         texts = neutral_sentences()[: cfg.n_texts]
-        ct.capture_paired(model, texts, layers=[layer], scheme="tokens", batch_size=8).save(states_path)  # type: ignore[arg-type]
+        ct.capture_paired(model, texts, layers=[layer], scheme="tokens", batch_size=8).save(states_path)
         log.forward(cfg.model, "capture_paired", cm.batches(len(texts), 8))
     del model
-    gc.collect()
+    cm.free_memory()
     return vec_dir, states_path
 
 
@@ -361,7 +289,22 @@ def cell_name(checkpoint: str, alpha: float) -> str:
     return cell_key(ckpt=cm.slug(checkpoint), alpha=f"{alpha:g}")
 
 
-def run(cfg: Config, *, executor: Executor | None = None) -> dict[str, Any]:
+def _cells(cfg: Config, vec_dir: Path, states_path: Path | None) -> dict[str, CellArgs]:
+    """Every (checkpoint, alpha) cell, grouped by checkpoint so that a worker reuses its loaded model."""
+    return {
+        cell_name(ckpt, alpha): CellArgs(
+            model=cfg.model, checkpoint=ckpt, alpha=alpha, vectors_dir=str(vec_dir.resolve()),
+            final_states=None if states_path is None else str(states_path.resolve()),
+            emotions=cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed,
+            data_dir=cfg.data_dir, depth=cfg.depth, unit=cfg.unit, mapping=cfg.mapping, n_texts=cfg.n_texts,
+            batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads,
+            tokens_per_step=cfg.tokens_per_step)
+        for ckpt in cfg.checkpoints
+        for alpha in cfg.alphas
+    }
+
+
+def run(cfg: Config, *, executor: Any = None) -> dict[str, Any]:
     """Run (or resume) the sweep; writes ``sweep.json`` under ``cfg.out`` and returns it.
 
     ``executor`` overrides ``cfg.executor``: any ``concurrent.futures.Executor`` (a Dask
@@ -373,45 +316,23 @@ def run(cfg: Config, *, executor: Executor | None = None) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress)
-    store = CellStore(out / "cells", settings=cm.json_ready(cfg.fingerprint()))
-    vec_dir, states_path = _final_artifacts(cfg, out, log)
-    cells: dict[str, CellArgs] = {}
-    for ckpt in cfg.checkpoints:  # grouped by checkpoint, so a worker reuses its loaded model
-        for alpha in cfg.alphas:
-            cells[cell_name(ckpt, alpha)] = CellArgs(
-                model=cfg.model, checkpoint=ckpt, alpha=alpha, vectors_dir=str(vec_dir.resolve()),
-                final_states=None if states_path is None else str(states_path.resolve()),
-                emotions=cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed,
-                data_dir=cfg.data_dir, depth=cfg.depth, unit=cfg.unit, mapping=cfg.mapping, n_texts=cfg.n_texts,
-                batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads,
-                tokens_per_step=cfg.tokens_per_step)
+    store = CellStore(out / "cells", settings=settings_fingerprint(cfg))
+    cells = _cells(cfg, *_final_artifacts(cfg, out, log))
     done_before = sum(store.has(k) for k in cells)
-    owned: Executor | None = None
-    adapter: JobExecutor | None = None
-    if executor is not None and not isinstance(executor, Executor):
-        adapter = executor = JobExecutor(executor)
-    if executor is None and cfg.executor == "process" and done_before < len(cells):
-        import multiprocessing
-
-        owned = executor = ProcessPoolExecutor(max_workers=cfg.max_workers, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=_init_worker, initargs=(cfg.threads,))
-    try:
-        results = store.run(cells, run_cell, executor=executor, desc="cells" if cfg.progress else None)
-    finally:
-        if owned is not None:
-            owned.shutdown(wait=True, cancel_futures=True)
-        if adapter is not None:
-            adapter.shutdown(wait=False, cancel_futures=True)
-        _clear_slot()
+    with cell_executor(executor, cfg.executor, max_workers=cfg.max_workers, threads=cfg.threads,
+                       needed=done_before < len(cells)) as (pool, pool_name):
+        try:
+            results = store.run(cells, run_cell, executor=pool, desc="cells" if cfg.progress else None)
+        finally:
+            _clear_slot()
     result = _assemble(cfg, results)
     result.update(log.summary())
     result["cells_before_this_run"] = done_before
     result["cells_computed_this_run"] = len(cells) - done_before
-    shown = adapter.inner if adapter is not None else executor
-    result["executor"] = type(shown).__name__ if shown is not None else "serial (this process)"
+    result["executor"] = pool_name
     result["timings_s"] = {"total": round(time.perf_counter() - t0, 2)}
     result["config"] = dataclasses.asdict(cfg)
-    cm.write_json(out / "sweep.json", result)
+    write_json(out / "sweep.json", result)
     return json.loads((out / "sweep.json").read_text())
 
 
@@ -462,55 +383,16 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
     return plotting.save_figure(fig, Path(out) / "checkpoint_sweep")
 
 
-# ---- a tiny model "trained" for a few steps, for tests and the quick notebook ----------------------
-def make_tiny_checkpoints(root: str | Path, *, steps: Sequence[int] = (1, 2, 4), lr: float = 0.05,
-                          seed: int = 0) -> list[Path]:
-    """Train a tiny random llama with SGD on the neutral text, saving an HF directory at ``steps``.
-
-    Each directory has a ``trainer_state.json`` (``global_step``, ``num_input_tokens_seen``), as
-    the HF Trainer writes, so :func:`training_tokens` reads its position in training.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from contrans_tl.testing import make_tiny_model_dir
-
-    root = Path(root)
-    init = make_tiny_model_dir(root / "init", "llama", seed=seed, n_ctx=1024)
-    tok = AutoTokenizer.from_pretrained(init)
-    model = AutoModelForCausalLM.from_pretrained(init)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    texts = neutral_sentences()
-    seen, out = 0, []
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(1, max(steps) + 1):
-        batch = [texts[int(i)] for i in torch.randint(len(texts), (8,), generator=gen)]
-        enc = tok(batch, return_tensors="pt", padding=True)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        seen += int(enc["attention_mask"].sum())
-        if step in steps:
-            path = root / f"step{step}"
-            model.save_pretrained(path)
-            tok.save_pretrained(path)
-            cm.write_json(path / "trainer_state.json", {"global_step": step, "num_input_tokens_seen": seen,
-                                                        "loss": loss.item()})
-            out.append(path)
-    return out
-
-
 # ---- command line ---------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="final model (default LLM360/Amber)")
     p.add_argument("--final-revision")
-    p.add_argument("--checkpoints", type=cm.names, help="comma-separated: ckpt_000 (revision), step1000 (Pythia), DIR")
+    p.add_argument("--checkpoints", type=validate.name_list_flag, help="comma-separated: ckpt_000 (revision), step1000 (Pythia), DIR")
     p.add_argument("--out", default=Config.out)
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
-    p.add_argument("--alphas", type=cm.floats)
-    p.add_argument("--emotions", type=cm.names)
+    p.add_argument("--alphas", type=validate.float_list_flag)
+    p.add_argument("--emotions", type=validate.name_list_flag)
     p.add_argument("--n-refine", type=int)
     p.add_argument("--n-eval", type=int)
     p.add_argument("--n-texts", type=int)
@@ -558,4 +440,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

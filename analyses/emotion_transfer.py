@@ -6,6 +6,7 @@ answers the transplanted emotion on scenarios of the *other* emotions (negatives
 few-shot evaluation prompt. Controls: alpha = 0 (baseline), random vectors of the same
 per-layer norm (several seeds), and the target's own natively refined vector (skyline).
 The transplant layer and alpha are chosen on the refinement half, never on evaluation data.
+Prompts, splits and scoring are the emotion task's (:class:`contrans_tl.tasks.emotion.EmotionTask`).
 
     python -m contrans_tl.analyses.emotion_transfer --out out/emotion            # the default offline pair
     python -m contrans_tl.analyses.emotion_transfer --quick --out out/quick      # a smoke run
@@ -16,31 +17,52 @@ The transplant layer and alpha are chosen on the refinement half, never on evalu
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["EmotionConfig", "run", "plot", "main", "add_args", "cli_run"]
+import torch
+
+import contrans_tl as ct
+from contrans_tl import validate
+from contrans_tl.analyses import _common as cm
+from contrans_tl.analyses._emotion_outputs import headline, hidden_state_panels, summary_markdown
+from contrans_tl.artifacts import AffineMap, ConceptVector
+from contrans_tl.capture import capture
+from contrans_tl.datasets import neutral_sentences
+from contrans_tl.files import atomic_write_text, write_json
+from contrans_tl.handle import ModelHandle
+from contrans_tl.metrics import layer_cosine
+from contrans_tl.sweep import CellStore, cell_key, run_option, settings_fingerprint
+from contrans_tl.tasks.emotion import EMOTIONS, QUERY, EmotionTask, emotion_task
+from contrans_tl.transplant import Unit
+
+__all__ = ["Config", "QUICK", "run", "plot", "add_args", "config_from_args", "run_cli", "main"]
+
+QUICK: dict[str, Any] = {"alphas": (0.0, 0.3), "candidate_depths": (0.67, 0.9), "n_negatives": 2, "n_positives": 4,
+                         "n_validation": 1, "n_refine": 8, "n_examples": (5, 0), "random_seeds": 1, "n_alignment": 120}
+"""``--quick``: 2 alphas, 2 candidate layers, few scenarios, 1 random seed (replaces the flags' values)."""
 
 
 @dataclass
-class EmotionConfig:
+class Config:
     """Settings of one emotion-transfer run (each field is a command-line flag)."""
 
     source: str = "smollm2-135m-instruct"
     """Source model (aligned/instruct): built-in offline name, hub id, local dir or .gguf."""
     target: str = "gemma-3-270m"
     """Target model (the one that receives the concept)."""
-    out: str = "out/emotion"
+    out: str = run_option("out/emotion")
     """Output directory: results.json, summary.md, figures/, artifacts/, cells/ (resumable)."""
     data_dir: str | None = None
     """Directory of {emotion}.json scenario lists (default: the built-in set)."""
-    emotions: tuple[str, ...] = ("happiness", "sadness", "anger", "fear", "disgust", "surprise")
+    emotions: tuple[str, ...] = EMOTIONS
+    """Emotions steered (negatives always come from all the other five)."""
     alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
     """Strength grid (includes 0, the baseline), in ``unit``s."""
-    unit: str = "norm"
+    unit: Unit = "norm"
     """"norm": alpha is a fraction of the target layer's mean residual norm; "raw": alpha·v."""
     layers: tuple[int, ...] | None = None
     """Target layer(s) to transplant into; None chooses one on the refinement half."""
@@ -57,307 +79,285 @@ class EmotionConfig:
     n_examples: tuple[int, ...] = (10, 20, 50, 0)
     """Refinement sizes for Fig 5 (0 = all available; sizes above the half are capped)."""
     random_seeds: int = 3
-    """Random control vectors per emotion (same per-layer norm as the mapped vector), all at the
-    chosen alpha; one of them also at every other alpha (the control line of Fig 2a)."""
+    """Random controls per emotion (mapped vector's per-layer norm) at the chosen alpha; one also at every alpha."""
     n_alignment: int = 400
     """Neutral sentences used to fit the affine map."""
-    batch_size: int = 16
+    batch_size: int = run_option(16)
+    """Prompts per forward batch."""
     seed: int = 0
-    device: str | None = None
+    """Seed of the scenario split, the contrast negatives and the map's held-out split."""
+    device: str | None = run_option(None)
+    """Device of both models (None: the library's default)."""
     quick: bool = False
-    """Smoke-test sizes: 2 alphas, 2 candidate layers, few scenarios, 1 random seed."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    """Smoke-test sizes (:data:`QUICK`) for every size field still at its default and not in ``explicit``."""
+    extra: dict[str, Any] = run_option(factory=dict)
+    """Free-form notes kept in results.json (not part of the cell settings)."""
+    explicit: tuple[str, ...] = run_option(())
+    """Fields the user set on the command line: ``quick`` never replaces them."""
 
-    def effective(self) -> "EmotionConfig":
-        """The config with ``quick`` applied."""
+    def __post_init__(self) -> None:
+        validate.choice("unit", self.unit, ("norm", "raw"))
+
+    def effective(self) -> Config:
+        """The config with ``quick`` applied to the size fields the user left at their defaults."""
         if not self.quick:
             return self
-        return EmotionConfig(
-            **{
-                **asdict(self),
-                "alphas": (0.0, 0.3),
-                "candidate_depths": (0.67, 0.9),
-                "n_negatives": 2,
-                "n_positives": 4,
-                "n_validation": 1,
-                "n_refine": 8,
-                "n_examples": (5, 0),
-                "random_seeds": 1,
-                "n_alignment": 120,
-                "quick": True,
-            }
-        )
+        defaults = Config()
+        keep = set(self.explicit) | {k for k in QUICK if getattr(self, k) != getattr(defaults, k)}
+        return dataclasses.replace(self, **{k: v for k, v in QUICK.items() if k not in keep})
 
 
 def _log(msg: str) -> None:
     print(f"[emotion {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(cfg: EmotionConfig) -> dict[str, Any]:
-    """Run the whole experiment; finished pieces are kept under ``cfg.out`` and reused."""
-    import torch
+@dataclass
+class _Run:
+    """What the steps of one run share: settings, the task's prompts, both models, the cells and artifacts."""
 
-    import contrans_tl as ct
-    from contrans_tl.capture import capture
-    from contrans_tl.datasets import neutral_sentences
-    from contrans_tl.tasks.emotion import emotion_scenarios
-    from contrans_tl.tasks.emotion import contrast_prompts, evaluate_emotion, few_shot_prefix, split_scenarios
-    from contrans_tl.metrics import layer_cosine
-    from contrans_tl.sweep import CellStore, cell_key
+    cfg: Config
+    task: EmotionTask
+    source: ModelHandle
+    target: ModelHandle
+    store: CellStore
+    art: Path
 
-    cfg = cfg.effective()
-    out = Path(cfg.out)
-    art = out / "artifacts"
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device", "extra")}
-    store = CellStore(out / "cells", settings=settings)
-    t0 = time.time()
-    emotions = list(cfg.emotions)
-    data = emotion_scenarios(cfg.data_dir, tuple(emotions))
-    split = split_scenarios(data, seed=cfg.seed)
-    prefix = few_shot_prefix(split.refine, seed=cfg.seed)
+    def score(self, vector: ConceptVector | None, emotion: str, layers: Sequence[int], alpha: float,
+              scenarios: list[str]) -> dict[str, float]:
+        """Token/Logit Acc of the target answering ``emotion`` on ``scenarios`` with ``vector`` at ``alpha``."""
+        return self.task.score(self.target, emotion, scenarios, vector=vector, alpha=alpha, layers=layers,
+                               unit=self.cfg.unit, batch_size=self.cfg.batch_size)
 
-    def negatives(pool: dict[str, list[str]], emotion: str, k: int) -> list[str]:
-        return [s for other in emotions if other != emotion for s in pool[other][:k]]
-
-    _log(f"loading {cfg.source} and {cfg.target}")
-    source = ct.load_model(cfg.source, device=cfg.device)
-    target = ct.load_model(cfg.target, device=cfg.device)
-
-    # ---- step 2 first: one map for all emotions ------------------------------------------
-    map_path = art / "map.safetensors"
-    if map_path.is_file():
-        amap = ct.AffineMap.load(map_path)
-    else:
-        _log(f"fitting the affine map on {cfg.n_alignment} neutral sentences")
-        amap = ct.fit_map(source, target, neutral_sentences()[: cfg.n_alignment], progress=True,
-                          batch_size=cfg.batch_size, seed=cfg.seed)
-        amap.save(map_path)
-
-    # ---- step 1: refine per emotion in the source (and natively in the target) ------------
-    def vector(model: Any, kind: str, emotion: str, n: int | None = None) -> ct.ConceptVector:
-        path = art / f"{kind}_{emotion}{'' if n is None else f'_n{n}'}.safetensors"
+    def vector(self, model: ModelHandle, kind: str, emotion: str, n: int | None = None) -> ConceptVector:
+        """``emotion``'s vector refined in ``model`` from ``n`` contrast pairs (None: ``n_refine``), kept in artifacts/."""
+        path = self.art / f"{kind}_{emotion}{'' if n is None else f'_n{n}'}.safetensors"
         if path.is_file():
-            return ct.ConceptVector.load(path)
-        pos, neg = contrast_prompts(split.refine, emotion, n=n, seed=cfg.seed)
-        v = ct.refine(model, pos, neg, batch_size=cfg.batch_size)
+            return ConceptVector.load(path)
+        pos, neg = self.task.contrast(emotion, n)
+        v = ct.refine(model, pos, neg, batch_size=self.cfg.batch_size)
         v.save(path)
         return v
 
+
+def _layers_key(layers: Sequence[int]) -> str:
+    return "-".join(map(str, layers))
+
+
+def _random_like(v: ConceptVector, seed: int) -> ConceptVector:
+    """Gaussian noise with ``v``'s per-layer norms (the random control)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(v.vectors.shape, generator=g)
+    noise = noise / noise.norm(dim=-1, keepdim=True) * v.vectors.norm(dim=-1, keepdim=True)
+    return ConceptVector(noise, v.model, v.layers, "random", v.layer_norms, n_prompts=0,
+                         provenance={"seed": seed, "matched_to": "mapped"})
+
+
+# ---- the steps of run() ------------------------------------------------------------------------
+def _fit_or_load_map(r: _Run) -> AffineMap:
+    """Step 2 first: one map source → target for all emotions (kept under artifacts/)."""
+    map_path = r.art / "map.safetensors"
+    if map_path.is_file():
+        return AffineMap.load(map_path)
+    _log(f"fitting the affine map on {r.cfg.n_alignment} neutral sentences")
+    amap = ct.fit_map(r.source, r.target, neutral_sentences()[: r.cfg.n_alignment], progress=True,
+                      batch_size=r.cfg.batch_size, seed=r.cfg.seed)
+    amap.save(map_path)
+    return amap
+
+
+def _refine_vectors(r: _Run, amap: AffineMap) -> tuple[dict[str, ConceptVector], dict[str, ConceptVector]]:
+    """Step 1: each emotion refined in the source (then mapped) and natively in the target."""
     _log("refining emotion vectors in source and target")
-    n_main = cfg.n_refine if cfg.n_refine > 0 else None
-    source_vecs = {e: vector(source, "source", e, n_main) for e in emotions}
-    native_vecs = {e: vector(target, "native", e, n_main) for e in emotions}
-    mapped_vecs = {e: amap.apply(source_vecs[e]) for e in emotions}
+    n_main = r.task.n_refine
+    source_vecs = {e: r.vector(r.source, "source", e, n_main) for e in r.cfg.emotions}
+    native_vecs = {e: r.vector(r.target, "native", e, n_main) for e in r.cfg.emotions}
+    mapped_vecs = {e: amap.apply(source_vecs[e]) for e in r.cfg.emotions}
+    return mapped_vecs, native_vecs
 
-    def random_like(v: ct.ConceptVector, seed: int) -> ct.ConceptVector:
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(v.vectors.shape, generator=g)
-        noise = noise / noise.norm(dim=-1, keepdim=True) * v.vectors.norm(dim=-1, keepdim=True)
-        return ct.ConceptVector(noise, v.model, v.layers, "random", v.layer_norms, n_prompts=0,
-                                provenance={"seed": seed, "matched_to": "mapped"})
 
-    def score(vec: ct.ConceptVector | None, emotion: str, layers: Sequence[int], alpha: float,
-              scenarios: list[str]) -> dict[str, float]:
-        if vec is None or alpha == 0:
-            return evaluate_emotion(target, scenarios, emotion, prefix=prefix, batch_size=cfg.batch_size)
-        with ct.transplant(target, vec, alpha=alpha, layers=layers, unit=cfg.unit):
-            return evaluate_emotion(target, scenarios, emotion, prefix=prefix, batch_size=cfg.batch_size)
+def _choose_layer_and_alpha(r: _Run, mapped: dict[str, ConceptVector]) -> tuple[list[int], float, dict[str, Any]]:
+    """Layer and alpha with the best Logit Acc of the mapped vectors on refinement-half negatives."""
+    cfg, emotions = r.cfg, list(r.cfg.emotions)
 
-    # ---- choose the layer and alpha on the refinement half (validation) -------------------
     def validate(layers: Sequence[int], alpha: float) -> dict[str, float]:
         """Logit Acc of every mapped vector on refinement-half negatives (never the test half)."""
-        return {e: score(mapped_vecs[e], e, layers, alpha, negatives(split.refine, e, cfg.n_validation))["logit_acc"]
-                for e in emotions}
+        return {e: r.score(mapped[e], e, layers, alpha, r.task.negatives(e, held_out=False, k=cfg.n_validation))
+                ["logit_acc"] for e in emotions}
 
-    n_tgt = int(target.cfg.n_layers)
     if cfg.layers is not None:
         layers = list(cfg.layers)
-        selection: dict[str, Any] = {"how": "given by the user", "layers": layers}
-        alpha_cells = {cell_key(phase="val", layer="-".join(map(str, layers)), alpha=a): a for a in cfg.alphas if a > 0}
-        val_done = store.run(alpha_cells, lambda a: validate(layers, a), desc="validation")
+        alpha_cells = {cell_key(phase="val", layer=_layers_key(layers), alpha=a): a for a in cfg.alphas if a > 0}
+        val_done = r.store.run(alpha_cells, lambda a: validate(layers, a), desc="validation")
         val = {a: val_done[key] for key, a in alpha_cells.items()}
-        chosen_alpha = max(val, key=lambda a: sum(val[a].values()))
-        selection["validation_logit_acc"] = {str(a): v for a, v in val.items()}
+        alpha = max(val, key=lambda a: sum(val[a].values()))
+        selection: dict[str, Any] = {"how": "given by the user", "layers": layers,
+                                     "validation_logit_acc": {str(a): v for a, v in val.items()}}
     else:
-        candidates = sorted({min(n_tgt - 1, max(0, round(d * n_tgt) - 1)) for d in cfg.candidate_depths})
+        n_tgt = int(r.target.cfg.n_layers)
+        candidates = sorted({cm.layer_at_depth(n_tgt, d) for d in cfg.candidate_depths})
         _log(f"choosing the layer among {candidates} and alpha among {cfg.alphas} on validation scenarios")
         grid_cells = {cell_key(phase="val", layer=layer, alpha=a): (layer, a)
                       for layer in candidates for a in cfg.alphas if a > 0}
-        val_done = store.run(grid_cells, lambda arg: validate([arg[0]], arg[1]), desc="validation")
+        val_done = r.store.run(grid_cells, lambda arg: validate([arg[0]], arg[1]), desc="validation")
         grid = {f"{layer}:{a:g}": val_done[key] for key, (layer, a) in grid_cells.items()}
         best = max(grid, key=lambda k: sum(grid[k].values()) / len(emotions))
         layers = [int(best.split(":")[0])]
-        chosen_alpha = float(best.split(":")[1])
+        alpha = float(best.split(":")[1])
         selection = {
             "how": "mean Logit Acc of mapped vectors on refinement-half negatives "
                    f"({cfg.n_validation} per other emotion), over candidate layers x alphas",
             "grid_mean_logit_acc": {k: sum(v.values()) / len(v) for k, v in grid.items()},
             "layers": layers,
         }
-    selection["alpha"] = chosen_alpha
-    _log(f"transplanting at target layer(s) {layers}, validation-chosen alpha {chosen_alpha:g} ({cfg.unit})")
+    selection["alpha"] = alpha
+    _log(f"transplanting at target layer(s) {layers}, validation-chosen alpha {alpha:g} ({cfg.unit})")
+    return layers, alpha, selection
 
-    # ---- evaluation on held-out scenarios: alpha sweep, controls ---------------------------
-    results: dict[str, Any] = {}
-    for e in emotions:
-        neg = negatives(split.evaluate, e, cfg.n_negatives)
-        pos = split.evaluate[e][: cfg.n_positives]
-        cells: dict[str, Any] = {}
-        for a in cfg.alphas:
-            # alpha = 0 is the one baseline of every condition: run it once, under "mapped"
-            for cond in ("mapped", "native") if a > 0 else ("mapped",):
-                vec = mapped_vecs[e] if cond == "mapped" else native_vecs[e]
-                cells[cell_key(emotion=e, cond=cond, alpha=a, layers="-".join(map(str, layers)))] = (cond, vec, a, None)
-            # random control: every seed at the chosen alpha (the headline), one seed elsewhere (Fig 2a)
-            for s in range(cfg.random_seeds if a == chosen_alpha else min(1, cfg.random_seeds)) if a > 0 else ():
-                cells[cell_key(emotion=e, cond="random", seed=s, alpha=a,
-                               layers="-".join(map(str, layers)))] = ("random", random_like(mapped_vecs[e], 1000 + s), a, s)
 
-        def evaluate_cell(arg: tuple, e: str = e, neg: list[str] = neg, pos: list[str] = pos) -> dict[str, Any]:
-            cond, vec, a, _seed = arg
-            row = {"negatives": score(vec, e, layers, a, neg)}
-            if cond != "random":
-                row["positives"] = score(vec, e, layers, a, pos)
-            return row
+def _condition_cells(r: _Run, e: str, mapped: ConceptVector, native: ConceptVector, layers: list[int],
+                     chosen_alpha: float) -> dict[str, tuple[str, ConceptVector, float, int | None]]:
+    """Cells of one emotion: (condition, vector, alpha, random seed) per cell key."""
+    cells: dict[str, tuple[str, ConceptVector, float, int | None]] = {}
+    lk = _layers_key(layers)
+    for a in r.cfg.alphas:
+        # alpha = 0 is the one baseline of every condition: run it once, under "mapped"
+        for cond in ("mapped", "native") if a > 0 else ("mapped",):
+            vector = mapped if cond == "mapped" else native
+            cells[cell_key(emotion=e, cond=cond, alpha=a, layers=lk)] = (cond, vector, a, None)
+        # random control: every seed at the chosen alpha (the headline), one seed elsewhere (Fig 2a)
+        for s in range(r.cfg.random_seeds if a == chosen_alpha else min(1, r.cfg.random_seeds)) if a > 0 else ():
+            cells[cell_key(emotion=e, cond="random", seed=s, alpha=a, layers=lk)] = (
+                "random", _random_like(mapped, 1000 + s), a, s)
+    return cells
 
-        done = store.run(cells, evaluate_cell, desc=f"evaluate {e}")
-        table: dict[str, Any] = {"mapped": {}, "native": {}, "random": {}}
-        for key, (cond, _vec, a, seed) in cells.items():
-            if cond == "random":
-                table["random"].setdefault(f"{a:g}", []).append(done[key]["negatives"])
-            else:
-                table[cond][f"{a:g}"] = done[key]
-        table["native"]["0"] = table["mapped"]["0"]
-        for a, rows in table["random"].items():
-            table["random"][a] = {
-                "negatives": {m: sum(r[m] for r in rows) / len(rows) for m in ("token_acc", "logit_acc")},
-                "seeds": rows,
-            }
-        results[e] = table
-        _log(f"{e}: done ({time.time() - t0:.0f}s)")
 
-    # ---- Fig 5: number of refinement examples ---------------------------------------------
-    n_examples: dict[str, dict[str, Any]] = {e: {} for e in emotions}
+def _evaluate_emotion(r: _Run, e: str, mapped: ConceptVector, native: ConceptVector, layers: list[int],
+                      chosen_alpha: float) -> dict[str, Any]:
+    """Held-out evaluation of one emotion: every condition × alpha on negatives (and positives)."""
+    neg = r.task.negatives(e, held_out=True, k=r.cfg.n_negatives)
+    pos = r.task.eval_scenarios[e][: r.cfg.n_positives]
+    cells = _condition_cells(r, e, mapped, native, layers, chosen_alpha)
+
+    def evaluate_cell(arg: tuple[str, ConceptVector, float, int | None]) -> dict[str, Any]:
+        cond, vec, a, _seed = arg
+        row = {"negatives": r.score(vec, e, layers, a, neg)}
+        if cond != "random":
+            row["positives"] = r.score(vec, e, layers, a, pos)
+        return row
+
+    done = r.store.run(cells, evaluate_cell, desc=f"evaluate {e}")
+    table: dict[str, Any] = {"mapped": {}, "native": {}, "random": {}}
+    for key, (cond, _vec, a, _seed) in cells.items():
+        if cond == "random":
+            table["random"].setdefault(f"{a:g}", []).append(done[key]["negatives"])
+        else:
+            table[cond][f"{a:g}"] = done[key]
+    table["native"]["0"] = table["mapped"]["0"]
+    for a, rows in table["random"].items():
+        table["random"][a] = {
+            "negatives": {m: sum(row[m] for row in rows) / len(rows) for m in ("token_acc", "logit_acc")},
+            "seeds": rows,
+        }
+    return table
+
+
+def _refinement_sizes(r: _Run, amap: AffineMap, results: dict[str, Any], layers: list[int],
+                      alpha: float) -> dict[str, dict[str, Any]]:
+    """Fig 5: negatives' accuracy of mapped vectors refined from each number of examples."""
+    n_main = r.task.n_refine
+    n_examples: dict[str, dict[str, Any]] = {e: {} for e in r.cfg.emotions}
     size_cells: dict[str, tuple[str, int]] = {}
-    for e in emotions:
-        for n in cfg.n_examples:
-            n_eff = len(split.refine[e]) if n <= 0 else min(n, len(split.refine[e]))
-            if n_eff == (n_main or len(split.refine[e])):  # the main vector: already evaluated
-                n_examples[e][str(n_eff)] = results[e]["mapped"][f"{chosen_alpha:g}"]["negatives"]
+    for e in r.cfg.emotions:
+        available = len(r.task.refine_scenarios[e])
+        for n in r.cfg.n_examples:
+            n_eff = available if n <= 0 else min(n, available)
+            if n_eff == (n_main or available):  # the main vector: already evaluated
+                n_examples[e][str(n_eff)] = results[e]["mapped"][f"{alpha:g}"]["negatives"]
             else:
-                size_cells[cell_key(phase="n_examples", emotion=e, n=n_eff, alpha=chosen_alpha,
-                                    layers="-".join(map(str, layers)))] = (e, n_eff)
-    sized = store.run(size_cells, lambda arg: score(amap.apply(vector(source, "source", arg[0], arg[1])), arg[0], layers,
-                                                    chosen_alpha, negatives(split.evaluate, arg[0], cfg.n_negatives)),
-                      desc="Fig 5: refinement sizes")
+                size_cells[cell_key(phase="n_examples", emotion=e, n=n_eff, alpha=alpha,
+                                    layers=_layers_key(layers))] = (e, n_eff)
+
+    def score_size(arg: tuple[str, int]) -> dict[str, float]:
+        e, n = arg
+        return r.score(amap.apply(r.vector(r.source, "source", e, n)), e, layers, alpha,
+                       r.task.negatives(e, held_out=True, k=r.cfg.n_negatives))
+
+    sized = r.store.run(size_cells, score_size, desc="Fig 5: refinement sizes")
     for key, (e, n_eff) in size_cells.items():
         n_examples[e][str(n_eff)] = sized[key]
+    return n_examples
 
-    # ---- hidden states for Fig 2b and Fig 7/8 (saved as arrays, plotted by plot()) ----------
-    state_path = out / "states.pt"
-    if not state_path.is_file():
-        steered_emotion = max(emotions, key=lambda e: results[e]["mapped"][f"{chosen_alpha:g}"]["negatives"]["logit_acc"])
-        texts = [s for e in emotions for s in split.evaluate[e][: cfg.n_positives]]
-        labels = [e for e in emotions for _ in split.evaluate[e][: cfg.n_positives]]
-        from contrans_tl.tasks.emotion import QUERY
 
-        prompts = [QUERY.format(s) for s in texts]
-        read_tgt = min(n_tgt - 1, layers[-1] + 1)
-        read_src = amap.source_layers[amap.target_layers.index(layers[-1])] if layers[-1] in amap.target_layers else source.cfg.n_layers - 1
-        before = capture(target, prompts, layers=[read_tgt])[:, 0]
-        with ct.transplant(target, mapped_vecs[steered_emotion], alpha=chosen_alpha, layers=layers, unit=cfg.unit):
-            after = capture(target, prompts, layers=[read_tgt])[:, 0]
-        src_states = capture(source, prompts, layers=[read_src])[:, 0]
-        torch.save({"before": before, "after": after, "source": src_states, "labels": labels,
-                    "steered": steered_emotion, "target_layer": read_tgt, "source_layer": read_src}, state_path)
+def _save_states(r: _Run, amap: AffineMap, mapped: dict[str, ConceptVector], results: dict[str, Any],
+                 layers: list[int], alpha: float, path: Path) -> None:
+    """Hidden states for Fig 2b and Fig 7/8 (saved as arrays, plotted by :func:`plot`)."""
+    if path.is_file():
+        return
+    emotions = list(r.cfg.emotions)
+    steered = max(emotions, key=lambda e: results[e]["mapped"][f"{alpha:g}"]["negatives"]["logit_acc"])
+    prompts = [QUERY.format(s) for e in emotions for s in r.task.eval_scenarios[e][: r.cfg.n_positives]]
+    labels = [e for e in emotions for _ in r.task.eval_scenarios[e][: r.cfg.n_positives]]
+    read_tgt = min(int(r.target.cfg.n_layers) - 1, layers[-1] + 1)
+    read_src = (amap.source_layers[amap.target_layers.index(layers[-1])] if layers[-1] in amap.target_layers
+                else r.source.cfg.n_layers - 1)
+    before = capture(r.target, prompts, layers=[read_tgt])[:, 0]
+    with ct.transplant(r.target, mapped[steered], alpha=alpha, layers=layers, unit=r.cfg.unit):
+        after = capture(r.target, prompts, layers=[read_tgt])[:, 0]
+    src_states = capture(r.source, prompts, layers=[read_src])[:, 0]
+    torch.save({"before": before, "after": after, "source": src_states, "labels": labels,
+                "steered": steered, "target_layer": read_tgt, "source_layer": read_src}, path)
 
-    cos = {e: float(layer_cosine(mapped_vecs[e].vectors, native_vecs[e].vectors)[layers].mean()) for e in emotions}
-    a_key = f"{chosen_alpha:g}"
-    headline = {
-        e: {
-            "baseline": results[e]["mapped"]["0"]["negatives"],
-            "transplanted": results[e]["mapped"][a_key]["negatives"],
-            "random": results[e]["random"].get(a_key, {}).get("negatives"),
-            "native": results[e]["native"][a_key]["negatives"],
-            "positives_baseline": results[e]["mapped"]["0"]["positives"],
-            "positives_transplanted": results[e]["mapped"][a_key]["positives"],
-        }
-        for e in emotions
-    }
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run the whole experiment; finished pieces are kept under ``cfg.out`` and reused."""
+    cfg = cfg.effective()
+    t0 = time.time()
+    out = Path(cfg.out)
+    task = emotion_task(cfg.emotions, n_refine=cfg.n_refine if cfg.n_refine > 0 else None,
+                        n_eval=cfg.n_negatives, seed=cfg.seed, data_dir=cfg.data_dir)
+    _log(f"loading {cfg.source} and {cfg.target}")
+    source = ct.load_model(cfg.source, device=cfg.device)
+    target = ct.load_model(cfg.target, device=cfg.device)
+    # settings are claimed only once both models loaded: a mistyped model name leaves the folder free
+    r = _Run(cfg, task, source, target, CellStore(out / "cells", settings=settings_fingerprint(cfg)), out / "artifacts")
+
+    amap = _fit_or_load_map(r)
+    mapped, native = _refine_vectors(r, amap)
+    layers, alpha, selection = _choose_layer_and_alpha(r, mapped)
+    results: dict[str, Any] = {}
+    for e in cfg.emotions:
+        results[e] = _evaluate_emotion(r, e, mapped[e], native[e], layers, alpha)
+        _log(f"{e}: done ({time.time() - t0:.0f}s)")
+    n_examples = _refinement_sizes(r, amap, results, layers, alpha)
+    _save_states(r, amap, mapped, results, layers, alpha, out / "states.pt")
+
     result = {
         "config": asdict(cfg),
         "source": asdict(ct.identity(source)),
         "target": asdict(ct.identity(target)),
         "layers": layers,
-        "alpha": chosen_alpha,
+        "alpha": alpha,
         "unit": cfg.unit,
         "alphas": list(cfg.alphas),
         "selection": selection,
-        "map": {"pairs": amap.pairs, "r2_heldout": [round(float(r), 4) for r in amap.r2_heldout],
+        "map": {"pairs": amap.pairs, "r2_heldout": [round(float(x), 4) for x in amap.r2_heldout],
                 "ridge": amap.ridge.tolist(), **amap.provenance},
-        "cosine_mapped_native": cos,
+        "cosine_mapped_native": {e: float(layer_cosine(mapped[e].vectors, native[e].vectors)[layers].mean())
+                                 for e in cfg.emotions},
         "results": results,
-        "headline": headline,
+        "headline": headline(results, alpha),
         "n_examples": n_examples,
         "seconds": round(time.time() - t0, 1),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "summary.md").write_text(summary_markdown(result))
+    write_json(out / "results.json", result)
+    atomic_write_text(out / "summary.md", summary_markdown(result))
     _log(f"wrote {out / 'results.json'} ({result['seconds']}s)")
     return result
 
 
-def summary_markdown(result: dict[str, Any]) -> str:
-    """A short markdown report: the headline table and how layer/alpha were chosen."""
-    lines = [
-        f"# Emotion transplantation: {result['source']['name']} → {result['target']['name']}",
-        "",
-        f"Transplanted at target layer(s) {result['layers']} with alpha = {result['alpha']:g} "
-        f"({result['unit']} units), chosen on the refinement half: {result['selection']['how']}.",
-        "",
-        "Accuracy on held-out **negatives** (scenarios of the other five emotions): the rate at which "
-        "the target answers the transplanted emotion. Token Acc / Logit Acc.",
-        "",
-        "| emotion | baseline (α=0) | transplanted | random (same norm) | native vector | cos(mapped, native) |",
-        "|---|---|---|---|---|---|",
-    ]
-
-    def cell(m: dict[str, float] | None) -> str:
-        return "—" if m is None else f"{m['token_acc']:.2f} / {m['logit_acc']:.2f}"
-
-    for e, h in result["headline"].items():
-        lines.append(f"| {e} | {cell(h['baseline'])} | {cell(h['transplanted'])} | {cell(h['random'])} | "
-                     f"{cell(h['native'])} | {result['cosine_mapped_native'][e]:.2f} |")
-    mean = {k: sum(h[k]["logit_acc"] for h in result["headline"].values() if h[k]) / len(result["headline"])
-            for k in ("baseline", "transplanted", "native")}
-    noise = [e for e, h in result["headline"].items()
-             if h["random"] is not None and h["random"]["logit_acc"] >= h["transplanted"]["logit_acc"]]
-    lines += [
-        "",
-        f"Mean Logit Acc on negatives: baseline {mean['baseline']:.2f}, transplanted {mean['transplanted']:.2f}, "
-        f"native {mean['native']:.2f}.",
-    ]
-    if noise:
-        lines += ["", f"Not separable from the random control (random Logit Acc >= transplanted): {', '.join(noise)}."]
-    lines += [
-        "",
-        "On **positives** (the emotion's own scenarios), Token / Logit Acc baseline → transplanted:",
-        "",
-    ]
-    for e, h in result["headline"].items():
-        lines.append(f"- {e}: {cell(h['positives_baseline'])} → {cell(h['positives_transplanted'])}")
-    r2 = result["map"]["r2_heldout"]
-    lines += ["", f"Affine map: held-out R² from {min(r2):.2f} to {max(r2):.2f} over {len(r2)} layer pairs "
-              f"({result['map'].get('n_train_samples')} word-aligned training samples).",
-              f"Run time: {result['seconds']} s."]
-    return "\n".join(lines) + "\n"
-
-
+# ---- figures -------------------------------------------------------------------------------------
 def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
     """Write Fig 2a, Fig 2b, Fig 5 and Fig 7/8 under ``out/figures``."""
-    import numpy as np
-    import torch
-
     from contrans_tl import plotting
 
     out = Path(out)
@@ -383,55 +383,47 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
         plotting.pca_before_after(states["before"].numpy(), states["after"].numpy(), states["labels"],
                                   steered=states["steered"], title=f"target layer {states['target_layer']}"),
         fig_dir / "fig2b_pca_before_after")
-    from sklearn.manifold import TSNE
-
-    panels: dict[str, np.ndarray] = {}
-    for name, arr in (("source", states["source"].numpy()), ("target", states["before"].numpy())):
-        centred = arr - arr.mean(0, keepdims=True)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        panels[f"{name} PCA"] = centred @ vt[:2].T
-        perplexity = max(2, min(30, len(arr) // 4))
-        panels[f"{name} t-SNE"] = TSNE(n_components=2, perplexity=perplexity, random_state=0,
-                                       init="pca").fit_transform(centred)
-    written += plotting.save_figure(plotting.embedding_2d(panels, states["labels"]),
+    written += plotting.save_figure(plotting.embedding_2d(hidden_state_panels(states), states["labels"]),
                                     fig_dir / "fig7_8_hidden_states_2d")
     return written
 
 
+# ---- command line ----------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    """Flags for every EmotionConfig field."""
-    d = EmotionConfig()
-    p.add_argument("--source", default=d.source)
-    p.add_argument("--target", default=d.target)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--data-dir", default=None, help="directory of {emotion}.json scenario lists")
-    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in d.alphas))
-    p.add_argument("--unit", choices=["norm", "raw"], default=d.unit)
-    p.add_argument("--layers", default=None, help="comma-separated target layers (default: chosen on validation)")
-    p.add_argument("--n-negatives", type=int, default=d.n_negatives)
-    p.add_argument("--n-positives", type=int, default=d.n_positives)
-    p.add_argument("--n-refine", type=int, default=d.n_refine, help="refinement scenarios per side (0 = all)")
-    p.add_argument("--random-seeds", type=int, default=d.random_seeds)
-    p.add_argument("--n-alignment", type=int, default=d.n_alignment)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+    """Flags for the Config fields; unset flags stay None, so ``--quick`` fills only those."""
+    d = Config()
+    p.add_argument("--source", help=f"source model (default {d.source})")
+    p.add_argument("--target", help=f"target model (default {d.target})")
+    p.add_argument("--out", help=f"output folder (default {d.out})")
+    p.add_argument("--data-dir", help="directory of {emotion}.json scenario lists")
+    p.add_argument("--alphas", type=validate.float_list_flag,
+                   help=f"comma-separated strengths (default {','.join(f'{a:g}' for a in d.alphas)})")
+    p.add_argument("--unit", choices=["norm", "raw"], help=f"alpha's unit (default {d.unit})")
+    p.add_argument("--layers", type=validate.int_list_flag,
+                   help="comma-separated target layers (default: chosen on validation)")
+    for name, what in (("n_negatives", "evaluation scenarios per other emotion"),
+                       ("n_positives", "evaluation scenarios of the emotion itself"),
+                       ("n_refine", "refinement scenarios per side (0 = all)"),
+                       ("random_seeds", "random controls per emotion"),
+                       ("n_alignment", "neutral sentences for the map")):
+        p.add_argument(f"--{name.replace('_', '-')}", type=validate.nonnegative_int_flag,
+                       help=f"{what} (default {getattr(d, name)})")
+    p.add_argument("--batch-size", type=validate.positive_int_flag, help=f"default {d.batch_size}")
+    p.add_argument("--seed", type=validate.nonnegative_int_flag, help=f"default {d.seed}")
     p.add_argument("--device", default=None)
-    p.add_argument("--quick", action="store_true", help="smoke-test sizes (a minute or two on CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke-test sizes (a minute or two on CPU) for every size flag not given")
     p.add_argument("--no-plots", action="store_true")
 
 
-def config_from_args(args: argparse.Namespace) -> EmotionConfig:
-    return EmotionConfig(
-        source=args.source, target=args.target, out=args.out, data_dir=args.data_dir,
-        alphas=tuple(float(a) for a in args.alphas.split(",")), unit=args.unit,
-        layers=None if args.layers is None else tuple(int(x) for x in args.layers.split(",")),
-        n_negatives=args.n_negatives, n_positives=args.n_positives, n_refine=args.n_refine, random_seeds=args.random_seeds,
-        n_alignment=args.n_alignment, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        quick=args.quick,
-    )
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The flags the user gave, over the defaults; ``--quick`` presets fill only the others."""
+    cfg = cm.config_from_args(Config, {}, args)
+    given = tuple(f.name for f in dataclasses.fields(Config) if f.name != "quick" and getattr(args, f.name, None) is not None)
+    return dataclasses.replace(cfg, explicit=given)
 
 
-def cli_run(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     result = run(cfg)
     if not args.no_plots:
@@ -443,9 +435,7 @@ def cli_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(parser)
-    return cli_run(parser.parse_args(argv))
+    return cm.script_main("emotion_transfer", __doc__.splitlines()[0], add_args, run_cli, argv)
 
 
 if __name__ == "__main__":

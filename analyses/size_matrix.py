@@ -4,27 +4,25 @@ For each (source, target) pair — the diagonal included — the emotion vectors
 source are mapped into the target and transplanted at the target's steering layer; the matrix
 reports the mean emotion accuracy over the steered emotions as an **improvement ratio**
 (transplanted / untransplanted baseline of the target) and an **absolute improvement**
-(transplanted − baseline). Accuracy is Logit Acc (or Token Acc) on each emotion's negatives
-(see :mod:`analyses._common`).
+(transplanted − baseline), in Logit Acc (or Token Acc) on each emotion's negatives.
 
-Cost grows with N model loads, not N²:
-
-* **Phase 1** loads each model once: its emotion vectors (all layers), its aligned hidden
-  states on the neutral corpus (word-aligned, only its steering layer, saved to disk), its
-  untransplanted baseline and its own vectors transplanted into itself (the diagonal).
-* **Maps.** All N·(N−1) affine maps are fitted from the saved states (no model needed):
-  source steering layer → target steering layer (:func:`contrans_tl.fit_map_from_states`).
-* **Phase 2** loads each target once more to evaluate every incoming vector; the last model of
-  phase 1 is still loaded, so it is not loaded again: 2N − 1 loads in all, at most. With
-  ``keep_loaded`` every model stays in memory between the phases: N loads.
-
-Diagonal cells (A → A) transplant A's own vector with the identity map. Every vector going
-into a target is read in the same alpha unit — a fraction of the target's own mean residual
-norm at its steering layer — so the cells of one column differ only in the direction.
+Cost grows with N model loads, not N²: **phase 1** loads each model once for its emotion
+vectors, its word-aligned hidden states on the neutral corpus (its steering layer only, saved),
+its untransplanted baseline and the diagonal (its own vectors, identity map); all N·(N−1)
+**maps** are then fitted from the saved states without a model; **phase 2** loads each target
+once more for its incoming vectors, except the last model of phase 1, still loaded: 2N − 1
+loads at most, N with ``keep_loaded`` (every model held between the phases). Every vector
+going into a target is read in the target's own alpha unit (its mean residual norm at the
+steering layer), so the cells of one column differ only in the direction.
 
 Every result is a cell of a :class:`~contrans_tl.sweep.CellStore`, written atomically: a
 killed run resumes, reloading only the models whose cells are missing. ``matrix.json`` records
 the loads of this invocation (``model_loads``, ``load_log``) and of all resumed invocations.
+
+With ``run(cfg, executor=...)`` (Dask, Ray, submitit, ...) phase 1 makes only the files here, and
+**every** evaluation cell goes to the executor: :func:`run_cell` loads its target itself (kept for
+the worker's next cell; cells go grouped by target), so workers need ``out`` on a shared file
+system, and their loads are not in ``load_log`` (loaded models cannot travel to workers).
 
 Run: ``python -m contrans_tl.analyses.size_matrix --models A,B,C --out DIR [--quick]``.
 """
@@ -33,36 +31,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 import contrans_tl as ct
+from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
-from contrans_tl.pairing import PairedStates
+from contrans_tl.analyses._checkpoints import cell_executor
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import neutral_sentences
-from contrans_tl.tasks.emotion import EMOTIONS
-from contrans_tl.sweep import CellStore, cell_key
+from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.files import write_json
+from contrans_tl.handle import ModelHandle
+from contrans_tl.pairing import PairedStates
+from contrans_tl.sweep import CellStore, cell_key, grid_axis, run_option, settings_fingerprint
+from contrans_tl.tasks.emotion import EMOTIONS, EmotionTask, emotion_task
+from contrans_tl.transplant import Unit
 
-__all__ = ["Config", "DEFAULT_MODELS", "QUICK", "run", "plot", "add_args", "run_cli", "main", "HELP"]
+__all__ = ["Config", "CellArgs", "DEFAULT_MODELS", "QUICK", "HELP", "run", "run_cell", "plot", "summary_table",
+           "add_args", "config_from_args", "run_cli", "main"]
 
 HELP = "size matrix: every model's emotion vectors into every model (paper §6.3, Fig 4)"
 
-DEFAULT_MODELS: tuple[str, ...] = (
-    "EleutherAI/pythia-14m",
-    "EleutherAI/pythia-70m",
-    "EleutherAI/pythia-410m",
-    "EleutherAI/pythia-1.4b",
-    "EleutherAI/pythia-6.9b",
-)
+DEFAULT_MODELS: tuple[str, ...] = tuple(f"EleutherAI/pythia-{size}" for size in ("14m", "70m", "410m", "1.4b", "6.9b"))
 """The paper's list (needs the hub); offline use the PyPI models (see docs/analyses.md)."""
 
 QUICK: dict[str, Any] = {"emotions": ("happiness", "sadness"), "n_refine": 8, "n_eval": 4, "n_texts": 120}
@@ -70,72 +66,47 @@ QUICK: dict[str, Any] = {"emotions": ("happiness", "sadness"), "n_refine": 8, "n
 
 
 @dataclass
-class Config:
-    models: tuple[str, ...] = DEFAULT_MODELS
-    out: str = "runs/size_matrix"
-    emotions: tuple[str, ...] = EMOTIONS
+class Config(cm.RunSettings):
+    """Settings of one size matrix (each field is a command-line flag; shared ones in :class:`RunSettings`)."""
+
+    models: tuple[str, ...] = grid_axis(DEFAULT_MODELS)
+    """Models compared (each is a source and a target): names, hub ids or local directories."""
+    out: str = run_option("runs/size_matrix")
+    """Output directory: cells/, models/, maps/, matrix.json, figures (resumable)."""
+    emotions: tuple[str, ...] = grid_axis(EMOTIONS)
     """Emotions transplanted (the label set is always all six)."""
     n_refine: int | None = None
     """Refinement prompts per side (None: the whole refinement half, 35)."""
     n_eval: int | None = None
     """Evaluation scenarios per other emotion (None: all 35, so 175 negatives per emotion)."""
-    alphas: tuple[float, ...] = (0.3,)
+    alphas: tuple[float, ...] = grid_axis((0.3,))
     """Strengths in norm units; one matrix per alpha."""
     depth: float = 2 / 3
     """Relative depth of each model's steering layer."""
-    unit: str = "norm"
+    unit: Unit = "norm"
+    """"norm" (alpha is a fraction of the target's residual norm) or "raw"."""
     metric: str = "logit_acc"
     """"logit_acc" or "token_acc": the accuracy the matrices report (both are stored)."""
     n_texts: int | None = None
     """Neutral sentences for the alignment states (None: all 400)."""
     ridge: str = "auto"
-    batch_size: int = 16
-    device: str | None = None
-    dtype: str = "float32"
-    seed: int = 0
-    data_dir: str | None = None
-    keep_loaded: bool = False
-    """Keep every model in memory from phase 1 to phase 2: N loads instead of 2N − 1, at the
-    price of holding all N models at once (fine for the small offline models)."""
-    progress: bool = False
+    """Ridge of the maps: "auto" (validation split) or a number."""
+    keep_loaded: bool = run_option(False)
+    """Hold every model from phase 1 to phase 2: N loads instead of 2N − 1, all N models in memory at once."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.models = tuple(self.models)
         self.emotions = tuple(self.emotions)
         self.alphas = tuple(float(a) for a in self.alphas)
         if len(set(cm.slug(m) for m in self.models)) != len(self.models):
-            raise ValueError(f"model names must be distinct: {self.models}")
-        if self.metric not in ("logit_acc", "token_acc"):
-            raise ValueError("metric must be 'logit_acc' or 'token_acc'")
-        if self.unit not in ("norm", "raw"):
-            raise ValueError("unit must be 'norm' or 'raw'")
-        if not self.alphas or not self.models:
-            raise ValueError("need at least one model and one alpha")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Settings that change cell values: a rerun into the same ``out`` must match them."""
-        keys = ("n_refine", "n_eval", "depth", "unit", "n_texts", "ridge", "dtype", "seed", "data_dir")
-        return {k: getattr(self, k) for k in keys}
-
-
-class _Paths:
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def model_dir(self, name: str) -> Path:
-        return self.out / "models" / cm.slug(name)
-
-    def vector(self, name: str, emotion: str) -> Path:
-        return self.model_dir(name) / "vectors" / f"{emotion}.safetensors"
-
-    def states(self, name: str) -> Path:
-        return self.model_dir(name) / "aligned.safetensors"
-
-    def info(self, name: str) -> Path:
-        return self.model_dir(name) / "info.json"
-
-    def map(self, source: str, target: str) -> Path:
-        return self.out / "maps" / f"{cm.slug(source)}__{cm.slug(target)}.safetensors"
+            raise InvalidArgumentError("models", self.models, "distinct model names")
+        validate.choice("metric", self.metric, ("logit_acc", "token_acc"))
+        validate.choice("unit", self.unit, ("norm", "raw"))
+        if not self.models:
+            raise InvalidArgumentError("models", self.models, "at least one model")
+        if not self.alphas:
+            raise InvalidArgumentError("alphas", self.alphas, "at least one strength")
 
 
 def _base_key(target: str, emotion: str) -> str:
@@ -146,167 +117,299 @@ def _steer_key(source: str, target: str, emotion: str, alpha: float) -> str:
     return cell_key(kind="steer", source=cm.slug(source), target=cm.slug(target), emotion=emotion, alpha=f"{alpha:g}")
 
 
-def _collect() -> None:
-    """Return a dropped model's memory (call after the last reference is gone)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+@dataclass
+class _Run:
+    """What the phases of one run share: settings, files, cells, the load log and the task."""
+
+    cfg: Config
+    store: CellStore
+    log: cm.RunLog
+    task: EmotionTask
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def model_dir(self, name: str) -> Path:
+        """Where ``name``'s vectors, aligned states and info.json are kept."""
+        return Path(self.cfg.out) / "models" / cm.slug(name)
+
+    def vector_path(self, name: str, emotion: str) -> Path:
+        return self.model_dir(name) / "vectors" / f"{emotion}.safetensors"
+
+    def states_path(self, name: str) -> Path:
+        return self.model_dir(name) / "aligned.safetensors"
+
+    def info_path(self, name: str) -> Path:
+        return self.model_dir(name) / "info.json"
+
+    def map_path(self, source: str, target: str) -> Path:
+        return Path(self.cfg.out) / "maps" / f"{cm.slug(source)}__{cm.slug(target)}.safetensors"
+
+    def load(self, name: str, purpose: str) -> ModelHandle:
+        start = time.perf_counter()
+        model = self.log.load(name, purpose, device=self.cfg.device, dtype=cm.DTYPES[self.cfg.dtype])
+        self.tick("load", start)
+        return model
+
+    def tick(self, name: str, start: float) -> None:
+        """Add the seconds since ``start`` to timing ``name``."""
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 2)
+
+    def steer_cells(self, source: str, target: str) -> list[tuple[str, str, float]]:
+        return [(_steer_key(source, target, e, a), e, a) for e in self.cfg.emotions for a in self.cfg.alphas]
+
+    def base_cell(self, model: ModelHandle, name: str, emotion: str) -> dict[str, Any]:
+        """The untransplanted baseline of ``model`` (named ``name``) on ``emotion``: one cell's value."""
+        res = cm.evaluate(model, self.task, emotion, batch_size=self.cfg.batch_size, log=self.log, name=name)
+        return {"target": name, "emotion": emotion, **res}
+
+    def steer_cell(self, model: ModelHandle, name: str, source: str, emotion: str, alpha: float,
+                   vector: ConceptVector, layer: int) -> dict[str, Any]:
+        """``source``'s ``vector`` transplanted into ``model`` (named ``name``) at ``alpha``: one cell's value."""
+        res = cm.evaluate(model, self.task, emotion, vector=vector, alpha=alpha, layer=layer, unit=self.cfg.unit,
+                          batch_size=self.cfg.batch_size, log=self.log, name=name)
+        return {"source": source, "target": name, "emotion": emotion, "alpha": alpha, **res}
+
+    def incoming(self, amap: AffineMap, source: str, emotion: str, native: ConceptVector) -> ConceptVector:
+        """``source``'s vector mapped into a target, read in the unit of the target's ``native`` vector."""
+        return cm.with_norms(amap.apply(ConceptVector.load(self.vector_path(source, emotion))), native.layer_norms)
+
+    def evaluate_into(self, model: ModelHandle, name: str, source: str, vectors: dict[str, ConceptVector],
+                      layer: int) -> None:
+        """Score ``source``'s vectors transplanted into ``model`` (named ``name``): the missing cells."""
+        for key, emotion, alpha in self.steer_cells(source, name):
+            if not self.store.has(key):
+                self.store.put(key, self.steer_cell(model, name, source, emotion, alpha, vectors[emotion], layer))
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Compute (or resume) the matrix; writes ``matrix.json`` under ``cfg.out`` and returns it."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = _Paths(out)
-    store = CellStore(out / "cells", settings=cm.json_ready(cfg.fingerprint()))
-    log = cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress)
-    task = cm.emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
-    texts = neutral_sentences()[: cfg.n_texts]
-    load_kw = {"device": cfg.device, "dtype": cm.DTYPES[cfg.dtype]}
-    timings: dict[str, float] = {}
-    models, emotions = list(cfg.models), list(cfg.emotions)
+# ---- phase 1: one load per model for vectors, aligned states, baseline and the diagonal -------------
+def _model_done(r: _Run, name: str, *, evaluate: bool = True) -> bool:
+    """Whether phase 1 has everything of ``name`` on disk (its files; with ``evaluate`` its cells too)."""
+    info_ok = r.info_path(name).is_file() and r.states_path(name).is_file()
+    vectors_ok = all(r.vector_path(name, e).is_file() for e in r.cfg.emotions)
+    cells_ok = not evaluate or (all(r.store.has(_base_key(name, e)) for e in r.cfg.emotions) and all(
+        r.store.has(k) for k, _, _ in r.steer_cells(name, name)))
+    return info_ok and vectors_ok and cells_ok
 
-    def tick(name: str, start: float) -> None:
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 2)
 
-    def steer_cells(source: str, target: str) -> list[tuple[str, str, float]]:
-        return [(_steer_key(source, target, e, a), e, a) for e in emotions for a in cfg.alphas]
+def _vectors_of(r: _Run, model: ModelHandle, name: str) -> dict[str, ConceptVector]:
+    """``name``'s emotion vectors: those not on disk refined now and saved, then all read from disk."""
+    todo = tuple(e for e in r.cfg.emotions if not r.vector_path(name, e).is_file())
+    if todo:
+        refined = cm.refine_emotions(model, dataclasses.replace(r.task, emotions=todo), batch_size=r.cfg.batch_size,
+                                     log=r.log, name=name)
+        for e, vector in refined.items():
+            vector.save(r.vector_path(name, e))
+    return {e: ConceptVector.load(r.vector_path(name, e)) for e in r.cfg.emotions}
 
-    def evaluate_into(model: Any, name: str, source: str, vectors: dict[str, ConceptVector], layer: int) -> None:
-        for key, emotion, alpha in steer_cells(source, name):
-            if not store.has(key):
-                res = cm.evaluate(model, task, emotion, vector=vectors[emotion], alpha=alpha, layer=layer,
-                                  unit=cfg.unit, batch_size=cfg.batch_size, log=log, name=name)  # type: ignore[arg-type]
-                store.put(key, {"source": source, "target": name, "emotion": emotion, "alpha": alpha, **res})
 
-    # ---- phase 1: one load per model for vectors, aligned states, baseline and the diagonal ----
-    held: dict[str, Any] = {}  # models kept in memory for phase 2
+def _phase1_model(r: _Run, name: str, texts: list[str], *, evaluate: bool = True) -> ModelHandle:
+    """Load ``name`` once: aligned states, vectors, info and (``evaluate``) its baseline and its own vectors into itself."""
+    model = r.load(name, "capture (vectors, aligned states, baseline, diagonal)")
+    n_layers = int(model.cfg.n_layers)
+    layer = cm.layer_at_depth(n_layers, r.cfg.depth)
+    start = time.perf_counter()
+    if not r.states_path(name).is_file():
+        states = ct.capture_paired(model, texts, layers=[layer], scheme="words", batch_size=8,
+                                    progress=f"{name} aligned" if r.cfg.progress else None)
+        r.log.forward(name, "capture_paired", cm.batches(len(texts), 8))
+        states.save(r.states_path(name))
+    r.tick("aligned_states", start)
+    start = time.perf_counter()
+    vectors = _vectors_of(r, model, name)
+    r.tick("refine", start)
+    write_json(r.info_path(name), {"name": name, "n_layers": n_layers, "d_model": int(model.cfg.d_model),
+                                   "layer": layer, "identity": dataclasses.asdict(ct.identity(model))})
+    if not evaluate:
+        return model
+    start = time.perf_counter()
+    for e in r.cfg.emotions:
+        key = _base_key(name, e)
+        if not r.store.has(key):
+            r.store.put(key, r.base_cell(model, name, e))
+    r.evaluate_into(model, name, name, vectors, layer)  # the diagonal: own vector, identity map
+    r.tick("evaluate", start)
+    return model
+
+
+def _phase1(r: _Run, texts: list[str], *, evaluate: bool = True) -> dict[str, ModelHandle]:
+    """Every model whose phase-1 files are missing, loaded once; returns the models kept for phase 2.
+
+    Without ``evaluate`` (cells on an executor) only the files are made and no model is kept.
+    """
+    held: dict[str, ModelHandle] = {}
+    models = list(r.cfg.models)
     for i, name in enumerate(models):
-        info_ok = paths.info(name).is_file() and paths.states(name).is_file()
-        vectors_ok = all(paths.vector(name, e).is_file() for e in emotions)
-        cells_ok = all(store.has(_base_key(name, e)) for e in emotions) and all(
-            store.has(k) for k, _, _ in steer_cells(name, name))
-        if info_ok and vectors_ok and cells_ok:
+        if _model_done(r, name, evaluate=evaluate):
             continue
-        start = time.perf_counter()
-        model = log.load(name, "capture (vectors, aligned states, baseline, diagonal)", **load_kw)
-        tick("load", start)
-        n_layers = int(model.cfg.n_layers)
-        layer = cm.layer_at_depth(n_layers, cfg.depth)
-        start = time.perf_counter()
-        if not paths.states(name).is_file():
-            states = ct.capture_paired(model, texts, layers=[layer], scheme="words", batch_size=8,
-                                        progress=f"{name} aligned" if cfg.progress else None)
-            log.forward(name, "capture_paired", cm.batches(len(texts), 8))
-            states.save(paths.states(name))
-        tick("aligned_states", start)
-        start = time.perf_counter()
-        vectors: dict[str, ConceptVector] = {}
-        todo = [e for e in emotions if not paths.vector(name, e).is_file()]
-        refined = cm.refine_emotions(model, dataclasses.replace(task, emotions=tuple(todo)), batch_size=cfg.batch_size,
-                                     log=log, name=name) if todo else {}
-        for e in emotions:
-            if e in refined:
-                refined[e].save(paths.vector(name, e))
-            vectors[e] = refined[e] if e in refined else ConceptVector.load(paths.vector(name, e))
-        tick("refine", start)
-        cm.write_json(paths.info(name), {"name": name, "n_layers": n_layers, "d_model": int(model.cfg.d_model),
-                                         "layer": layer, "identity": dataclasses.asdict(ct.identity(model))})
-        start = time.perf_counter()
-        for e in emotions:
-            key = _base_key(name, e)
-            if not store.has(key):
-                res = cm.evaluate(model, task, e, batch_size=cfg.batch_size, log=log, name=name)
-                store.put(key, {"target": name, "emotion": e, **res})
-        evaluate_into(model, name, name, vectors, layer)  # the diagonal: own vector, identity map
-        tick("evaluate", start)
-        if cfg.keep_loaded or i == len(models) - 1:
+        model = _phase1_model(r, name, texts, evaluate=evaluate)
+        if evaluate and (r.cfg.keep_loaded or i == len(models) - 1):
             held[name] = model  # the last model (or, with keep_loaded, every model) stays for phase 2
-        model = None
-        _collect()
+        del model
+        cm.free_memory()
+    return held
 
-    infos = {m: json.loads(paths.info(m).read_text()) for m in models}
-    layers = {m: int(infos[m]["layer"]) for m in models}
 
-    # ---- maps: all N(N-1) fitted from the saved states, no model needed ----
+# ---- maps: all N(N-1) fitted from the saved states, no model needed -----------------------------------
+def _fit_maps(r: _Run, layers: dict[str, int]) -> dict[tuple[str, str], AffineMap]:
+    """Every map source steering layer → target steering layer, loaded or fitted from the saved states."""
     start = time.perf_counter()
     states_cache: dict[str, PairedStates] = {}
 
     def states_of(name: str) -> PairedStates:
         if name not in states_cache:
-            states_cache[name] = PairedStates.load(paths.states(name))
+            states_cache[name] = PairedStates.load(r.states_path(name))
         return states_cache[name]
 
     maps: dict[tuple[str, str], AffineMap] = {}
-    for src in models:
-        for tgt in models:
+    ridge: Any = r.cfg.ridge if r.cfg.ridge == "auto" else float(r.cfg.ridge)
+    for src in r.cfg.models:
+        for tgt in r.cfg.models:
             if src == tgt:
                 continue
-            path = paths.map(src, tgt)
+            path = r.map_path(src, tgt)
             if path.is_file():
                 maps[src, tgt] = AffineMap.load(path)
                 continue
-            ridge: Any = cfg.ridge if cfg.ridge == "auto" else float(cfg.ridge)
-            amap = ct.fit_map_from_states(states_of(src), states_of(tgt), layers=[(layers[src], layers[tgt])], ridge=ridge,
-                                          seed=cfg.seed)
+            amap = ct.fit_map_from_states(states_of(src), states_of(tgt), layers=[(layers[src], layers[tgt])],
+                                          ridge=ridge, seed=r.cfg.seed)
             amap.save(path)
             maps[src, tgt] = amap
-    states_cache.clear()
-    tick("fit_maps", start)
+    r.tick("fit_maps", start)
+    return maps
 
-    # ---- phase 2: each target loaded once more (held ones not at all) for incoming vectors ----
+
+# ---- phase 2: each target loaded once more (held ones not at all) for incoming vectors ----------------
+def _phase2(r: _Run, held: dict[str, ModelHandle], maps: dict[tuple[str, str], AffineMap],
+            layers: dict[str, int]) -> None:
+    """Score every other model's mapped vectors in each target, reading them in the target's norm unit."""
+    models, emotions = list(r.cfg.models), list(r.cfg.emotions)
     order = [m for m in models if m in held] + [m for m in models if m not in held]
     for tgt in order:
         sources = [s for s in models if s != tgt]
-        if all(store.has(k) for s in sources for k, _, _ in steer_cells(s, tgt)):
+        if all(r.store.has(k) for s in sources for k, _, _ in r.steer_cells(s, tgt)):
             held.pop(tgt, None)
             continue
         model = held.pop(tgt, None)
         if model is None:
             held.clear()  # never two models of phase 2 in memory at once
-            _collect()
-            start = time.perf_counter()
-            model = log.load(tgt, "evaluate incoming vectors", **load_kw)
-            tick("load", start)
+            cm.free_memory()
+            model = r.load(tgt, "evaluate incoming vectors")
         start = time.perf_counter()
-        native = {e: ConceptVector.load(paths.vector(tgt, e)) for e in emotions}
+        native = {e: ConceptVector.load(r.vector_path(tgt, e)) for e in emotions}
         for src in sources:
-            incoming = {}
-            for e in emotions:
-                mapped = maps[src, tgt].apply(ConceptVector.load(paths.vector(src, e)))
-                incoming[e] = cm.with_norms(mapped, native[e].layer_norms)
-            evaluate_into(model, tgt, src, incoming, layers[tgt])
-        tick("evaluate", start)
-        model = None
-        _collect()
+            incoming = {e: r.incoming(maps[src, tgt], src, e, native[e]) for e in emotions}
+            r.evaluate_into(model, tgt, src, incoming, layers[tgt])
+        r.tick("evaluate", start)
+        del model
+        cm.free_memory()
     held.clear()
-    _collect()
+    cm.free_memory()
 
-    result = _assemble(cfg, store, maps, layers, infos, task)
-    result.update(log.summary())
-    every = log.all_runs()
+
+# ---- on an executor: every evaluation cell loads its own target --------------------------------------
+@dataclass(frozen=True)
+class CellArgs:
+    """One evaluation cell, picklable for any executor: ``target``'s baseline (no ``source``) or source → target."""
+
+    cfg: Config
+    target: str
+    emotion: str
+    source: str | None = None
+    alpha: float = 0.0
+
+
+_SLOT: dict[str, Any] = {}
+"""This process's last target (model, steering layer, native vectors, maps), reused by its next cells."""
+
+
+def _target_slot(cfg: Config, target: str) -> dict[str, Any]:
+    """``target`` loaded with what its cells need, once per target per process."""
+    key = (cfg.out, target, cfg.device, cfg.dtype)
+    if _SLOT.get("key") != key:
+        _SLOT.clear()
+        cm.free_memory()
+        r = _Run(cfg, CellStore(Path(cfg.out) / "cells"), cm.RunLog(), _task(cfg))
+        model = r.load(target, "evaluate cells")
+        native = {e: ConceptVector.load(r.vector_path(target, e)) for e in cfg.emotions}
+        layer = int(json.loads(r.info_path(target).read_text())["layer"])
+        _SLOT.update(key=key, run=r, model=model, native=native, layer=layer, maps={})
+    return _SLOT
+
+
+def run_cell(cell: CellArgs) -> dict[str, Any]:
+    """Score one cell from the files of phase 1 and the maps; module-level, so executors can pickle it."""
+    slot = _target_slot(cell.cfg, cell.target)
+    r, model, native = slot["run"], slot["model"], slot["native"]
+    if cell.source is None:
+        return r.base_cell(model, cell.target, cell.emotion)
+    if cell.source == cell.target:  # the diagonal: own vector, identity map
+        vector = native[cell.emotion]
+    else:
+        if cell.source not in slot["maps"]:
+            slot["maps"][cell.source] = AffineMap.load(r.map_path(cell.source, cell.target))
+        vector = r.incoming(slot["maps"][cell.source], cell.source, cell.emotion, native[cell.emotion])
+    return r.steer_cell(model, cell.target, cell.source, cell.emotion, cell.alpha, vector, slot["layer"])
+
+
+def _evaluate_on(r: _Run, executor: Any) -> str:
+    """Every missing cell through ``executor``, grouped by target; returns the executor's name."""
+    cells: dict[str, CellArgs] = {}
+    for tgt in r.cfg.models:
+        cells.update({_base_key(tgt, e): CellArgs(r.cfg, tgt, e) for e in r.cfg.emotions})
+        for src in r.cfg.models:
+            cells.update({k: CellArgs(r.cfg, tgt, e, src, a) for k, e, a in r.steer_cells(src, tgt)})
+    start = time.perf_counter()
+    with cell_executor(executor) as (pool, name):
+        r.store.run(cells, run_cell, executor=pool, desc="cells" if r.cfg.progress else None)
+    r.tick("evaluate", start)
+    return name
+
+
+def _task(cfg: Config) -> EmotionTask:
+    return emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
+
+
+def run(cfg: Config, *, executor: Any = None) -> dict[str, Any]:
+    """Compute (or resume) the matrix; writes ``matrix.json`` under ``cfg.out`` and returns it.
+
+    ``executor``: run the evaluation cells on it (any ``concurrent.futures.Executor``, or a
+    submitit-style one, wrapped in a ``JobExecutor``); None: the two phases in this process.
+    """
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = _task(cfg)
+    r = _Run(cfg, CellStore(out / "cells", settings=settings_fingerprint(cfg)),
+             cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress), task)
+    held = _phase1(r, neutral_sentences()[: cfg.n_texts], evaluate=executor is None)
+    infos = {m: json.loads(r.info_path(m).read_text()) for m in cfg.models}
+    layers = {m: int(infos[m]["layer"]) for m in cfg.models}
+    maps = _fit_maps(r, layers)
+    if executor is None:
+        _phase2(r, held, maps, layers)
+    executor_name = "serial (this process)" if executor is None else _evaluate_on(r, executor)
+
+    result = _assemble(cfg, r.store, maps, layers, infos, task)
+    result["executor"] = executor_name
+    result.update(r.log.summary())
+    every = r.log.all_runs()
     result["model_loads_all_runs"] = len(every)
     result["loads_all_runs"] = [[e["model"], e["purpose"]] for e in every]
-    n = len(models)
-    result["load_bound"] = f"<= {n} (N, keep_loaded)" if cfg.keep_loaded else f"<= 2N - 1 = {2 * n - 1} per complete run"
-    timings["total"] = round(time.perf_counter() - t0, 2)
-    result["timings_s"] = timings
+    n = len(cfg.models)
+    result["load_bound"] = (f"<= {n} here (files only); each worker loads the targets of its cells" if executor is not None
+                            else f"<= {n} (N, keep_loaded)" if cfg.keep_loaded else f"<= 2N - 1 = {2 * n - 1} per complete run")
+    r.timings["total"] = round(time.perf_counter() - t0, 2)
+    result["timings_s"] = r.timings
     result["config"] = dataclasses.asdict(cfg)
-    cm.write_json(out / "matrix.json", result)
+    write_json(out / "matrix.json", result)
     return json.loads((out / "matrix.json").read_text())
 
 
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
-
-
 def _assemble(cfg: Config, store: CellStore, maps: dict[tuple[str, str], AffineMap], layers: dict[str, int],
-              infos: dict[str, Any], task: cm.EmotionTask) -> dict[str, Any]:
+              infos: dict[str, Any], task: EmotionTask) -> dict[str, Any]:
     models, emotions = list(cfg.models), list(cfg.emotions)
     base = {t: {e: store.get(_base_key(t, e)) for e in emotions} for t in models}
-    baseline = {t: {"mean_logit_acc": _mean([base[t][e]["logit_acc"] for e in emotions]),
-                    "mean_token_acc": _mean([base[t][e]["token_acc"] for e in emotions]),
+    baseline = {t: {"mean_logit_acc": float(np.mean([base[t][e]["logit_acc"] for e in emotions])),
+                    "mean_token_acc": float(np.mean([base[t][e]["token_acc"] for e in emotions])),
                     "per_emotion": base[t]} for t in models}
     matrices: dict[str, Any] = {}
     for alpha in cfg.alphas:
@@ -315,7 +418,7 @@ def _assemble(cfg: Config, store: CellStore, maps: dict[tuple[str, str], AffineM
         for i, s in enumerate(models):
             for j, t in enumerate(models):
                 cells = {e: store.get(_steer_key(s, t, e, alpha)) for e in emotions}
-                steered[i, j] = _mean([cells[e][cfg.metric] for e in emotions])
+                steered[i, j] = np.mean([cells[e][cfg.metric] for e in emotions])
                 per_cell[f"{s} -> {t}"] = cells
         base_row = np.array([baseline[t][f"mean_{cfg.metric}"] for t in models])
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -374,15 +477,15 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 # ---- command line ---------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", type=cm.names, help="comma-separated model names (default: the Pythia list)")
+    p.add_argument("--models", type=validate.name_list_flag, help="comma-separated model names (default: the Pythia list)")
     p.add_argument("--out", default=Config.out, help="output directory (cells, states, matrix.json, figures)")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
-    p.add_argument("--emotions", type=cm.names)
+    p.add_argument("--emotions", type=validate.name_list_flag)
     p.add_argument("--n-refine", type=int)
     p.add_argument("--n-eval", type=int)
     p.add_argument("--n-texts", type=int)
-    p.add_argument("--alphas", type=cm.floats, help="comma-separated strengths (norm units)")
+    p.add_argument("--alphas", type=validate.float_list_flag, help="comma-separated strengths (norm units)")
     p.add_argument("--depth", type=float)
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
@@ -430,4 +533,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -27,20 +27,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 import contrans_tl as ct
+from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
+from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import neutral_sentences
-from contrans_tl.tasks.emotion import EMOTIONS
+from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.files import atomic_write_text, write_json
+from contrans_tl.handle import ModelHandle
+from contrans_tl.pairing import PairedStates
 from contrans_tl.lens import (
     count_tokens,
     lens_resid,
@@ -51,8 +56,10 @@ from contrans_tl.lens import (
     token_shift,
     topk_overlap,
 )
+from contrans_tl.tasks.emotion import EMOTIONS, EmotionTask, emotion_task
+from contrans_tl.transplant import Unit
 
-__all__ = ["Config", "QUICK", "run", "plot", "markdown", "add_args", "run_cli", "main", "HELP"]
+__all__ = ["Config", "QUICK", "HELP", "run", "plot", "markdown", "add_args", "config_from_args", "run_cli", "main"]
 
 HELP = "logit-lens token shift of transplanted emotion vectors (paper appendix B.3, Table 8)"
 
@@ -61,17 +68,27 @@ QUICK: dict[str, Any] = {"n_refine": 10, "n_eval": 4, "n_texts": 120}
 
 
 @dataclass
-class Config:
+class Config(cm.RunSettings):
+    """Settings of one token-shift run (each field is a command-line flag; shared ones in :class:`RunSettings`)."""
+
     source: str = "smollm2-135m-instruct"
+    """Model the vectors are refined in: built-in offline name, hub id or local directory."""
     target: str = "gemma-3-270m"
+    """Model the vectors are transplanted into and read out from."""
     out: str = "runs/token_shift"
+    """Output directory: token_shift.json, .md, .csv and the figures."""
     emotions: tuple[str, ...] = EMOTIONS
+    """Emotions whose vectors are read out (the label set is always all six)."""
     n_refine: int | None = None
+    """Refinement prompts per side (None: the whole refinement half, 35)."""
     n_eval: int | None = None
     """Scenarios per other emotion used as prompts (None: all 35, 175 prompts per emotion)."""
     alpha: float = 0.3
-    unit: str = "norm"
+    """Transplant strength, in ``unit``s."""
+    unit: Unit = "norm"
+    """"norm" (alpha is a fraction of the target's residual norm) or "raw"."""
     depth: float = 2 / 3
+    """Relative depth of the steering layer in both models."""
     lens_layers: tuple[str, ...] = ("steer", "final")
     """Blocks read out: "steer" (the transplant layer), "final" (the last block) or an index."""
     k: int = 10
@@ -82,23 +99,17 @@ class Config:
     """Also run the target's own (native) vector and report the top-k overlap."""
     n_texts: int | None = None
     """Neutral sentences for the map (None: all 400)."""
-    batch_size: int = 16
     chunk: int = 32
     """Prompts per read-out chunk (bounds memory: chunk × vocabulary probabilities; residuals are small)."""
-    device: str | None = None
-    dtype: str = "float32"
-    seed: int = 0
-    data_dir: str | None = None
-    progress: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.emotions = tuple(self.emotions)
         self.lens_layers = tuple(str(x) for x in self.lens_layers)
         for x in self.lens_layers:
             if x not in ("steer", "final") and not x.lstrip("-").isdigit():
-                raise ValueError(f"lens layer {x!r}: use 'steer', 'final' or a block index")
-        if self.unit not in ("norm", "raw"):
-            raise ValueError("unit must be 'norm' or 'raw'")
+                raise InvalidArgumentError("lens_layers", x, "'steer', 'final' or a block index")
+        validate.choice("unit", self.unit, ("norm", "raw"))
 
 
 def _lens_index(spec: str, steer: int, n_layers: int) -> int:
@@ -110,7 +121,8 @@ def _lens_index(spec: str, steer: int, n_layers: int) -> int:
     return i + n_layers if i < 0 else i
 
 
-def _shifts(model: Any, before: torch.Tensor, after: torch.Tensor, block: int, cfg: Config) -> dict[str, torch.Tensor]:
+def _shifts(model: ModelHandle, before: Float[Tensor, "prompt block d_model"],
+            after: Float[Tensor, "prompt block d_model"], block: int, cfg: Config) -> dict[str, Tensor]:
     """Top-k rising/falling ids per prompt from residuals before/after, read-out chunked over prompts."""
     parts = []
     for start in range(0, before.shape[0], cfg.chunk):
@@ -119,7 +131,110 @@ def _shifts(model: Any, before: torch.Tensor, after: torch.Tensor, block: int, c
         p_after = logits_from_resid(model, after[rows, block]).softmax(-1)
         parts.append(token_shift(p_before, p_after, k=cfg.k))
         del p_before, p_after
-    return {f: torch.cat([getattr(s, f) for s in parts]) for f in ("rising", "rising_delta", "falling", "falling_delta")}
+    fields = ("rising", "rising_delta", "falling", "falling_delta")
+    return {f: torch.cat([getattr(s, f) for s in parts]) for f in fields}
+
+
+@dataclass
+class _Models:
+    """The target (still loaded), its steering layer, the map into it and both sides' vectors."""
+
+    target: ModelHandle
+    s_layer: int
+    t_layer: int
+    amap: AffineMap
+    source_vectors: dict[str, ConceptVector]
+    native: dict[str, ConceptVector]
+
+
+def _source_side(cfg: Config, task: EmotionTask, texts: list[str],
+                 log: cm.RunLog) -> tuple[dict[str, ConceptVector], PairedStates, int]:
+    """Load the source once: its emotion vectors, its aligned states and its steering layer."""
+    source = log.load(cfg.source, "refine + aligned states", device=cfg.device, dtype=cm.DTYPES[cfg.dtype])
+    s_layer = cm.layer_at_depth(int(source.cfg.n_layers), cfg.depth)
+    vectors = cm.refine_emotions(source, task, batch_size=cfg.batch_size, log=log, name=cfg.source)
+    states = ct.capture_paired(source, texts, layers=[s_layer], scheme="words")
+    log.forward(cfg.source, "capture_paired", cm.batches(len(texts), 8))
+    return vectors, states, s_layer
+
+
+def _prepare(cfg: Config, task: EmotionTask, log: cm.RunLog) -> _Models:
+    """Source side (the source is dropped after it), then target states, the map and the native vectors."""
+    texts = neutral_sentences()[: cfg.n_texts]
+    src_vectors, src_states, s_layer = _source_side(cfg, task, texts, log)
+    cm.free_memory()
+    target = log.load(cfg.target, "aligned states, native vectors, lens read-outs", device=cfg.device,
+                      dtype=cm.DTYPES[cfg.dtype])
+    t_layer = cm.layer_at_depth(int(target.cfg.n_layers), cfg.depth)
+    tgt_states = ct.capture_paired(target, texts, layers=[t_layer], scheme="words")
+    log.forward(cfg.target, "capture_paired", cm.batches(len(texts), 8))
+    amap = ct.fit_map_from_states(src_states, tgt_states, layers=[(s_layer, t_layer)], seed=cfg.seed)
+    native = cm.refine_emotions(target, task, batch_size=cfg.batch_size, log=log, name=cfg.target)
+    return _Models(target, s_layer, t_layer, amap, src_vectors, native)
+
+
+def _read_out(m: _Models, cfg: Config, prompt_sets: dict[str, list[str]], blocks: list[int],
+              log: cm.RunLog) -> dict[str, dict[str, dict[int, dict[str, Tensor]]]]:
+    """Per emotion and vector (transplanted, native): the top-k shifts at every read-out block."""
+    # one pass per prompt set serves every read-out block; "before" is shared by all emotions
+    unique = list(dict.fromkeys(p for ps in prompt_sets.values() for p in ps))
+    row_of = {p: i for i, p in enumerate(unique)}
+    before_all = lens_resid(m.target, unique, blocks, batch_size=cfg.batch_size)
+    log.forward(cfg.target, "capture (lens)", cm.batches(len(unique), cfg.batch_size))
+    shifts: dict[str, dict[str, dict[int, dict[str, Tensor]]]] = {}
+    for emotion, prompts in prompt_sets.items():
+        before = before_all[[row_of[p] for p in prompts]]
+        mapped = m.amap.apply(m.source_vectors[emotion])
+        vectors = {"transplanted": cm.with_norms(mapped, m.native[emotion].layer_norms)}
+        if cfg.native:
+            vectors["native"] = m.native[emotion]
+        shifts[emotion] = {}
+        for name, vector in vectors.items():
+            after = lens_resid(m.target, prompts, blocks, vector=vector, alpha=cfg.alpha, unit=cfg.unit,
+                               steer_layers=[m.t_layer], batch_size=cfg.batch_size)
+            log.forward(cfg.target, "capture (lens)", cm.batches(len(prompts), cfg.batch_size))
+            shifts[emotion][name] = {i: _shifts(m.target, before, after, i, cfg) for i in range(len(blocks))}
+    return shifts
+
+
+def _labelled(tok: Any, ids: Tensor, deltas: Tensor) -> list[list[Any]]:
+    return [[token_label(tok, t), round(float(d), 6)] for t, d in zip(ids, deltas)]
+
+
+def _overlap(section: dict[str, Any], emotion: str, tr: dict[str, Tensor], nat: dict[str, Tensor],
+             top: int) -> dict[str, Any]:
+    """Transplanted vs native: per-prompt top-k overlap and the overlap of the aggregated top lists."""
+    agg = {}
+    for side in ("rising", "falling"):
+        a = {t for t, _ in section["transplanted"][emotion][side][:top]}
+        b = {t for t, _ in section["native"][emotion][side][:top]}
+        agg[side] = {"shared": len(a & b), "of": top, "jaccard": len(a & b) / max(1, len(a | b))}
+    rise = topk_overlap(tr["rising"], nat["rising"])
+    fall = topk_overlap(tr["falling"], nat["falling"])
+    return {
+        "per_prompt_rising": {k: v for k, v in rise.items() if k != "per_prompt_shared"},
+        "per_prompt_falling": {k: v for k, v in fall.items() if k != "per_prompt_shared"},
+        "aggregate_top": agg,
+    }
+
+
+def _section(tok: Any, cfg: Config, prompt_sets: dict[str, list[str]],
+             shifts: dict[str, dict[str, dict[int, dict[str, Tensor]]]], col: int, block: int) -> dict[str, Any]:
+    """One read-out block's tables: token counts per vector, two example prompts, the overlaps."""
+    section: dict[str, Any] = {"block": block, "transplanted": {}, "native": {}, "overlap": {}, "examples": {}}
+    for emotion, prompts in prompt_sets.items():
+        for name, per_block in shifts[emotion].items():
+            sh = per_block[col]
+            section[name][emotion] = {side: count_tokens(sh[side], tok) for side in ("rising", "falling")}
+        tr = shifts[emotion]["transplanted"][col]
+        section["examples"][emotion] = [
+            {"prompt": prompts[i][-120:], "rising": _labelled(tok, tr["rising"][i], tr["rising_delta"][i]),
+             "falling": _labelled(tok, tr["falling"][i], tr["falling_delta"][i])}
+            for i in range(min(2, len(prompts)))
+        ]
+        if cfg.native:
+            section["overlap"][emotion] = _overlap(section, emotion, tr, shifts[emotion]["native"][col], cfg.top)
+    return section
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -128,34 +243,15 @@ def run(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = cm.RunLog(verbose=cfg.progress)
-    task = cm.emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
-    texts = neutral_sentences()[: cfg.n_texts]
-    kw = {"device": cfg.device, "dtype": cm.DTYPES[cfg.dtype]}
-
-    source = log.load(cfg.source, "refine + aligned states", **kw)
-    s_layer = cm.layer_at_depth(int(source.cfg.n_layers), cfg.depth)
-    src_vectors = cm.refine_emotions(source, task, batch_size=cfg.batch_size, log=log, name=cfg.source)
-    src_states = ct.capture_paired(source, texts, layers=[s_layer], scheme="words")
-    log.forward(cfg.source, "capture_paired", cm.batches(len(texts), 8))
-    source = None
-    gc.collect()
-
-    target = log.load(cfg.target, "aligned states, native vectors, lens read-outs", **kw)
-    n_layers = int(target.cfg.n_layers)
-    t_layer = cm.layer_at_depth(n_layers, cfg.depth)
-    tgt_states = ct.capture_paired(target, texts, layers=[t_layer], scheme="words")
-    log.forward(cfg.target, "capture_paired", cm.batches(len(texts), 8))
-    amap = ct.fit_map_from_states(src_states, tgt_states, layers=[(s_layer, t_layer)], seed=cfg.seed)
-    native = cm.refine_emotions(target, task, batch_size=cfg.batch_size, log=log, name=cfg.target)
-    tok = target.tokenizer
-
+    task = emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
+    m = _prepare(cfg, task, log)
     result: dict[str, Any] = {
         "analysis": "token_shift",
         "source": cfg.source,
         "target": cfg.target,
-        "source_layer": s_layer,
-        "target_layer": t_layer,
-        "map_r2_heldout": float(amap.r2_heldout[0]),
+        "source_layer": m.s_layer,
+        "target_layer": m.t_layer,
+        "map_r2_heldout": float(m.amap.r2_heldout[0]),
         "alpha": cfg.alpha,
         "unit": cfg.unit,
         "k": cfg.k,
@@ -164,65 +260,21 @@ def run(cfg: Config) -> dict[str, Any]:
         "count": "number of prompts whose top-k rising (falling) tokens include the token",
         "layers": {},
     }
-    lens_layers = {spec: _lens_index(spec, t_layer, n_layers) for spec in cfg.lens_layers}
+    lens_layers = {spec: _lens_index(spec, m.t_layer, int(m.target.cfg.n_layers)) for spec in cfg.lens_layers}
     blocks = sorted(set(lens_layers.values()))
-    # one pass per prompt set serves every read-out block; "before" is shared by all emotions
     prompt_sets = {e: task.negative_prompts(e) for e in cfg.emotions}
-    unique = list(dict.fromkeys(p for ps in prompt_sets.values() for p in ps))
-    row_of = {p: i for i, p in enumerate(unique)}
-    before_all = lens_resid(target, unique, blocks, batch_size=cfg.batch_size)
-    log.forward(cfg.target, "capture (lens)", cm.batches(len(unique), cfg.batch_size))
-    shifts: dict[str, dict[str, dict[int, dict[str, torch.Tensor]]]] = {}
-    for emotion, prompts in prompt_sets.items():
-        before = before_all[[row_of[p] for p in prompts]]
-        vectors = {"transplanted": cm.with_norms(amap.apply(src_vectors[emotion]), native[emotion].layer_norms)}
-        if cfg.native:
-            vectors["native"] = native[emotion]
-        shifts[emotion] = {}
-        for name, vector in vectors.items():
-            after = lens_resid(target, prompts, blocks, vector=vector, alpha=cfg.alpha, unit=cfg.unit,  # type: ignore[arg-type]
-                               steer_layers=[t_layer], batch_size=cfg.batch_size)
-            log.forward(cfg.target, "capture (lens)", cm.batches(len(prompts), cfg.batch_size))
-            shifts[emotion][name] = {i: _shifts(target, before, after, i, cfg) for i in range(len(blocks))}
+    shifts = _read_out(m, cfg, prompt_sets, blocks, log)
     for spec, layer in lens_layers.items():
-        col = blocks.index(layer)
-        section: dict[str, Any] = {"block": layer, "transplanted": {}, "native": {}, "overlap": {}, "examples": {}}
-        for emotion, prompts in prompt_sets.items():
-            for name, per_block in shifts[emotion].items():
-                sh = per_block[col]
-                section[name][emotion] = {"rising": count_tokens(sh["rising"], tok),
-                                          "falling": count_tokens(sh["falling"], tok)}
-            tr = shifts[emotion]["transplanted"][col]
-            section["examples"][emotion] = [
-                {"prompt": prompts[i][-120:],
-                 "rising": [[token_label(tok, t), round(float(d), 6)] for t, d in zip(tr["rising"][i], tr["rising_delta"][i])],
-                 "falling": [[token_label(tok, t), round(float(d), 6)] for t, d in zip(tr["falling"][i], tr["falling_delta"][i])]}
-                for i in range(min(2, len(prompts)))
-            ]
-            if cfg.native:
-                nat = shifts[emotion]["native"][col]
-                agg = {}
-                for side in ("rising", "falling"):
-                    a = {t for t, _ in section["transplanted"][emotion][side][: cfg.top]}
-                    b = {t for t, _ in section["native"][emotion][side][: cfg.top]}
-                    agg[side] = {"shared": len(a & b), "of": cfg.top, "jaccard": len(a & b) / max(1, len(a | b))}
-                rise = topk_overlap(tr["rising"], nat["rising"])
-                fall = topk_overlap(tr["falling"], nat["falling"])
-                section["overlap"][emotion] = {
-                    "per_prompt_rising": {k: v for k, v in rise.items() if k != "per_prompt_shared"},
-                    "per_prompt_falling": {k: v for k, v in fall.items() if k != "per_prompt_shared"},
-                    "aggregate_top": agg,
-                }
-        result["layers"][spec] = section
-    target = None
-    gc.collect()
+        result["layers"][spec] = _section(m.target.tokenizer, cfg, prompt_sets, shifts, blocks.index(layer), layer)
+    del m
+    cm.free_memory()
     result.update(log.summary())
     result["timings_s"] = {"total": round(time.perf_counter() - t0, 2)}
     result["config"] = dataclasses.asdict(cfg)
-    cm.write_json(out / "token_shift.json", result)
+    write_json(out / "token_shift.json", result)
     result = json.loads((out / "token_shift.json").read_text())
-    (out / "token_shift.md").write_text(markdown(result), encoding="utf-8")
-    (out / "token_shift.csv").write_text(_csv(result), encoding="utf-8")
+    atomic_write_text(out / "token_shift.md", markdown(result))
+    atomic_write_text(out / "token_shift.csv", _csv(result))
     return result
 
 
@@ -287,14 +339,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=Config.out)
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
-    p.add_argument("--emotions", type=cm.names)
+    p.add_argument("--emotions", type=validate.name_list_flag)
     p.add_argument("--n-refine", type=int)
     p.add_argument("--n-eval", type=int)
     p.add_argument("--n-texts", type=int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--depth", type=float)
-    p.add_argument("--lens-layers", type=cm.names, help="comma-separated: steer, final, or block indices")
+    p.add_argument("--lens-layers", type=validate.name_list_flag, help="comma-separated: steer, final, or block indices")
     p.add_argument("--k", type=int)
     p.add_argument("--top", type=int)
     p.add_argument("--no-native", dest="native", action="store_false", default=None)
@@ -321,4 +373,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

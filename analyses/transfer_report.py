@@ -1,14 +1,16 @@
 """Transfer report and layer-pair search for an emotion concept on a source → target pair.
 
-Composes the library: the emotion task's contrast prompts refine the concept in the source
-(transplanted) and in the target (native reference); an affine map is fitted on neutral text;
-:func:`contrans_tl.diagnostics.transfer_report` measures held-out R², cosine and the causal
-ratio on the emotion metric; :func:`contrans_tl.diagnostics.layer_pair_search_from_states`
+Composes the library: the emotion task (:mod:`contrans_tl.tasks.emotion`) gives the contrast
+prompts that refine the concept in the source (transplanted) and in the target (native
+reference); an affine map is fitted on neutral text;
+:func:`contrans_tl.reports.transfer.transfer_report` measures held-out R², cosine and the causal
+ratio on the emotion metric; :func:`contrans_tl.reports.layer_search.layer_pair_search_from_states`
 scores a strided source × target grid by R² and the logit-lens proxy on the emotion's label
-token. Both models are captured once, at every layer, and the captures serve the map and the grid.
+token (:func:`contrans_tl.lens.concept_readout`). Both models are captured once, at every
+layer, and the captures serve the map and the grid.
 
-The metric is scored on *negatives*: evaluation-half scenarios of the other five emotions,
-behind the few-shot block of :mod:`contrans_tl.tasks.emotion`. "logit_acc" is the share of them
+The metric is scored on *negatives*: evaluation-half scenarios of the other five emotions
+(``EmotionTask.negatives``), behind the task's few-shot block. "logit_acc" is the share of them
 answered with the concept's label among the six labels (the paper's Logit Acc); "label_prob"
 the mean probability of that label among the six (continuous, so small effects show).
 
@@ -20,15 +22,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import random
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
+
+import contrans_tl as ct
+from contrans_tl.artifacts import AffineMap, ConceptVector
+from contrans_tl.datasets import neutral_sentences
+from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.files import write_json
+from contrans_tl.handle import ModelHandle
+from contrans_tl.lens import concept_readout
+from contrans_tl.pairing import PairedStates, capture_paired
+from contrans_tl.reports.layer_search import (
+    LayerPairSearch,
+    auto_layers,
+    drop_outlier_samples,
+    layer_pair_search_from_states,
+    strided_layers,
+)
+from contrans_tl.reports.strength import guarded_sweep
+from contrans_tl.reports.transfer import Metric, TransferReport, transfer_report
+from contrans_tl.tasks.emotion import EMOTIONS, EmotionTask, emotion_task, label_probability, label_tokens
+from contrans_tl.transplant import Unit
 
 HELP = "transfer report (R2, cosine, causal ratio) and layer-pair search for an emotion concept"
+
+N_EVAL_HELP = ("negative scenarios the metric is scored on, rounded up to a multiple of the five other emotions "
+               "(ceil(n_eval / 5) held-out scenarios of each)")
+
+METRICS = ("logit_acc", "label_prob")
 
 
 @dataclass
@@ -43,16 +69,17 @@ class Config:
     n_refine: int = 24
     """Contrast prompts per side for refining the concept in each model."""
     n_eval: int = 24
-    """Negative scenarios the metric is scored on."""
+    """Negative scenarios the metric is scored on, rounded up to a multiple of the five other
+    emotions: ``ceil(n_eval / 5)`` held-out scenarios of each."""
     alpha: float | str = 0.1
     """Strength for the causal ratio, or "auto": the largest alpha of a KL-guarded sweep."""
-    unit: str = "norm"
+    unit: Unit = "norm"
     kl_budget: float = 0.25
     """Nats of mean neutral-text KL allowed when alpha is "auto"."""
     metric: str = "logit_acc"
     steer_layers: tuple[int, ...] | str | None = None
     """Target layers steered together for the combined causal ratio (default: all layers of the
-    map; "auto": :func:`contrans_tl.diagnostics.auto_layers`)."""
+    map; "auto": :func:`contrans_tl.reports.layer_search.auto_layers`, called here)."""
     per_layer: tuple[int, ...] = ()
     """Target layers additionally steered one at a time."""
     per_layer_alpha: float | None = None
@@ -86,10 +113,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  "per_layer_alpha", "pairs", "outlier_factor"):
         if hasattr(args, name):
             setattr(cfg, name, getattr(args, name))
-    if isinstance(cfg.alpha, str) and cfg.alpha != "auto":
-        cfg.alpha = float(cfg.alpha)
-    if getattr(args, "per_layer", ""):
-        cfg.per_layer = tuple(int(x) for x in args.per_layer.split(",") if x.strip())
+    cfg.alpha = _alpha_arg(cfg.alpha)
+    cfg.per_layer = _int_list(getattr(args, "per_layer", ""))
     cfg.steer_layers = _layers_arg(getattr(args, "steer_layers", ""))
     cfg.map_path = getattr(args, "map", None)
     cfg.vector_path = getattr(args, "vector", None)
@@ -97,68 +122,45 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _layers_arg(text: str) -> tuple[int, ...] | str | None:
-    if not text:
-        return None
-    if text == "auto":
+def _alpha_arg(value: float | str) -> float | str:
+    """A number, or "auto"."""
+    if value == "auto":
         return "auto"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError("alpha", value, "a number or 'auto'") from None
+
+
+def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-# ---- the emotion concept: prompts, label tokens, metric -----------------------------------------
-@dataclass(frozen=True)
-class EmotionTask:
-    emotion: str
-    positives: list[str]
-    negatives: list[str]
-    eval_scenarios: list[str]
-    """Evaluation-half scenarios of the other emotions (the metric's negatives)."""
-    prefix: str
+def _layers_arg(text: str) -> tuple[int, ...] | str | None:
+    if not text:
+        return None
+    return "auto" if text == "auto" else _int_list(text)
 
 
-def emotion_task(emotion: str, *, n_refine: int, n_eval: int, seed: int = 0) -> EmotionTask:
-    from contrans_tl.tasks.emotion import emotion_scenarios
-    from contrans_tl.tasks.emotion import contrast_prompts, few_shot_prefix, split_scenarios
-
-    split = split_scenarios(emotion_scenarios(), seed=seed)
-    pos, neg = contrast_prompts(split.refine, emotion, n=n_refine, seed=seed)
-    others = [s for e, items in split.evaluate.items() if e != emotion for s in items]
-    rng = random.Random(f"eval-{seed}-{emotion}")
-    scenarios = rng.sample(others, min(n_eval, len(others)))
-    return EmotionTask(emotion, pos, neg, scenarios, few_shot_prefix(split.refine, seed=seed))
+# ---- the emotion concept: task, metric, readout (all from contrans_tl.tasks.emotion) -------------
+def negatives_per_emotion(n_eval: int) -> int:
+    """Held-out scenarios of each other emotion so that at least ``n_eval`` negatives are scored."""
+    return math.ceil(n_eval / (len(EMOTIONS) - 1))
 
 
-def emotion_metric(task: EmotionTask, kind: str = "logit_acc", *, batch_size: int = 16) -> Callable[[Any], float]:
-    """``metric(model)``: Logit Acc of the task's emotion on its negatives, or its label probability."""
-    import torch
-
-    from contrans_tl.capture import next_token_logits
-    from contrans_tl.tasks.emotion import EMOTIONS
-    from contrans_tl.tasks.emotion import QUERY, evaluate_emotion, label_tokens
-
-    index = list(EMOTIONS).index(task.emotion)
+def emotion_metric(task: EmotionTask, emotion: str, kind: str = "logit_acc", *,
+                   batch_size: int = 16) -> Callable[[ModelHandle], float]:
+    """``metric(model)``: Logit Acc of ``emotion`` on its held-out negatives, or its label probability."""
     if kind == "logit_acc":
-        return lambda model: float(
-            evaluate_emotion(model, task.eval_scenarios, task.emotion, prefix=task.prefix, batch_size=batch_size)["logit_acc"]
-        )
+        return lambda model: float(task.score(model, emotion, batch_size=batch_size)["logit_acc"])
     if kind == "label_prob":
-
-        def label_prob(model) -> float:
-            labels = label_tokens(model.tokenizer)
-            logits = next_token_logits(model, [QUERY.format(s) for s in task.eval_scenarios], prefix=task.prefix,
-                                       batch_size=batch_size)
-            return float(torch.softmax(logits[:, labels].double(), -1)[:, index].mean())
-
-        return label_prob
-    raise ValueError(f"unknown metric {kind!r}: choose logit_acc or label_prob")
+        return lambda model: label_probability(model, task.negatives(emotion), emotion, prefix=task.prefix,
+                                               batch_size=batch_size)
+    raise InvalidArgumentError("metric", kind, " or ".join(repr(m) for m in METRICS))
 
 
-def emotion_readout(model, emotion: str):
+def emotion_readout(model: ModelHandle, emotion: str):
     """Logit-lens readout of the emotion's label token against the other five labels."""
-    from contrans_tl.tasks.emotion import EMOTIONS
-    from contrans_tl.diagnostics import concept_readout
-    from contrans_tl.tasks.emotion import label_tokens
-
     labels = label_tokens(model.tokenizer).tolist()
     i = list(EMOTIONS).index(emotion)
     return concept_readout(model, [labels[i]], labels[:i] + labels[i + 1 :])
@@ -169,46 +171,42 @@ class _Run:
     """Models, texts and vectors shared by the report and the search (loaded once)."""
 
     def __init__(self, cfg: Config) -> None:
-        import contrans_tl as ct
-        from contrans_tl.datasets import neutral_sentences
-
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.source = ct.load_model(cfg.source, device=cfg.device)
-        self.target = ct.load_model(cfg.target, device=cfg.device)
+        self.source: ModelHandle = ct.load_model(cfg.source, device=cfg.device)
+        self.target: ModelHandle = ct.load_model(cfg.target, device=cfg.device)
         self.timings["load"] = time.perf_counter() - t0
         pool = neutral_sentences()
-        step = max(1, len(pool) // cfg.n_texts)
-        self.texts = pool[::step][: cfg.n_texts]
-        self.task = emotion_task(cfg.emotion, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed)
-        self._states: tuple[Any, Any] | None = None
-        self.search: Any = None
+        self.texts = pool[:: max(1, len(pool) // cfg.n_texts)][: cfg.n_texts]
+        self.task = emotion_task((cfg.emotion,), n_refine=cfg.n_refine, n_eval=negatives_per_emotion(cfg.n_eval),
+                                 seed=cfg.seed)
+        self.negatives = self.task.negatives(cfg.emotion)
+        self._states: tuple[PairedStates, PairedStates] | None = None
+        self.search: LayerPairSearch | None = None
         self.n_dropped: int | None = None  # None: no capture in this run (maps loaded from files)
         t0 = time.perf_counter()
-        if cfg.vector_path:
-            self.vector = ct.ConceptVector.load(cfg.vector_path)
-        else:
-            self.vector = ct.refine(self.source, self.task.positives, self.task.negatives, batch_size=cfg.batch_size)
-            self.vector.save(self.out / f"{cfg.emotion}_source.safetensors")
-        if cfg.native_path:
-            self.native = ct.ConceptVector.load(cfg.native_path)
-        else:
-            self.native = ct.refine(self.target, self.task.positives, self.task.negatives, batch_size=cfg.batch_size)
-            self.native.save(self.out / f"{cfg.emotion}_native.safetensors")
+        self.vector = self._vector(self.source, cfg.vector_path, "source")
+        self.native = self._vector(self.target, cfg.native_path, "native")
         self.timings["refine"] = time.perf_counter() - t0
 
-    def states(self):
+    def _vector(self, model: ModelHandle, path: str | None, role: str) -> ConceptVector:
+        """The concept vector loaded from ``path``, or refined in ``model`` and saved."""
+        if path:
+            return ConceptVector.load(path)
+        positives, negatives = self.task.contrast(self.cfg.emotion)
+        vector = ct.refine(model, positives, negatives, batch_size=self.cfg.batch_size)
+        vector.save(self.out / f"{self.cfg.emotion}_{role}.safetensors")
+        return vector
+
+    def states(self) -> tuple[PairedStates, PairedStates]:
         """Aligned captures of both models at every layer (once)."""
         if self._states is None:
-            from contrans_tl.pairing import capture_paired
-            from contrans_tl.diagnostics import drop_outlier_samples
-
             t0 = time.perf_counter()
             same = self.source.tokenizer.get_vocab() == self.target.tokenizer.get_vocab()
-            scheme = "tokens" if same else "words"
+            scheme: Literal["tokens", "words"] = "tokens" if same else "words"
             xs = capture_paired(self.source, self.texts, scheme=scheme, batch_size=self.cfg.batch_size)
             ys = capture_paired(self.target, self.texts, scheme=scheme, batch_size=self.cfg.batch_size)
             xs, ys, self.n_dropped = drop_outlier_samples(xs, ys, factor=self.cfg.outlier_factor)
@@ -216,17 +214,14 @@ class _Run:
             self.timings["capture"] = time.perf_counter() - t0
         return self._states
 
-    def amap(self, pairs_from: str):
-        import contrans_tl as ct
-
+    def amap(self, pairs_from: str) -> AffineMap:
+        """The report's map: loaded, or fitted on the captures with default or searched pairs."""
         if self.cfg.map_path:
-            return ct.AffineMap.load(self.cfg.map_path)
+            return AffineMap.load(self.cfg.map_path)
+        if pairs_from not in ("default", "search"):
+            raise InvalidArgumentError("pairs", pairs_from, "'default' or 'search'")
         xs, ys = self.states()
-        pairs = None
-        if pairs_from == "search":
-            pairs = (self.search or layer_search(self)).best_source_for_target()
-        elif pairs_from != "default":
-            raise ValueError(f"pairs must be 'default' or 'search', not {pairs_from!r}")
+        pairs = (self.search or layer_search(self)).best_source_for_target() if pairs_from == "search" else None
         t0 = time.perf_counter()
         amap = ct.fit_map_from_states(xs, ys, layers=pairs, seed=self.cfg.seed)
         amap.save(self.out / ("map.safetensors" if pairs_from == "default" else "map_search.safetensors"))
@@ -238,44 +233,47 @@ def _min_effect(run: _Run) -> float:
     if run.cfg.min_effect is not None:
         return float(run.cfg.min_effect)
     if run.cfg.metric == "logit_acc":
-        return 1.5 / max(1, len(run.task.eval_scenarios))  # one flipped scenario is noise
+        return 1.5 / max(1, len(run.negatives))  # one flipped scenario is noise
     return 0.005
 
 
-def _steered(run: _Run, mapped) -> list[int] | None:
-    from contrans_tl.diagnostics import auto_layers
-
-    if run.cfg.steer_layers == "auto":
+def _steered(run: _Run, mapped: ConceptVector) -> list[int] | None:
+    """Target layers steered together: as configured, or chosen by auto_layers."""
+    layers = run.cfg.steer_layers
+    if isinstance(layers, str):
+        if layers != "auto":
+            raise InvalidArgumentError("steer_layers", layers, "target layers, 'auto' or None")
         return auto_layers(mapped, search=run.search)
-    return list(run.cfg.steer_layers) if run.cfg.steer_layers else None
+    return list(layers) if layers else None
 
 
-def _alpha(run: _Run, mapped, metric) -> tuple[float, dict[str, Any] | None]:
+def _alpha(run: _Run, mapped: ConceptVector, metric: Metric) -> tuple[float, dict[str, Any] | None]:
+    """The configured alpha, or the largest one of a KL-guarded sweep (with the sweep's record)."""
     cfg = run.cfg
     if cfg.alpha != "auto":
         return float(cfg.alpha), None
-    from contrans_tl.reports.strength import guarded_sweep
-
     t0 = time.perf_counter()
-    layers = _steered(run, mapped)
-    sweep = guarded_sweep(run.target, mapped, budget=cfg.kl_budget, unit=cfg.unit, layers=layers,
-                          metric=metric, batch_size=cfg.batch_size)
+    sweep = guarded_sweep(run.target, mapped, budget=cfg.kl_budget, unit=cfg.unit,
+                          layers=_steered(run, mapped), metric=metric, batch_size=cfg.batch_size)
     run.timings["alpha_sweep"] = time.perf_counter() - t0
     if sweep.chosen is None:
         raise SystemExit(f"no alpha keeps the neutral-text KL within {cfg.kl_budget} nats: {sweep.kl_mean}")
     return sweep.chosen, sweep.to_dict()
 
 
-def report(run: _Run, pairs_from: str | None = None):
+def _timings(run: _Run) -> dict[str, float]:
+    return {k: round(v, 1) for k, v in run.timings.items()}
+
+
+def report(run: _Run, pairs_from: str | None = None) -> TransferReport:
     """The transfer report; writes report[_search].json and .png/.pdf under ``cfg.out``."""
-    from contrans_tl.diagnostics import transfer_report
     from contrans_tl import plotting
 
     cfg = run.cfg
     pairs_from = pairs_from or cfg.pairs
     stem = "report" if pairs_from == "default" else "report_search"
     amap = run.amap(pairs_from)
-    metric = emotion_metric(run.task, cfg.metric, batch_size=16)
+    metric = emotion_metric(run.task, cfg.emotion, cfg.metric, batch_size=16)
     mapped = amap.apply(run.vector)
     alpha, sweep = _alpha(run, mapped, metric)
     t0 = time.perf_counter()
@@ -285,22 +283,18 @@ def report(run: _Run, pairs_from: str | None = None):
         per_layer_alpha=cfg.per_layer_alpha, min_effect=_min_effect(run),
     )
     run.timings[stem] = time.perf_counter() - t0
-    rep.settings["pairs"] = pairs_from
-    rep.settings["config"] = dataclasses.asdict(cfg)
-    rep.settings["n_eval"] = len(run.task.eval_scenarios)
-    rep.settings["outliers_dropped"] = run.n_dropped
-    rep.settings["min_effect"] = _min_effect(run)
+    rep.settings.update(pairs=pairs_from, config=dataclasses.asdict(cfg), n_eval=len(run.negatives),
+                        outliers_dropped=run.n_dropped, min_effect=_min_effect(run))
     if sweep is not None:
         rep.settings["alpha_sweep"] = sweep
-    rep.settings["timings_s"] = {k: round(v, 1) for k, v in run.timings.items()}
+    rep.settings["timings_s"] = _timings(run)
     rep.save(run.out / f"{stem}.json")
     plotting.save_figure(plotting.transfer_report(rep), run.out / stem)
     return rep
 
 
-def layer_search(run: _Run):
+def layer_search(run: _Run) -> LayerPairSearch:
     """The layer-pair grid; writes layer_search.json and layer_search.png/pdf under ``cfg.out``."""
-    from contrans_tl.diagnostics import layer_pair_search_from_states, strided_layers
     from contrans_tl import plotting
 
     cfg = run.cfg
@@ -315,15 +309,14 @@ def layer_search(run: _Run):
     )
     run.timings["layer_search"] = time.perf_counter() - t0
     run.search = search
-    search.settings["outliers_dropped"] = run.n_dropped
-    search.settings["config"] = dataclasses.asdict(cfg)
-    search.settings["timings_s"] = {k: round(v, 1) for k, v in run.timings.items()}
+    search.settings.update(outliers_dropped=run.n_dropped, config=dataclasses.asdict(cfg), timings_s=_timings(run))
     search.save(run.out / "layer_search.json", top_k=cfg.top_k)
     plotting.save_figure(plotting.layer_search(search), run.out / "layer_search")
     return search
 
 
-def _summary_report(rep) -> str:
+# ---- summaries and entry points ----------------------------------------------------------------
+def _summary_report(rep: TransferReport) -> str:
     lines = [f"{rep.source} -> {rep.target}, {rep.concept}: alpha {rep.alpha:g} ({rep.unit})"]
     for p in rep.pairs:
         lines.append(f"  pair {p['source_layer']:2d} -> {p['target_layer']:2d}  R2 {p['r2_heldout']:.3f}  cos {p['cosine']:+.3f}")
@@ -338,14 +331,14 @@ def _summary_report(rep) -> str:
     return "\n".join(lines)
 
 
-def _summary_search(search, top_k: int) -> str:
+def _summary_search(search: LayerPairSearch, top_k: int) -> str:
     lines = [f"layer-pair search {search.source} -> {search.target}: best pairs"]
     for c in search.best_pairs(top_k):
         lines.append("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()))
     return "\n".join(lines)
 
 
-def run_report(cfg: Config):
+def run_report(cfg: Config) -> TransferReport:
     run = _Run(cfg)
     rep = report(run)
     print(_summary_report(rep))
@@ -354,7 +347,7 @@ def run_report(cfg: Config):
     return rep
 
 
-def run_layer_search(cfg: Config):
+def run_layer_search(cfg: Config) -> LayerPairSearch:
     run = _Run(cfg)
     search = layer_search(run)
     print(_summary_search(search, cfg.top_k))
@@ -362,7 +355,7 @@ def run_layer_search(cfg: Config):
     return search
 
 
-def run(cfg: Config):
+def run(cfg: Config) -> tuple[TransferReport, LayerPairSearch]:
     """Both, sharing the models, vectors and captures."""
     shared = _Run(cfg)
     search = layer_search(shared)
@@ -371,12 +364,13 @@ def run(cfg: Config):
     print(_summary_search(search, cfg.top_k))
     for rep in reports:
         print(_summary_report(rep))
-    (shared.out / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in shared.timings.items()}, indent=1))
+    write_json(shared.out / "timings.json", _timings(shared))
     return reports[-1], search
 
 
 _SPECIAL = ("steer_layers", "per_layer", "per_layer_alpha", "map_path", "vector_path", "native_path", "alpha",
             "min_effect")
+_FIELD_HELP = {"n_eval": N_EVAL_HELP, "metric": " or ".join(METRICS)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,18 +379,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f in dataclasses.fields(Config):
         if f.name in _SPECIAL:
             continue
-        flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        p.add_argument(flag, type=type(value) if value is not None else str, default=value)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(value) if value is not None else str, default=value,
+                       help=_FIELD_HELP.get(f.name))
     p.add_argument("--alpha", default="0.1", help="a number, or 'auto' (KL-guarded sweep)")
-    p.add_argument("--steer-layers", default="", help="comma-separated target layers, or 'auto'")
+    p.add_argument("--steer-layers", default="", help="comma-separated target layers, or 'auto' "
+                   "(contrans_tl.reports.layer_search.auto_layers)")
     p.add_argument("--per-layer", default="")
     p.add_argument("--per-layer-alpha", type=float, default=None)
     p.add_argument("--min-effect", type=float, default=None)
     args = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name not in _SPECIAL})
-    cfg.alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
-    cfg.per_layer = tuple(int(x) for x in args.per_layer.split(",") if x.strip())
+    cfg.alpha = _alpha_arg(args.alpha)
+    cfg.per_layer = _int_list(args.per_layer)
     cfg.steer_layers = _layers_arg(args.steer_layers)
     cfg.per_layer_alpha = args.per_layer_alpha
     cfg.min_effect = args.min_effect

@@ -2,7 +2,7 @@
 
     python -m bench.alignment_mc1 [--data-dir ../shared/data] [--n-questions N] [--folds 2]
 
-Runs :func:`analyses.alignment_eval.run` for the honesty concept with Base, ConTrans
+Runs :func:`contrans_tl.analyses.alignment_eval.run` for the honesty concept with Base, ConTrans
 (transplant), Self-Align and Inst-Align on the offline pair (smollm2-135m-instruct →
 gemma-3-270m by default), prints the paper-shaped table, the accuracies, the time of every
 phase and the throughput in scored (question, choice) sequences per second, and writes
@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from contrans_tl.analyses import alignment_eval as ae
-from contrans_tl import evaluation as ev
+from contrans_tl.tasks import scoring
 
 
 def _default_data_dir() -> str | None:
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(Path(args.out_dir) / "cells", ignore_errors=True)
 
     scored = {"sequences": 0, "seconds": 0.0}
-    inner = ev.score_rows
+    inner = scoring.score_rows  # every MC1 and perplexity score goes through it
 
     def counting(model, rows, **kw):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
@@ -65,19 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             scored["sequences"] += len(rows)
             scored["seconds"] += time.perf_counter() - start
 
-    ev.score_rows = counting  # type: ignore[assignment]
+    scoring.score_rows = counting  # type: ignore[assignment]
     cfg = ae.Config(
         source=args.source, target=args.target, tasks=("honesty",),
         conditions=("base", "transplant", "self-align", "inst-align"), data_dir=args.data_dir,
         n_questions=args.n_questions, folds=args.folds, n_val=args.n_val,
         alphas=tuple(float(a) for a in args.alphas.split(",")), batch_size=args.batch_size,
-        n_ppl=args.n_ppl, dtype=args.dtype, out_dir=args.out_dir, progress=True,
+        n_ppl=args.n_ppl, dtype=args.dtype, out=args.out_dir, progress=True,
     )
     start = time.perf_counter()
     try:
         result = ae.run(cfg)
     finally:
-        ev.score_rows = inner  # type: ignore[assignment]
+        scoring.score_rows = inner  # type: ignore[assignment]
     wall = time.perf_counter() - start
     rows = result["honesty"]["rows"]
     print(ae.markdown_tables(result))

@@ -30,7 +30,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from contrans_tl.handle import ModelHandle
 
 __all__ = ["rss_bytes", "PeakSampler", "text_of_length", "measure_memory", "measure_in_subprocess"]
 
@@ -93,7 +96,7 @@ def _return_freed_memory(libc: Any) -> None:
         pass
 
 
-def text_of_length(model: Any, n_tokens: int) -> tuple[str, int]:
+def text_of_length(model: ModelHandle, n_tokens: int) -> tuple[str, int]:
     """Neutral text whose encoding (with the library's BOS policy) has at most ``n_tokens`` ids."""
     from contrans_tl.capture import encode
     from contrans_tl.datasets import neutral_sentences
@@ -132,7 +135,7 @@ def _storage_bytes(tensors: Sequence[Any]) -> int:
 
 
 def measure_memory(
-    model: Any, seq_lens: Sequence[int], *, batch: int = 4, repeats: int = 2
+    model: ModelHandle, seq_lens: Sequence[int], *, batch: int = 4, repeats: int = 2
 ) -> dict[str, Any]:
     """Peak memory over the baseline of forward / capture / full_cache at each length."""
     import torch
@@ -172,7 +175,7 @@ def measure_memory(
 
 
 def _measure_length(
-    model: Any, n_tokens: int, batch: int, repeats: int, names: list[str], peak_of: Callable[[Callable[[], Any]], int]
+    model: ModelHandle, n_tokens: int, batch: int, repeats: int, names: list[str], peak_of: Callable[[Callable[[], Any]], int]
 ) -> dict[str, Any]:
     """One row: peaks of the three approaches (median of ``repeats``) and the exact kept bytes."""
     import torch

@@ -11,7 +11,6 @@ baseline are written here. See ``docs/performance.md`` for what each number mean
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -27,22 +26,23 @@ import torch
 
 from bench import DEFAULT_MODELS, add_arguments
 from bench.memory import measure_in_subprocess, measure_memory
-from contrans_tl.pairing import capture_paired
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id
 from contrans_tl.datasets import neutral_sentences
-from contrans_tl.tasks.emotion import EMOTIONS, emotion_scenarios
+from contrans_tl.files import write_json as write_json_file
+from contrans_tl.handle import ModelHandle
 from contrans_tl.models import identity, load_model
+from contrans_tl.pairing import capture_paired
 from contrans_tl.refine import refine
 from contrans_tl.reformulate import default_layer_pairs, fit_map_from_states
+from contrans_tl.tasks.emotion import contrast_prompts, emotion_scenarios
 from contrans_tl.transplant import generate, transplant
 
 __all__ = [
-    "PROMPT",
     "GOALS",
     "TOP_LEVEL",
     "BenchConfig",
-    "contrast_prompts",
+    "bench_prompts",
     "plain_forward",
     "reference_capture",
     "bench_capture",
@@ -56,8 +56,6 @@ __all__ = [
     "run_from_args",
     "main",
 ]
-
-PROMPT = "Scenario: {s}\nThe emotion of the above scenario is"
 
 # metric -> (comparison, goal, what it is). The first five are bench.json's required keys.
 GOALS: dict[str, tuple[str, float, str]] = {
@@ -157,18 +155,14 @@ def _median(values: Sequence[float]) -> float:
 
 
 # ---- items 1 and 2: capture throughput ---------------------------------------------------------
-def contrast_prompts(n: int) -> tuple[list[str], list[str]]:
-    """n happiness scenarios and n scenarios of the other emotions (round robin), formatted."""
-    scenarios = emotion_scenarios()
-    others = [e for e in EMOTIONS if e != "happiness"]
-    n = min(n, len(scenarios["happiness"]))
-    positive = [PROMPT.format(s=s) for s in scenarios["happiness"][:n]]
-    negative = [PROMPT.format(s=scenarios[others[i % len(others)]][i // len(others)]) for i in range(n)]
-    return positive, negative
+def bench_prompts(n: int) -> tuple[list[str], list[str]]:
+    """The emotion task's refinement prompts: ``n`` happiness scenarios (at most 70, the whole set,
+    not only the refinement half) against as many drawn from the other emotions."""
+    return contrast_prompts(emotion_scenarios(), "happiness", n=n)
 
 
 @torch.inference_mode()
-def plain_forward(model: Any, prompts: Sequence[str], batch_size: int) -> None:
+def plain_forward(model: ModelHandle, prompts: Sequence[str], batch_size: int) -> None:
     """The limit: the same tokens and batches as capture, through the HF model, no hooks."""
     hf = model.original_model
     device = model_device(model)
@@ -181,7 +175,7 @@ def plain_forward(model: Any, prompts: Sequence[str], batch_size: int) -> None:
 
 
 @torch.inference_mode()
-def reference_capture(model: Any, prompts: Sequence[str]) -> torch.Tensor:
+def reference_capture(model: ModelHandle, prompts: Sequence[str]) -> torch.Tensor:
     """The reference implementation's approach, re-implemented: one prompt at a time,
     ``output_hidden_states=True``, every position of every layer copied to the CPU, then the
     last token taken. Returns ``[prompt, layer, d_model]`` (HF's last hidden state is after
@@ -202,9 +196,9 @@ def _throughput(seconds: list[float], n_prompts: int, n_tokens: int) -> dict[str
     return {"median_s": med, "prompts_per_s": n_prompts / med, "tokens_per_s": n_tokens / med, "times_s": seconds}
 
 
-def bench_capture(model: Any, cfg: BenchConfig, log: Log = _log) -> tuple[dict[str, Any], ConceptVector]:
+def bench_capture(model: ModelHandle, cfg: BenchConfig, log: Log = _log) -> tuple[dict[str, Any], ConceptVector]:
     """Items 1–2: refine vs the plain forward vs the reference approach, same prompts."""
-    positive, negative = contrast_prompts(cfg.n_prompts)
+    positive, negative = bench_prompts(cfg.n_prompts)
     device = model_device(model)
     ids, _ = encode(model, positive + negative)
     n_prompts, n_tokens = len(ids), sum(len(row) for row in ids)
@@ -249,9 +243,9 @@ def bench_capture(model: Any, cfg: BenchConfig, log: Log = _log) -> tuple[dict[s
 
 
 # ---- item 3: steered generation ----------------------------------------------------------------
-def bench_steer(model: Any, vector: ConceptVector, cfg: BenchConfig, log: Log = _log) -> dict[str, Any]:
+def bench_steer(model: ModelHandle, vector: ConceptVector, cfg: BenchConfig, log: Log = _log) -> dict[str, Any]:
     """Item 3: greedy generation inside transplant (every layer hooked) vs outside it."""
-    prompts = contrast_prompts(cfg.gen_prompts)[0][: cfg.gen_prompts]
+    prompts = bench_prompts(cfg.gen_prompts)[0][: cfg.gen_prompts]
     device = model_device(model)
     n_new = len(prompts) * cfg.gen_tokens
 
@@ -279,7 +273,7 @@ def bench_steer(model: Any, vector: ConceptVector, cfg: BenchConfig, log: Log = 
 
 
 # ---- item 4: fit_map ---------------------------------------------------------------------------
-def bench_fit(source: Any, target: Any, cfg: BenchConfig, log: Log = _log) -> dict[str, Any]:
+def bench_fit(source: ModelHandle, target: ModelHandle, cfg: BenchConfig, log: Log = _log) -> dict[str, Any]:
     """Item 4: the two word-aligned captures (forward side) vs fit_map_from_states (solver)."""
     texts = neutral_sentences()[: cfg.corpus_size]
     pairs = default_layer_pairs(int(source.cfg.n_layers), int(target.cfg.n_layers))
@@ -332,7 +326,7 @@ def bench_fit(source: Any, target: Any, cfg: BenchConfig, log: Log = _log) -> di
 
 
 # ---- item 5: memory ----------------------------------------------------------------------------
-def bench_memory(model: Any, name: str | None, cfg: BenchConfig, log: Log = _log) -> dict[str, Any]:
+def bench_memory(model: ModelHandle, name: str | None, cfg: BenchConfig, log: Log = _log) -> dict[str, Any]:
     """Item 5, in a fresh process for a named CPU model (see :mod:`bench.memory`)."""
     device = model_device(model)
     log(f"{identity(model).name}: memory at lengths {list(cfg.seq_lens)}, batch {cfg.mem_batch}")
@@ -354,7 +348,7 @@ def _resolve(cfg: BenchConfig) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def _load(spec: Any, device: str, dtype: torch.dtype, log: Log) -> tuple[Any, str | None, float | None]:
+def _load(spec: Any, device: str, dtype: torch.dtype, log: Log) -> tuple[ModelHandle, str | None, float | None]:
     if not isinstance(spec, (str, os.PathLike)):
         return spec, None, None
     log(f"loading {spec} ({device}, {str(dtype).removeprefix('torch.')})")
@@ -406,7 +400,7 @@ def bench_size_matrix(cfg: BenchConfig, device: str, dtype: torch.dtype, log: Lo
 
     from contrans_tl.analyses import size_matrix as sm
 
-    names = cfg.size_matrix_models or tuple(m for m in cfg.models if isinstance(m, (str, os.PathLike)))
+    names = cfg.size_matrix_models or tuple(str(m) for m in cfg.models if isinstance(m, (str, os.PathLike)))
     if len(names) < 2:
         return None
     out: dict[str, Any] = {"models": [str(m) for m in names], "n_models": len(names)}
@@ -560,26 +554,9 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf -> null, tuples -> lists, tensors/dtypes -> numbers/strings."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return _clean(value.item())
-    return str(value)
-
-
 def write_json(result: dict[str, Any], out_dir: str | Path) -> Path:
-    path = Path(out_dir) / "bench.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(result), indent=1) + "\n", encoding="utf-8")
-    return path
+    """``out_dir/bench.json``: the result as strict JSON (NaN and inf as null)."""
+    return write_json_file(Path(out_dir) / "bench.json", result)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -19,8 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from contrans_tl import validate
 from contrans_tl.files import atomic_path
-from contrans_tl.errors import ArtifactError, ModelMismatchError, NonFiniteError, WidthMismatchError
+from contrans_tl.errors import ArtifactError, InvalidArgumentError, ModelMismatchError, NonFiniteError, WidthMismatchError
 from contrans_tl.models import ModelIdentity, identity
 from contrans_tl.handle import ModelHandle
 
@@ -114,6 +115,10 @@ class ConceptVector:
     """Free-form record: for mapped vectors the source, layer pairs, corpus hash and R²."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vectors, Tensor):
+            raise InvalidArgumentError("vectors", type(self.vectors).__name__, "a [layer, d_model] float tensor")
+        if not isinstance(self.model, ModelIdentity):
+            raise InvalidArgumentError("model", self.model, "a ModelIdentity (contrans_tl.identity(model))")
         v = self.vectors
         if v.ndim != 2 or v.shape != (self.model.n_layers, self.model.d_model):
             raise WidthMismatchError(
@@ -122,9 +127,11 @@ class ConceptVector:
             )
         if not torch.isfinite(v).all():
             raise NonFiniteError(f"concept vector for {self.model.name} has NaN or inf entries")
-        bad = [layer for layer in self.layers if not 0 <= layer < self.model.n_layers]
-        if bad:
-            raise ArtifactError(f"layers {bad} out of range for {self.model.n_layers} layers")
+        validate.layer_list("layers", self.layers, self.model.n_layers)
+        if self.layer_norms is not None and (
+            not isinstance(self.layer_norms, Tensor) or tuple(self.layer_norms.shape) != (self.model.n_layers,)
+        ):
+            raise InvalidArgumentError("layer_norms", self.layer_norms, f"None or a [{self.model.n_layers}] tensor")
 
     @property
     def d_model(self) -> int:
@@ -141,7 +148,7 @@ class ConceptVector:
 
     def restrict(self, layers: Sequence[int]) -> "ConceptVector":
         """The same vector with every layer outside ``layers`` zeroed."""
-        keep = sorted(set(int(layer) for layer in layers))
+        keep = sorted(validate.layer_list("layers", layers, self.model.n_layers))
         mask = torch.zeros(self.model.n_layers, 1, dtype=self.vectors.dtype)
         mask[keep] = 1
         return dataclasses.replace(self, vectors=self.vectors * mask, layers=tuple(keep))
@@ -170,12 +177,15 @@ class ConceptVector:
         return self._combine(other, -1.0)
 
     def __mul__(self, scale: float) -> "ConceptVector":
-        return dataclasses.replace(self, vectors=self.vectors * float(scale))
+        return dataclasses.replace(self, vectors=self.vectors * validate.real("scale", scale))
 
     __rmul__ = __mul__
 
     def __truediv__(self, scale: float) -> "ConceptVector":
-        return dataclasses.replace(self, vectors=self.vectors / float(scale))
+        divisor = validate.real("scale", scale)
+        if divisor == 0:
+            raise InvalidArgumentError("scale", scale, "a non-zero number to divide by")
+        return dataclasses.replace(self, vectors=self.vectors / divisor)
 
     def __neg__(self) -> "ConceptVector":
         return self * -1.0
@@ -257,6 +267,8 @@ class AffineMap:
         Only the linear part applies: a concept vector is a difference of means, and the
         bias cancels in ``mean(X W + b) - mean(X' W + b)``.
         """
+        if not isinstance(vector, ConceptVector):
+            raise InvalidArgumentError("vector", vector, "a ConceptVector of the map's source model")
         if vector.d_model != self.source.d_model:
             raise WidthMismatchError(
                 f"vector width {vector.d_model} differs from the map's source width {self.source.d_model}"

@@ -18,7 +18,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from contrans_tl.errors import EmptyPromptsError, LayerIndexError, NonFiniteError, PromptTooLongError
+from contrans_tl import validate
+from contrans_tl.errors import EmptyPromptsError, InvalidArgumentError, LayerIndexError, NonFiniteError, PromptTooLongError
 from contrans_tl.handle import ModelHandle
 
 __all__ = [
@@ -42,13 +43,13 @@ def resid_hook_name(layer: int) -> str:
 
 def check_layers(model: ModelHandle, layers: Sequence[int] | None) -> list[int]:
     """Validate layer indices against the model (all layers when None)."""
-    n_layers = int(model.cfg.n_layers)  # type: ignore[attr-defined]
+    n_layers = int(model.cfg.n_layers)
     if layers is None:
         return list(range(n_layers))
-    out = [int(layer) for layer in layers]
+    out = [validate.integer(f"layers[{i}]", layer) for i, layer in enumerate(layers)]
     bad = [layer for layer in out if not 0 <= layer < n_layers]
     if bad:
-        raise LayerIndexError(f"layer(s) {bad} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+        raise LayerIndexError(f"layers: layer(s) {bad} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
     return out
 
 
@@ -61,15 +62,15 @@ def encode(
     with it (chat-template text for SmolLM2 starts with its BOS ``<|im_start|>``). With
     ``with_offsets`` the character span of every token is returned too (BOS gets (0, 0)).
     """
-    tokenizer = model.tokenizer  # type: ignore[attr-defined]
+    tokenizer = model.tokenizer
     enc = tokenizer(
         list(texts), add_special_tokens=False, return_offsets_mapping=with_offsets
     )
     bos = tokenizer.bos_token_id
-    prepend = bool(getattr(model.cfg, "default_prepend_bos", True)) and bos is not None  # type: ignore[attr-defined]
+    prepend = bool(getattr(model.cfg, "default_prepend_bos", True)) and bos is not None
     ids_out: list[list[int]] = []
     offsets_out: list[list[tuple[int, int]]] = []
-    n_ctx = int(model.cfg.n_ctx)  # type: ignore[attr-defined]
+    n_ctx = int(model.cfg.n_ctx)
     for i, ids in enumerate(enc["input_ids"]):
         ids = list(ids)
         offs = [tuple(o) for o in enc["offset_mapping"][i]] if with_offsets else []
@@ -84,7 +85,7 @@ def encode(
                 f"{texts[i][:80]!r}..."
             )
         ids_out.append(ids)
-        offsets_out.append(offs)  # type: ignore[arg-type]
+        offsets_out.append(offs)
     return ids_out, (offsets_out if with_offsets else None)
 
 
@@ -116,7 +117,7 @@ def pad_batch(
 
 def pad_token_id(model: ModelHandle) -> int:
     """Id used for padding: pad, else eos, else 0 (masked out either way)."""
-    tok = model.tokenizer  # type: ignore[attr-defined]
+    tok = model.tokenizer
     for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
         if candidate is not None:
             return int(candidate)
@@ -142,7 +143,7 @@ def _batches(
 
 def model_device(model: ModelHandle) -> torch.device:
     """Device of the token embedding, where inputs must go (first device under device_map)."""
-    return model.embed.W_E.device if hasattr(model, "embed") else next(model.parameters()).device  # type: ignore[union-attr]
+    return model.embed.W_E.device if hasattr(model, "embed") else next(model.parameters()).device
 
 
 def _check_finite(acts: Tensor, layers: list[int], first_index: int) -> None:
@@ -174,16 +175,17 @@ def capture(
     ``pos_slice``; right padding caches the whole sequence per batch and gathers each row's
     last real token from the attention mask (kept as a check of the padding logic).
     """
-    if len(prompts) == 0:
-        raise EmptyPromptsError("no prompts to capture")
+    prompts = validate.texts("prompts", prompts)
+    validate.integer("batch_size", batch_size, low=1)
+    validate.choice("padding_side", padding_side, ["left", "right"])
     layer_list = check_layers(model, layers)
     ids, _ = encode(model, prompts)
     order = _sorted_order(ids)
     names = [resid_hook_name(layer) for layer in layer_list]
-    out = torch.empty(len(ids), len(layer_list), int(model.cfg.d_model), dtype=torch.float32)  # type: ignore[attr-defined]
+    out = torch.empty(len(ids), len(layer_list), int(model.cfg.d_model), dtype=torch.float32)
     device = model_device(model)
     for span, batch in _batches(model, [ids[i] for i in order], batch_size, padding_side, progress):
-        _, cache = model.run_with_cache(  # type: ignore[operator]
+        _, cache = model.run_with_cache(
             batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device),
             names_filter=names,
@@ -218,10 +220,10 @@ def capture_at(
     Used for word-aligned map fitting: one forward pass per text yields one sample per
     position. Rows come out text by text, positions in the order given.
     """
-    if len(texts) == 0:
-        raise EmptyPromptsError("no texts to capture")
+    texts = validate.texts("texts", texts, what="texts")
+    validate.integer("batch_size", batch_size, low=1)
     if len(positions) != len(texts):
-        raise EmptyPromptsError(f"{len(texts)} texts but {len(positions)} position lists")
+        raise InvalidArgumentError("positions", f"{len(positions)} position lists", f"one list per text ({len(texts)})")
     layer_list = check_layers(model, layers)
     ids, _ = encode(model, texts)
     names = [resid_hook_name(layer) for layer in layer_list]
@@ -229,7 +231,7 @@ def capture_at(
     order = _sorted_order(ids)
     device = model_device(model)
     for span, batch in _batches(model, [ids[i] for i in order], batch_size, "left", progress):
-        _, cache = model.run_with_cache(  # type: ignore[operator]
+        _, cache = model.run_with_cache(
             batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device),
             names_filter=names,
@@ -266,17 +268,17 @@ def next_token_logits(
     tokenized on its own, no BOS), with hooks acting on prefix and prompt alike, at a
     fraction of the cost of repeating the prefix in every row.
     """
-    if len(prompts) == 0:
-        raise EmptyPromptsError("no prompts to score")
+    prompts = validate.texts("prompts", prompts)
+    validate.integer("batch_size", batch_size, low=1)
     device = model_device(model)
     prefix_cache = None
     if prefix is None:
         ids, _ = encode(model, prompts)
     else:
         (prefix_ids,), _ = encode(model, [prefix])
-        tokenizer = model.tokenizer  # type: ignore[attr-defined]
+        tokenizer = model.tokenizer
         ids = [list(row) for row in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        n_ctx = int(model.cfg.n_ctx)  # type: ignore[attr-defined]
+        n_ctx = int(model.cfg.n_ctx)
         for i, row in enumerate(ids):
             if not row:
                 raise EmptyPromptsError(f"prompt {i} tokenizes to no tokens")
@@ -285,7 +287,7 @@ def next_token_logits(
                     f"prefix + prompt {i} has {len(prefix_ids) + len(row)} tokens, more than the "
                     f"model's context of {n_ctx}"
                 )
-        _, prefix_cache = model(  # type: ignore[operator]
+        _, prefix_cache = model(
             torch.tensor([prefix_ids], device=device), return_type="logits_and_cache"
         )
     order = _sorted_order(ids)
@@ -299,7 +301,7 @@ def next_token_logits(
             seen = torch.ones(len(batch.lengths), len(prefix_ids), dtype=mask.dtype, device=device)
             mask = torch.cat([seen, mask], dim=1)
             extra["past_key_values"] = cache
-        logits = model(  # type: ignore[operator]
+        logits = model(
             batch.input_ids.to(device),
             attention_mask=mask,
             logits_to_keep=1,  # the vocabulary projection for the last position only

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from contrans_tl import validate as v
+from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
 from contrans_tl.errors import ContransError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -52,10 +54,10 @@ def _lines(path: str) -> list[str]:
 
 def _refine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="built-in name, hub id, local directory or .gguf")
-    p.add_argument("--positive", required=True, help="text file, one positive prompt per line")
-    p.add_argument("--negative", required=True, help="text file, one negative prompt per line")
+    p.add_argument("--positive", required=True, type=v.text_file_flag, help="text file, one positive prompt per line")
+    p.add_argument("--negative", required=True, type=v.text_file_flag, help="text file, one negative prompt per line")
     p.add_argument("--method", choices=["mean_diff", "pca"], default="mean_diff")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=v.positive_int_flag, default=16)
     p.add_argument("--out", required=True, help="where to write the ConceptVector (.safetensors)")
 
 
@@ -72,9 +74,9 @@ def _refine_run(args: argparse.Namespace) -> int:
 def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source")
     p.add_argument("target")
-    p.add_argument("--texts", help="text file, one text per line (default: built-in neutral corpus)")
-    p.add_argument("--ridge", default="auto", help="'auto' (validation split) or a number")
-    p.add_argument("--holdout", type=float, default=0.2)
+    p.add_argument("--texts", type=v.text_file_flag, help="text file, one text per line (default: built-in neutral corpus)")
+    p.add_argument("--ridge", type=v.ridge_flag, default="auto", help="'auto' (validation split) or a number >= 0")
+    p.add_argument("--holdout", type=v.fraction_flag, default=0.2, help="share of texts held out for R2, in [0, 1)")
     p.add_argument("--out", required=True, help="where to write the AffineMap (.safetensors)")
 
 
@@ -83,8 +85,7 @@ def _fit_run(args: argparse.Namespace) -> int:
     from contrans_tl.datasets import neutral_sentences
 
     texts = _lines(args.texts) if args.texts else neutral_sentences()
-    ridge = args.ridge if args.ridge == "auto" else float(args.ridge)
-    amap = fit_map(load_model(args.source), load_model(args.target), texts, ridge=ridge,
+    amap = fit_map(load_model(args.source), load_model(args.target), texts, ridge=args.ridge,
                    holdout=args.holdout, progress=True)
     for (s, t), r2 in zip(amap.pairs, amap.r2_heldout.tolist()):
         print(f"source {s:3d} -> target {t:3d}  held-out R2 {r2:.3f}")
@@ -97,10 +98,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--vector", help="ConceptVector file to transplant (mapped or native)")
     p.add_argument("--map", help="AffineMap to push a source vector through first")
-    p.add_argument("--alpha", type=float, default=0.0)
+    p.add_argument("--alpha", type=v.float_flag, default=0.0)
     p.add_argument("--unit", choices=["raw", "norm"], default="raw")
-    p.add_argument("--layers", help="comma-separated layers (default: the vector's)")
-    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--layers", type=v.int_list_flag, help="comma-separated layers (default: the vector's)")
+    p.add_argument("--max-new-tokens", type=v.positive_int_flag, default=30)
 
 
 def _generate_run(args: argparse.Namespace) -> int:
@@ -114,8 +115,7 @@ def _generate_run(args: argparse.Namespace) -> int:
         vector = ConceptVector.load(args.vector)
         if args.map:
             vector = AffineMap.load(args.map).apply(vector)
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        context = transplant(model, vector, alpha=args.alpha, layers=layers, unit=args.unit)
+        context = transplant(model, vector, alpha=args.alpha, layers=args.layers, unit=args.unit)
     with context:
         print(generate(model, args.prompt, max_new_tokens=args.max_new_tokens)[0])
     return 0
@@ -154,7 +154,7 @@ def _bench_run(args: argparse.Namespace) -> int:
     return _bench([])
 
 
-# ---- contrans report / layer-search / export: diagnostics and exports (issue 7) ------------
+# ---- contrans report / layer-search / export: transfer reports and exports --------------------
 def _transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="smollm2-135m-instruct", help="source model (default: the offline pair)")
     p.add_argument("--target", default="gemma-3-270m", help="target model")
@@ -176,9 +176,11 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit", choices=["raw", "norm"], default="norm")
     p.add_argument("--kl-budget", type=float, default=0.25, help="nats of neutral-text KL for --alpha auto")
     p.add_argument("--metric", choices=["logit_acc", "label_prob"], default="logit_acc")
-    p.add_argument("--n-eval", type=int, default=24, help="negative scenarios the metric is scored on")
+    p.add_argument("--n-eval", type=v.positive_int_flag, default=24,
+                   help="negative scenarios the metric is scored on, rounded up to a multiple of the five "
+                        "other emotions (ceil(n_eval / 5) held-out scenarios of each)")
     p.add_argument("--steer-layers", default="", help="target layers steered together: comma-separated, 'auto' "
-                   "(diagnostics.auto_layers) or empty (all layers of the map)")
+                   "(reports.layer_search.auto_layers) or empty (all layers of the map)")
     p.add_argument("--per-layer", default="", help="comma-separated target layers to also test one at a time")
     p.add_argument("--per-layer-alpha", type=float, default=None, help="strength of the one-layer runs")
     p.add_argument("--pairs", choices=["default", "search"], default="default",
@@ -213,9 +215,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["gguf", "lm-eval"], required=True,
                    help="gguf: llama.cpp --control-vector file; lm-eval: steered model steer_path .pt")
     p.add_argument("--out", required=True)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha", type=v.float_flag, default=1.0)
     p.add_argument("--unit", choices=["raw", "norm"], default="raw")
-    p.add_argument("--layers", help="comma-separated layers (default: the vector's)")
+    p.add_argument("--layers", type=v.int_list_flag, help="comma-separated layers (default: the vector's)")
     p.add_argument("--hookpoint-template", default="layers.{layer}", help="lm-eval hook point names")
     p.add_argument("--skip-layer0", action="store_true", help="gguf: drop layer 0 (llama.cpp cannot steer it)")
 
@@ -227,7 +229,7 @@ def _export_run(args: argparse.Namespace) -> int:
     vector = ConceptVector.load(args.vector)
     if args.map:
         vector = AffineMap.load(args.map).apply(vector)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    layers = args.layers
     if args.format == "gguf":
         path = export_gguf(vector, args.out, alpha=args.alpha, unit=args.unit, layers=layers,
                            skip_layer0=args.skip_layer0)
@@ -254,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     from contrans_tl.analyses import COMMANDS as ANALYSIS_COMMANDS  # the top layer: analyses are below it
 
     COMMANDS.update(ANALYSIS_COMMANDS)
-    parser = argparse.ArgumentParser(prog="contrans", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="contrans", description=__doc__.splitlines()[0],
+                           epilog="--debug (anywhere): show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -264,19 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one ``contrans`` command; returns the exit code (0 ok, 2 user error, 1 internal error)."""
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        try:
-            return _bench(argv[1:])
-        except ContransError as err:
-            print(f"contrans bench: {type(err).__name__}: {err}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
+        return run_reporting_errors(lambda: _bench(argv[1:]), debug=debug)
     try:
-        return int(args.run(args))
-    except ContransError as err:
-        print(f"contrans {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad flag already reported in one line
+        return int(stop.code or 0)
+    return run_reporting_errors(lambda: args.run(args), debug=debug)
 
 
 if __name__ == "__main__":

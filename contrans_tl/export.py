@@ -37,7 +37,8 @@ from torch import Tensor
 
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.files import atomic_path, write_json
-from contrans_tl.errors import ArtifactError, ContransError
+from contrans_tl import validate
+from contrans_tl.errors import ArtifactError, InvalidArgumentError
 from contrans_tl.models import OFFLINE_MODELS
 from contrans_tl.transplant import Unit, steering_offsets
 from contrans_tl.handle import ModelHandle
@@ -98,9 +99,15 @@ def steering_vectors(
     Exactly :func:`~contrans_tl.transplant.steering_offsets`, so an export reproduces the
     in-library intervention bit for bit (float32).
     """
+    if not isinstance(vector, ConceptVector):
+        raise InvalidArgumentError("vector", vector, "a ConceptVector (ConceptVector.load(path), or amap.apply(vector))")
+    alpha = validate.real("alpha", alpha)
+    validate.choice("unit", unit, ["raw", "norm"])
+    if layers is not None:
+        layers = validate.layer_list("layers", layers, vector.model.n_layers)
     offsets = steering_offsets([vector], [alpha], layers=layers, unit=unit)
     if not offsets:
-        raise ContransError("the vector adds nothing at the requested layers (zero rows or alpha 0)")
+        raise InvalidArgumentError("alpha", alpha, "a non-zero strength, at layers where the vector is non-zero")
     return {layer: offsets[layer] for layer in sorted(offsets)}
 
 
@@ -141,14 +148,14 @@ def export_gguf(
     offsets = steering_vectors(vector, alpha=alpha, unit=unit, layers=layers)
     if 0 in offsets:
         if not skip_layer0:
-            raise ContransError(
-                "llama.cpp cannot steer the output of block 0 (direction.0 is rejected); restrict "
-                "layers to >= 1 or pass skip_layer0=True to drop it"
+            raise InvalidArgumentError(
+                "layers", sorted(offsets),
+                "layers >= 1: llama.cpp cannot steer the output of block 0 (pass skip_layer0=True to drop it)",
             )
         warnings.warn("export_gguf: dropping layer 0, which llama.cpp cannot steer", stacklevel=2)
         del offsets[0]
     if not offsets:
-        raise ContransError("no layer >= 1 left to export")
+        raise InvalidArgumentError("layers", [0], "at least one layer >= 1 (llama.cpp cannot steer block 0)")
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "controlvector")
@@ -211,6 +218,9 @@ def export_lm_eval(
     apply the *last* hook point's vector at every hook point; with those, export one layer per
     file (``layers=[l]``).
     """
+    alpha = validate.real("alpha", alpha)
+    if not isinstance(hookpoint_template, str) or "{layer}" not in hookpoint_template:
+        raise InvalidArgumentError("hookpoint_template", hookpoint_template, "a string containing '{layer}'")
     unit_vectors = steering_vectors(vector, alpha=1.0, unit=unit, layers=layers)
     config: dict[str, dict[str, Any]] = {}
     for layer, vec in unit_vectors.items():

@@ -33,7 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
     except OSError as err:
         raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from None
     os.close(fd)
@@ -42,7 +42,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # the target is a folder, say
+            raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

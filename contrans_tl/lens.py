@@ -1,5 +1,10 @@
 """Logit lens: read a residual stream through the model's own final norm and unembedding.
 
+Two readouts share the model's final norm (:func:`apply_final_norm`): :func:`logits_from_resid`
+maps residual vectors to logits, and :func:`concept_readout` gives the residual direction whose
+read-out raises a concept's tokens over others (``W_U`` columns times the norm's gain,
+:func:`final_norm_gain`), the direction the reports' logit-lens proxy compares vectors with.
+
 :func:`logit_lens` captures ``resid_post`` of one block at each prompt's last token (with
 :func:`~contrans_tl.capture.capture`, under an optional :func:`~contrans_tl.transplant.transplant`
 context) and maps it to next-token probabilities with the bridge's ``ln_final`` and
@@ -21,7 +26,7 @@ import io
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -29,10 +34,14 @@ from torch import Tensor
 
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import capture, check_layers, model_device
-from contrans_tl.transplant import Unit, transplant
+from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.handle import ModelHandle
+from contrans_tl.transplant import Unit, transplant
 
 __all__ = [
+    "apply_final_norm",
+    "final_norm_gain",
+    "concept_readout",
     "final_softcap",
     "logits_from_resid",
     "lens_resid",
@@ -62,6 +71,12 @@ def final_softcap(model: ModelHandle) -> float | None:
     return float(cap)
 
 
+def apply_final_norm(model: ModelHandle, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_model"]:
+    """The model's own final norm (``ln_final``) applied to residual vectors, on its device and in its dtype."""
+    h = resid.to(device=model_device(model), dtype=model.embed.W_E.dtype)
+    return model.ln_final(h[:, None, :])[:, 0]
+
+
 @torch.inference_mode()
 def logits_from_resid(
     model: ModelHandle, resid: Float[Tensor, "batch d_model"], *, batch_size: int = 64
@@ -70,17 +85,68 @@ def logits_from_resid(
 
     This applies modules of the already-loaded model to given vectors; no forward pass.
     """
-    device = model_device(model)
-    dtype = model.embed.W_E.dtype  # type: ignore[union-attr]
     cap = final_softcap(model)
     out = []
     for start in range(0, resid.shape[0], batch_size):
-        h = resid[start : start + batch_size].to(device=device, dtype=dtype)
-        logits = model.unembed(model.ln_final(h[:, None, :]))[:, 0]  # type: ignore[operator]
+        normed = apply_final_norm(model, resid[start : start + batch_size])
+        logits = model.unembed(normed[:, None, :])[:, 0]
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         out.append(logits.float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def final_norm_gain(model: ModelHandle) -> Float[Tensor, "d_model"]:
+    """Elementwise gain of the final norm (RMSNorm or LayerNorm), measured through the model.
+
+    The norm is applied to ``±1`` alternating (mean 0, RMS 1) and to zeros; the difference
+    divided by the input is the gain, whatever the parametrisation (Gemma's ``1 + w`` included).
+    Ones when the model has no ``ln_final``. Float32 on the CPU.
+    """
+    d = int(model.cfg.d_model)
+    if getattr(model, "ln_final", None) is None:
+        return torch.ones(d)
+    alt = torch.ones(d)
+    alt[1::2] = -1
+    if d % 2:
+        alt[-1] = 0  # keep the mean at zero
+    out = apply_final_norm(model, torch.stack([alt, torch.zeros_like(alt)]))
+    diff = (out[0] - out[1]).float().cpu()  # subtracted in the model's dtype, as the norm computes
+    ones = torch.ones_like(alt)
+    return torch.where(alt != 0, diff / torch.where(alt != 0, alt, ones), ones)
+
+
+def _token_ids(tokens: Sequence[int] | Tensor) -> Tensor:
+    return (tokens if isinstance(tokens, Tensor) else torch.as_tensor(list(tokens), dtype=torch.long)).long()
+
+
+def concept_readout(
+    model: ModelHandle,
+    concept_tokens: Sequence[int] | Tensor,
+    other_tokens: Sequence[int] | Tensor | None = None,
+    *,
+    fold_norm: bool = True,
+) -> Float[Tensor, "d_model"]:
+    """Residual direction whose logit-lens readout raises the concept tokens over the others.
+
+    ``W_U[:, concept].mean − W_U[:, others].mean`` (others omitted: the vocabulary mean),
+    times the final norm's gain (:func:`final_norm_gain`) when ``fold_norm``. Float32 on the CPU.
+    """
+    w_u = model.W_U.detach().float().cpu()  # [d_model, d_vocab]
+    pos = _token_ids(concept_tokens)
+    if pos.numel() == 0:
+        raise InvalidArgumentError("concept_tokens", concept_tokens, "at least one token id")
+    direction = w_u[:, pos].mean(1)
+    if other_tokens is None:
+        direction = direction - w_u.mean(1)
+    else:
+        neg = _token_ids(other_tokens)
+        if neg.numel():
+            direction = direction - w_u[:, neg].mean(1)
+    if fold_norm:
+        direction = direction * final_norm_gain(model)
+    return direction
 
 
 def lens_resid(
@@ -102,16 +168,14 @@ def lens_resid(
     Feed the result to :func:`logits_from_resid` for the read-out.
     """
     layer_list = check_layers(model, layers)
-    steer = vector is not None and alpha != 0
-    if steer and steer_layers is None:
-        if len(layer_list) != 1:
-            raise ValueError("reading several layers with a vector: say where it is added (steer_layers)")
-        steer_layers = layer_list
-    context = (
-        transplant(model, vector, alpha=alpha, layers=list(steer_layers), unit=unit, check_model=check_model)  # type: ignore[arg-type]
-        if steer
-        else nullcontext()
-    )
+    context: ContextManager[Any] = nullcontext()
+    if vector is not None and alpha != 0:
+        if steer_layers is None and len(layer_list) != 1:
+            raise InvalidArgumentError(
+                "steer_layers", None, "the layers the vector is added at, when several layers are read"
+            )
+        steer = list(layer_list if steer_layers is None else steer_layers)
+        context = transplant(model, vector, alpha=alpha, layers=steer, unit=unit, check_model=check_model)
     with context:
         return capture(model, prompts, layers=layer_list, batch_size=batch_size)
 

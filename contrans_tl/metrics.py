@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine"]
+__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine"]
 
 
 def token_accuracy(logits: Float[Tensor, "batch d_vocab"], target_token: int) -> float:
@@ -30,3 +30,14 @@ def layer_cosine(a: Float[Tensor, "layer d_model"], b: Float[Tensor, "layer d_mo
     num = (a.double() * b.double()).sum(-1)
     den = a.double().norm(dim=-1) * b.double().norm(dim=-1)
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)).float()
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of ``a`` and ``b`` flattened, in float64 (0 when either is zero).
+
+    Stacked rows give one cosine over all of them (the transfer report's combined cosine
+    over the steered layers).
+    """
+    a, b = a.double().flatten(), b.double().flatten()
+    den = float(a.norm() * b.norm())
+    return float(a @ b) / den if den > 0 else 0.0

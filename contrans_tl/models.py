@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from contrans_tl.errors import ModelUnavailableError
+from contrans_tl import validate
+from contrans_tl.errors import InvalidArgumentError, ModelUnavailableError
 from contrans_tl.handle import ModelHandle
 
 __all__ = [
@@ -294,13 +295,61 @@ def identity(model: ModelHandle) -> ModelIdentity:
     known = _IDENTITIES.get(model)
     if known is not None:
         return known
-    cfg = model.cfg  # type: ignore[attr-defined]
+    cfg = model.cfg
     return ModelIdentity(str(cfg.model_name), None, int(cfg.n_layers), int(cfg.d_model))
 
 
 def _register(model: ModelHandle, name: str, revision: str | None) -> None:
-    cfg = model.cfg  # type: ignore[attr-defined]
+    cfg = model.cfg
     _IDENTITIES[model] = ModelIdentity(name, revision, int(cfg.n_layers), int(cfg.d_model))
+
+
+def _check_load_args(
+    name_or_path: object, revision: object, checkpoint: object, checkpoint_index: object
+) -> str:
+    """The model name as a string, after checking the arguments' types and combinations."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise InvalidArgumentError("name_or_path", name_or_path,
+                                   "a built-in model name, a hub id, a local checkpoint folder or a .gguf file")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise InvalidArgumentError("revision", revision, "None or a hub branch/tag/commit name")
+    for arg, value in (("checkpoint", checkpoint), ("checkpoint_index", checkpoint_index)):
+        if value is not None:
+            validate.integer(arg, value, low=0)
+    if sum(x is not None for x in (revision, checkpoint, checkpoint_index)) > 1:
+        raise InvalidArgumentError("revision/checkpoint/checkpoint_index", (revision, checkpoint, checkpoint_index),
+                                   "at most one of them: each names a training checkpoint")
+    return str(name_or_path)
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id (ORG/NAME): absolute, relative with ./ or ~, or more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    """A local folder must hold a Hugging Face checkpoint (config.json and weights)."""
+    if not (path / "config.json").is_file():
+        raise ModelUnavailableError(
+            f"{path} holds no Hugging Face checkpoint (no config.json): pass a folder written by "
+            "save_pretrained, a .gguf file, a built-in name (`contrans models`) or a hub id"
+        )
+
+
+def _checkpoint_revision(name: str, checkpoint: int | None, checkpoint_index: int | None) -> str:
+    """The hub revision of a training checkpoint (``step1000`` for Pythia), resolved as TransformerLens does.
+
+    It is the model's recorded revision, so ``checkpoint=4``, ``checkpoint_index=3`` and
+    ``revision="step4"`` of one Pythia model are one model to the artifacts.
+    """
+    from transformer_lens.model_bridge.sources.transformers.helpers import _resolve_checkpoint_to_revision
+    from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+    try:
+        return _resolve_checkpoint_to_revision(resolve_model_alias(name) or name, checkpoint_index, checkpoint)
+    except ValueError as err:
+        arg, value = ("checkpoint", checkpoint) if checkpoint is not None else ("checkpoint_index", checkpoint_index)
+        raise InvalidArgumentError(arg, value, f"a training checkpoint of a checkpointed hub family ({err})") from err
 
 
 def load_model(
@@ -312,19 +361,20 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     device_map: str | dict[str, str | int] | None = None,
-):  # -> TransformerBridge (not annotated: importing the class costs a second at import time)
+) -> ModelHandle:
     """Load a model as a TransformerLens ``TransformerBridge`` in raw (HF-equivalent) mode.
 
     ``name_or_path`` is one of: a built-in offline name (:data:`OFFLINE_MODELS`), a ``.gguf``
     file, a local HF checkpoint directory, or a hub id as TransformerLens takes it.
     ``revision`` selects a hub branch (``LLM360/Amber`` with ``revision="ckpt_100"``);
     ``checkpoint`` is a training step value and ``checkpoint_index`` an index into the
-    family's checkpoints (Pythia) through TransformerLens's checkpoint helpers.
+    family's checkpoints (Pythia) through TransformerLens's checkpoint helpers; the model's
+    :func:`identity` records the revision they resolve to (``step1000``).
     ``dtype`` defaults to float32; ``device_map`` passes through to HF for multi-GPU targets.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    name = str(name_or_path)
+    name = _check_load_args(name_or_path, revision, checkpoint, checkpoint_index)
     dtype = torch.float32 if dtype is None else dtype
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -335,13 +385,22 @@ def load_model(
         if not Path(name).is_file():
             raise ModelUnavailableError(f"GGUF file {name} does not exist")
         source = str(_gguf_checkpoint(Path(name)))
+        name = str(Path(name).resolve())  # one identity however the path is spelled
     else:
         source = name
     is_local = Path(source).is_dir()
+    if is_local and offline is None and not name.endswith(".gguf"):
+        _check_checkpoint_dir(Path(source))
+        name = str(Path(source).resolve())
+    elif not is_local and _looks_local(name):
+        raise ModelUnavailableError(f"no such local model folder: {name} (a hub id looks like ORG/NAME)")
     if (checkpoint is not None or checkpoint_index is not None) and is_local:
         raise ModelUnavailableError(
             f"{name} is a local checkpoint: training checkpoints apply to hub families only"
         )
+    wanted = revision
+    if checkpoint is not None or checkpoint_index is not None:
+        wanted = _checkpoint_revision(name, checkpoint, checkpoint_index)
     try:
         bridge = TransformerBridge.boot_transformers(
             source,
@@ -356,15 +415,11 @@ def load_model(
         if is_local:
             raise
         raise ModelUnavailableError(
-            f"could not load {name!r} (revision {revision!r}) from the Hugging Face Hub: {err}. "
+            f"could not load {name!r} (revision {wanted!r}) from the Hugging Face Hub: {err}. "
             "If the hub is unreachable, download the model where it is reachable "
             "(`huggingface-cli download NAME --revision REV --local-dir DIR`) and pass DIR, "
             "or set HF_HUB_OFFLINE=1 with a populated HF cache."
         ) from err
     bridge.eval()
-    if checkpoint is not None:
-        revision = f"step{checkpoint}"
-    elif checkpoint_index is not None:
-        revision = f"checkpoint_index={checkpoint_index}"
-    _register(bridge, name, revision)
+    _register(bridge, name, wanted)
     return bridge

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from contrans_tl.capture import capture_at, check_layers, encode
 from contrans_tl.files import atomic_path
+from contrans_tl import validate
 from contrans_tl.errors import ArtifactError, EmptyPromptsError
 from contrans_tl.models import ModelIdentity, identity
 from contrans_tl.handle import ModelHandle
@@ -134,10 +136,18 @@ class PairedStates:
 
 def _positions(model: ModelHandle, texts: Sequence[str], scheme: Scheme) -> list[list[int]]:
     ids, offsets = encode(model, texts, with_offsets=True)
-    assert offsets is not None
+    assert offsets is not None  # with_offsets=True always returns them
     if scheme == "tokens":
         return [[i for i, (s, e) in enumerate(offs) if e > s] for offs in offsets]
     return [positions_at_boundaries(offs, word_boundaries(t)) for offs, t in zip(offsets, texts)]
+
+
+def unique_texts(texts: Sequence[str]) -> list[str]:
+    """``texts`` in order with repeats removed (warns when any were)."""
+    unique = list(dict.fromkeys(texts))
+    if len(unique) < len(texts):
+        warnings.warn(f"the corpus repeats {len(texts) - len(unique)} text(s): each is used once", stacklevel=3)
+    return unique
 
 
 def capture_paired(
@@ -149,9 +159,14 @@ def capture_paired(
     batch_size: int = 8,
     progress: str | None = None,
 ) -> PairedStates:
-    """Capture ``model``'s resid_post at aligned positions of every text (see module doc)."""
-    if len(texts) == 0:
-        raise EmptyPromptsError("the alignment corpus is empty")
+    """Capture ``model``'s resid_post at aligned positions of every text (see module doc).
+
+    Repeated texts are kept once (with a warning): a text on both sides of the held-out split
+    would make the held-out R² a training score.
+    """
+    texts = unique_texts(validate.texts("texts", texts, what="corpus texts"))
+    validate.choice("scheme", scheme, ["words", "tokens"])
+    validate.integer("batch_size", batch_size, low=1)
     layer_list = check_layers(model, layers)
     positions = _positions(model, texts, scheme)
     states = capture_at(model, texts, positions, layers=layer_list, batch_size=batch_size, progress=progress)

@@ -10,12 +10,10 @@ from pathlib import Path
 import math
 from typing import Any, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are files; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 __all__ = [
     "save_figure",
@@ -40,8 +38,15 @@ EMOTION_COLORS = {
 }
 
 
-def _color(name: str, i: int) -> str:
-    return EMOTION_COLORS.get(name, plt.get_cmap("tab10")(i % 10))
+def _color(name: str, i: int) -> Any:
+    return EMOTION_COLORS.get(name, colormaps["tab10"](i % 10))
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """A Figure with a grid of axes, made without pyplot: no backend is chosen and no global
+    figure list grows, so importing or calling this module leaves a notebook's matplotlib as it was."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def save_figure(fig: Figure, path_stem: str | Path) -> list[Path]:
@@ -51,7 +56,6 @@ def save_figure(fig: Figure, path_stem: str | Path) -> list[Path]:
     out = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for path in out:
         fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
     return out
 
 
@@ -65,7 +69,7 @@ def accuracy_vs_alpha(
 ) -> Figure:
     """Fig 2a: per-emotion Token Acc bars against alpha, Logit Acc as lines (random control dashed)."""
     names = list(token_acc)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), sharey=True, squeeze=False)
+    fig, axes = _subplots(1, len(names), figsize=(2.6 * len(names), 2.8), sharey=True, squeeze=False)
     x = np.arange(len(alphas))
     for i, (ax, name) in enumerate(zip(axes[0], names)):
         ax.bar(x, token_acc[name], color=_color(name, i), alpha=0.55, label="Token Acc")
@@ -88,7 +92,7 @@ def accuracy_vs_examples(
     n_examples: Sequence[int], series: Mapping[str, Sequence[float]], *, ylabel: str = "Logit Acc", title: str = ""
 ) -> Figure:
     """Fig 5: accuracy against the number of refinement examples, one line per emotion."""
-    fig, ax = plt.subplots(figsize=(4.2, 3))
+    fig, ax = _subplots(figsize=(4.2, 3))
     for i, (name, values) in enumerate(series.items()):
         ax.plot(list(n_examples), values, "o-", color=_color(name, i), label=name)
     ax.set_xscale("log")
@@ -121,7 +125,7 @@ def pca_before_after(
     basis = vt[:2].T
     b2, a2 = (before - mean) @ basis, (after - mean) @ basis
     labels = np.asarray(labels)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), sharex=True, sharey=True)
+    fig, axes = _subplots(1, 2, figsize=(8, 3.6), sharex=True, sharey=True)
     for i, name in enumerate(dict.fromkeys(labels)):
         sel = labels == name
         for ax, pts in zip(axes, (b2, a2)):
@@ -142,7 +146,7 @@ def pca_before_after(
 
 def embedding_2d(points: Mapping[str, np.ndarray], labels: Sequence[str], *, title: str = "") -> Figure:
     """Fig 7/8: one panel per (model, method) of 2-D points coloured by emotion."""
-    fig, axes = plt.subplots(1, len(points), figsize=(3.4 * len(points), 3.2), squeeze=False)
+    fig, axes = _subplots(1, len(points), figsize=(3.4 * len(points), 3.2), squeeze=False)
     labels = np.asarray(labels)
     for ax, (panel, pts) in zip(axes[0], points.items()):
         for i, name in enumerate(dict.fromkeys(labels)):
@@ -171,7 +175,7 @@ def heatmap(
 ) -> Figure:
     """A labelled heatmap with the value written in every cell (size matrix, layer-pair grids)."""
     values = np.asarray(values, dtype=float)
-    fig, ax = plt.subplots(figsize=(max(4.5, 2.5 + 1.0 * len(col_labels)), max(3.0, 1.8 + 0.55 * len(row_labels))))
+    fig, ax = _subplots(figsize=(max(4.5, 2.5 + 1.0 * len(col_labels)), max(3.0, 1.8 + 0.55 * len(row_labels))))
     im = ax.imshow(values, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
@@ -206,11 +210,11 @@ def accuracy_vs_training(
     With ``tick_labels`` the x axis is categorical (checkpoints whose token count is unknown).
     """
     xs = np.asarray(x, dtype=float)
-    fig, axes = plt.subplots(1, len(baseline), figsize=(4 * len(baseline), 3.2), sharey=True, squeeze=False)
+    fig, axes = _subplots(1, len(baseline), figsize=(4 * len(baseline), 3.2), sharey=True, squeeze=False)
     for ax, metric in zip(axes[0], baseline):
         ax.plot(xs, baseline[metric], "o--", color="grey", label="baseline")
         for i, (alpha, curve) in enumerate(transplanted[metric].items()):
-            ax.plot(xs, curve, "o-", color=plt.get_cmap("tab10")(i), label=f"transplanted (alpha {alpha})")
+            ax.plot(xs, curve, "o-", color=colormaps["tab10"](i), label=f"transplanted (alpha {alpha})")
         if tick_labels is not None:
             ax.set_xticks(xs, list(tick_labels), rotation=45, ha="right", fontsize=7)
         elif xs.min() > 0 and xs.max() / xs.min() > 100:
@@ -238,7 +242,7 @@ def token_shift_bars(
     ``rising[emotion]`` lists (token, count) best first; ``native`` (same shape) marks the
     counts of the natively refined vector with a tick for comparison.
     """
-    fig, axes = plt.subplots(1, len(rising), figsize=(2.4 * len(rising), 3.0), squeeze=False)
+    fig, axes = _subplots(1, len(rising), figsize=(2.4 * len(rising), 3.0), squeeze=False)
     for i, (ax, (emotion, pairs)) in enumerate(zip(axes[0], rising.items())):
         pairs = list(pairs)[::-1]
         labels = [t for t, _ in pairs]
@@ -257,13 +261,13 @@ def token_shift_bars(
     return fig
 
 def transfer_report(report: Any) -> Figure:
-    """A :class:`~contrans_tl.diagnostics.TransferReport` (or its dict). Left: held-out R² and
+    """A :class:`~contrans_tl.reports.transfer.TransferReport` (or its dict). Left: held-out R² and
     cosine(mapped, native) per target layer. Right: causal effects and ratios."""
     rep = report.to_dict() if hasattr(report, "to_dict") else report
     pairs = rep["pairs"]
     t = [p["target_layer"] for p in pairs]
     has_causal = rep.get("combined") is not None
-    fig, axes = plt.subplots(1, 2 if has_causal else 1, figsize=(10 if has_causal else 5, 3.4), squeeze=False)
+    fig, axes = _subplots(1, 2 if has_causal else 1, figsize=(10 if has_causal else 5, 3.4), squeeze=False)
     ax = axes[0][0]
     ax.plot(t, [p["r2_heldout"] for p in pairs], "o-", label="held-out R² of the map")
     ax.plot(t, [p["cosine"] for p in pairs], "s-", label="cos(mapped, native)")
@@ -301,7 +305,7 @@ def transfer_report(report: Any) -> Figure:
 
 
 def layer_search(search: Any) -> Figure:
-    """A :class:`~contrans_tl.diagnostics.LayerPairSearch` as heatmaps over the layer grid:
+    """A :class:`~contrans_tl.reports.layer_search.LayerPairSearch` as heatmaps over the layer grid:
     held-out R², the logit-lens proxy and the combined score (best three pairs framed)."""
     panels = [("held-out R²", search.r2, "viridis")]
     if search.proxy is not None:
@@ -309,7 +313,7 @@ def layer_search(search: Any) -> Figure:
         panels.append(("score = R²⁺ · proxy⁺", search.score, "magma"))
     width = 2.0 + 0.4 * len(search.target_layers)
     height = 1.0 + 0.3 * len(search.source_layers)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(width, height * len(panels)), squeeze=False)
+    fig, axes = _subplots(len(panels), 1, figsize=(width, height * len(panels)), squeeze=False)
     best = {(p["source_layer"], p["target_layer"]) for p in search.best_pairs(3)}
     for ax, (title, values, cmap) in zip(axes[:, 0], panels):
         arr = np.asarray(values, dtype=float)
@@ -328,7 +332,7 @@ def layer_search(search: Any) -> Figure:
                     ax.text(j, i, f"{arr[i, j]:.2f}" if abs(arr[i, j]) < 10 else f"{arr[i, j]:.0f}",
                             ha="center", va="center", fontsize=4.5, color="white" if arr[i, j] < 0.6 else "black")
                 if (s, t) in best:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="white", lw=1.5))
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="white", lw=1.5))
         ax.set_xlabel(f"target layer ({search.target})", fontsize=8)
         if cmap == "viridis" and float(np.nanmin(arr)) < 0:
             title += f" (colour clipped at 0; min {float(np.nanmin(arr)):.2f})"

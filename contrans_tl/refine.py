@@ -15,7 +15,8 @@ from torch import Tensor
 
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import capture
-from contrans_tl.errors import EmptyPromptsError
+from contrans_tl import validate
+from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.models import identity
 from contrans_tl.handle import ModelHandle
 
@@ -43,10 +44,11 @@ def pca_difference(
     Requires equally many positives and negatives (pair i is positive[i] − negative[i]). The
     component is unit-norm, so it is rescaled to the mean difference's projection on it.
     """
-    if positive.shape[0] != negative.shape[0]:
-        raise EmptyPromptsError(
-            f"pca pairs positives with negatives: got {positive.shape[0]} positives and "
-            f"{negative.shape[0]} negatives"
+    if positive.shape[0] != negative.shape[0] or positive.shape[0] < 2:
+        raise InvalidArgumentError(
+            "method", "pca",
+            f"at least 2 positive/negative pairs of equal count for PCA (got {positive.shape[0]} positives "
+            f"and {negative.shape[0]} negatives); use method='mean_diff'",
         )
     diffs = (positive - negative).double()  # [pair, layer, d]
     centered = diffs - diffs.mean(0, keepdim=True)
@@ -76,12 +78,14 @@ def refine(
     lengths), or any :data:`Aggregator`. The result records the model's mean resid_post norm
     per layer, so alpha can later be given in norm units.
     """
-    if len(positive) == 0 or len(negative) == 0:
-        raise EmptyPromptsError(
-            f"refine needs positive and negative prompts; got {len(positive)} positive and "
-            f"{len(negative)} negative"
+    positive = validate.texts("positive", positive)
+    negative = validate.texts("negative", negative)
+    aggregate = method if callable(method) else AGGREGATORS[validate.choice("method", method, list(AGGREGATORS))]
+    batch_size = validate.integer("batch_size", batch_size, low=1)
+    if aggregate is pca_difference and len(positive) != len(negative):
+        raise InvalidArgumentError(
+            "method", "pca", f"as many positives as negatives (got {len(positive)} positives and {len(negative)} negatives)"
         )
-    aggregate = AGGREGATORS[method] if isinstance(method, str) else method
     pos = capture(model, positive, batch_size=batch_size, progress="positives" if progress else None)
     neg = capture(model, negative, batch_size=batch_size, progress="negatives" if progress else None)
     norms = torch.cat([pos, neg]).norm(dim=-1).mean(0)

@@ -21,7 +21,8 @@ from torch import Tensor
 from contrans_tl.pairing import PairedStates, capture_paired
 from contrans_tl.artifacts import AffineMap
 from contrans_tl.capture import check_layers
-from contrans_tl.errors import EmptyPromptsError, WidthMismatchError
+from contrans_tl import validate
+from contrans_tl.errors import InvalidArgumentError, WidthMismatchError
 from contrans_tl.handle import ModelHandle
 
 __all__ = [
@@ -183,9 +184,18 @@ def _split_texts(n_texts: int, fraction: float, generator: torch.Generator) -> T
         return mask
     n_out = max(1, round(n_texts * fraction))
     if n_out >= n_texts:
-        raise EmptyPromptsError(f"holding out {fraction:.0%} of {n_texts} texts leaves none to fit on")
+        raise InvalidArgumentError("holdout", fraction, f"a share that leaves texts to fit on (of {n_texts} texts)")
     mask[torch.randperm(n_texts, generator=generator)[:n_out]] = True
     return mask
+
+
+def _ridge_arg(ridge: object) -> float | Literal["auto"]:
+    """``ridge`` is "auto" or a finite number >= 0."""
+    if isinstance(ridge, str):
+        if ridge == "auto":
+            return "auto"
+        raise InvalidArgumentError("ridge", ridge, "'auto' or a number >= 0")
+    return validate.real("ridge", ridge, low=0.0)
 
 
 def fit_map_from_states(
@@ -205,8 +215,13 @@ def fit_map_from_states(
     fifth of the remaining texts picks each pair's ridge from :data:`RIDGE_GRID`, and the
     final maps are refitted on all training texts.
     """
+    if not isinstance(source, PairedStates) or not isinstance(target, PairedStates):
+        raise InvalidArgumentError("source/target", (type(source).__name__, type(target).__name__),
+                                   "PairedStates from capture_paired (use fit_map for models)")
+    ridge = _ridge_arg(ridge)
+    holdout = validate.fraction("holdout", holdout)
     if source.corpus != target.corpus or source.scheme != target.scheme:
-        raise EmptyPromptsError(
+        raise InvalidArgumentError("target", f"{target.corpus}/{target.scheme}",
             "source and target states come from different corpora or alignment schemes "
             f"({source.corpus}/{source.scheme} vs {target.corpus}/{target.scheme})"
         )
@@ -215,9 +230,8 @@ def fit_map_from_states(
             f"source has {source.states.shape[0]} aligned samples but target has "
             f"{target.states.shape[0]}: token-level alignment needs the same tokenizer; use scheme='words'"
         )
-    pairs = list(layers) if layers is not None else default_layer_pairs(source.model.n_layers, target.model.n_layers)
-    if not pairs:
-        raise EmptyPromptsError("no layer pairs to fit")
+    pairs = (validate.layer_pairs("layers", layers) if layers is not None
+             else default_layer_pairs(source.model.n_layers, target.model.n_layers))
     x = torch.stack([source.layer(s) for s, _ in pairs])  # [pair, n, d_src]
     y = torch.stack([target.layer(t) for _, t in pairs])  # [pair, n, d_tgt]
     n_texts = int(source.text_index.max()) + 1
@@ -283,6 +297,15 @@ def fit_map_from_states(
     )
 
 
+def _same_tokens(source: ModelHandle, target: ModelHandle, texts: Sequence[str]) -> bool:
+    """Whether both tokenizers split every text into the same tokens (BOS aside)."""
+    if source.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+        return False
+    texts = list(texts)
+    return bool(source.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                == target.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
 def capture_pair(
     source: ModelHandle,
     target: ModelHandle,
@@ -294,12 +317,11 @@ def capture_pair(
     batch_size: int = 8,
     progress: bool = False,
 ) -> tuple[PairedStates, PairedStates]:
-    """Both models' aligned states on ``texts``: every token when the two tokenizers share a
-    vocabulary ("auto"), word boundaries otherwise."""
+    """Both models' paired states on ``texts``: every token when the two tokenizers split every
+    text identically ("auto"), word boundaries otherwise."""
     scheme: Literal["words", "tokens"]
     if alignment == "auto":
-        same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()  # type: ignore[union-attr]
-        scheme = "tokens" if same else "words"
+        scheme = "tokens" if _same_tokens(source, target, texts) else "words"
     else:
         scheme = alignment
     xs = capture_paired(source, texts, layers=source_layers, scheme=scheme, batch_size=batch_size,
@@ -329,10 +351,13 @@ def fit_map(
     identically and word boundaries otherwise. ``ridge`` is a fixed strength (relative to
     the mean squared singular value of the centred source states) or "auto" (validation).
     """
-    if len(texts) == 0:
-        raise EmptyPromptsError("fit_map needs a non-empty corpus of texts")
-    n_src, n_tgt = int(source.cfg.n_layers), int(target.cfg.n_layers)  # type: ignore[union-attr]
-    pairs = list(layers) if layers is not None else default_layer_pairs(n_src, n_tgt)
+    texts = validate.texts("texts", texts, what="corpus texts")
+    _ridge_arg(ridge)
+    validate.fraction("holdout", holdout)
+    validate.choice("alignment", alignment, ["auto", "words", "tokens"])
+    validate.integer("batch_size", batch_size, low=1)
+    n_src, n_tgt = int(source.cfg.n_layers), int(target.cfg.n_layers)
+    pairs = validate.layer_pairs("layers", layers) if layers is not None else default_layer_pairs(n_src, n_tgt)
     src_layers = check_layers(source, sorted({s for s, _ in pairs}))
     tgt_layers = check_layers(target, sorted({t for _, t in pairs}))
     xs, ys = capture_pair(source, target, texts, src_layers, tgt_layers,

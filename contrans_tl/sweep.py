@@ -9,19 +9,21 @@ from the calling process, so executors need no shared filesystem semantics beyon
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 import warnings
 from concurrent.futures import Executor, Future, as_completed
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 from tqdm.auto import tqdm
 
-from contrans_tl.errors import ContransError, SettingsMismatchError
-from contrans_tl.files import write_json
+from contrans_tl.errors import ArtifactError, ContransError, SettingsMismatchError
+from contrans_tl.files import json_ready, write_json
 
-__all__ = ["CellStore", "cell_key"]
+__all__ = ["CellStore", "cell_key", "grid_axis", "run_option", "settings_fingerprint"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -40,9 +42,51 @@ def _read_json(path: Path) -> Any:
         return _MISSING
 
 
+CellRole = Literal["grid", "run"]
+"""How a Config field relates to the cells: "grid" = an axis named in every cell's key (a new value
+adds cells, finished ones stay valid); "run" = changes how a run goes, never a cell's value (output
+folder, batch size, device, progress). Every other field changes cell values and is fingerprinted."""
+
+
+def grid_axis(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None) -> Any:
+    """A Config field that is an axis of the grid: every cell key names its value."""
+    return _role_field("grid", default, factory)
+
+
+def run_option(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None) -> Any:
+    """A Config field that changes how a run goes but never a cell's value."""
+    return _role_field("run", default, factory)
+
+
+def _role_field(role: CellRole, default: Any, factory: Callable[[], Any] | None) -> Any:
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"cell_role": role})
+    return dataclasses.field(default=default, metadata={"cell_role": role})
+
+
+def settings_fingerprint(cfg: Any) -> dict[str, Any]:
+    """Every field of the dataclass ``cfg`` that changes a cell's value, as strict JSON.
+
+    Derived by construction: all fields count except those declared with :func:`grid_axis` or
+    :func:`run_option`, so a new Config field is guarded from the day it is added.
+    """
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise ContransError(f"settings_fingerprint needs a dataclass instance, not {type(cfg).__name__}")
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if "cell_role" not in f.metadata}
+    return json.loads(json.dumps(json_ready(values), sort_keys=True))
+
+
+MAX_KEY = 160
+"""Longest cell key kept as written; longer ones (parts naming deep local paths) end in a hash,
+so a cell file name stays well under the file system's 255 bytes."""
+
+
 def cell_key(**parts: object) -> str:
     """A stable, filename-safe key from named parts: ``cell_key(ckpt="step1", alpha=0.5)``."""
-    return "__".join(f"{k}={_UNSAFE.sub('-', str(v))}" for k, v in parts.items())
+    key = "__".join(f"{k}={_UNSAFE.sub('-', str(v))}" for k, v in parts.items())
+    if len(key) <= MAX_KEY:
+        return key
+    return f"{key[:MAX_KEY - 17]}~{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 class CellStore:
@@ -57,7 +101,10 @@ class CellStore:
 
     def __init__(self, root: str | Path, *, settings: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ArtifactError(f"cannot use {self.root} as a cell store: {err.strerror or err}") from None
         if settings is not None:
             self._claim(json.loads(json.dumps(settings, sort_keys=True)))
 

@@ -9,23 +9,35 @@ added, also when the body raises.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from contrans_tl import validate
 from contrans_tl.artifacts import ConceptVector
-from contrans_tl.capture import check_layers, encode, model_device, pad_batch, pad_token_id, resid_hook_name
-from contrans_tl.errors import ContransError, NonFiniteError
-from contrans_tl.handle import ModelHandle
+from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id, resid_hook_name
+from contrans_tl.errors import InvalidArgumentError, NonFiniteError
+from contrans_tl.handle import Hook, ModelHandle
 
-__all__ = ["Unit", "steering_offsets", "transplant", "generate"]
+__all__ = ["Unit", "UNITS", "steering_offsets", "transplant", "generate"]
 
 Unit = Literal["raw", "norm"]
 """How alpha is read. "raw": the offset is alpha · v[l]. "norm": the offset is
 alpha · mean‖resid_post[l]‖ · v[l] / ‖v[l]‖ — alpha is a fraction of the layer's typical
 residual norm (recorded in the vector), so one setting carries across models."""
+
+UNITS: tuple[str, ...] = ("raw", "norm")
+
+LOGITS_HOOK = "unembed.hook_out"
+"""Hook point of the output logits: checked for NaN/inf while steering is active."""
+"""The accepted values of :data:`Unit`."""
+
+_AUTO_LAYERS_HINT = (
+    "a list of block indices or None; for automatic layers call "
+    "contrans_tl.reports.layer_search.auto_layers(vectors) and pass its result"
+)
 
 
 def steering_offsets(
@@ -36,6 +48,7 @@ def steering_offsets(
     unit: Unit = "raw",
 ) -> dict[int, Float[Tensor, "d_model"]]:
     """The summed offset added at each layer (only layers with a non-zero offset)."""
+    validate.choice("unit", unit, UNITS)
     total: dict[int, Tensor] = {}
     for vector, alpha in zip(vectors, alphas, strict=True):
         use = vector.layers if layers is None else tuple(layers)
@@ -43,9 +56,9 @@ def steering_offsets(
             v = vector.vectors[layer].double()
             if unit == "norm":
                 if vector.layer_norms is None or float(vector.layer_norms[layer]) <= 0:
-                    raise ContransError(
-                        f"alpha in norm units needs the target's residual norm at layer {layer}, "
-                        "which this vector does not record; use unit='raw'"
+                    raise InvalidArgumentError(
+                        "unit", unit, f"'raw' for this vector: norm units need the target's residual norm "
+                        f"at layer {layer}, which the vector does not record"
                     )
                 length = v.norm()
                 v = v / length * float(vector.layer_norms[layer]) if length > 0 else v
@@ -54,57 +67,95 @@ def steering_offsets(
     return {layer: off.float() for layer, off in total.items() if bool(off.any())}
 
 
+def _vector_list(vector: Any) -> list[ConceptVector]:
+    """``vector`` as a non-empty list of ConceptVectors."""
+    accepted = "a ConceptVector or a non-empty sequence of ConceptVectors"
+    if isinstance(vector, ConceptVector):
+        return [vector]
+    if isinstance(vector, (str, bytes)) or not isinstance(vector, Sequence) or not vector:
+        raise InvalidArgumentError("vector", vector, accepted)
+    if not all(isinstance(v, ConceptVector) for v in vector):
+        raise InvalidArgumentError("vector", vector, accepted)
+    return list(vector)
+
+
+def _alpha_list(alpha: Any, n_vectors: int) -> list[float]:
+    """One finite strength per vector (a single number is shared by all of them)."""
+    if isinstance(alpha, (str, bytes)) or not isinstance(alpha, Sequence):
+        return [validate.real("alpha", alpha)] * n_vectors
+    alphas = [validate.real(f"alpha[{i}]", a) for i, a in enumerate(alpha)]
+    if len(alphas) != n_vectors:
+        raise InvalidArgumentError("alpha", alpha, f"one number, or {n_vectors} numbers (one per vector)")
+    return alphas
+
+
+def _layer_list(model: ModelHandle, layers: Any) -> list[int] | None:
+    """Validated steering layers (None: each vector's own layers)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        raise InvalidArgumentError("layers", layers, _AUTO_LAYERS_HINT)
+    return validate.layer_list("layers", layers, int(model.cfg.n_layers))
+
+
 @contextmanager
 def transplant(
     model: ModelHandle,
     vector: ConceptVector | Sequence[ConceptVector],
     *,
     alpha: float | Sequence[float],
-    layers: Sequence[int] | Literal["auto"] | None = None,
+    layers: Sequence[int] | None = None,
     unit: Unit = "raw",
     check_model: bool = True,
 ) -> Iterator[dict[int, Tensor]]:
     """Transplant concept vector(s) into ``model`` for the duration of the ``with`` block.
 
-    ``layers`` restricts the layers steered (default: the vector's own ``layers``; "auto":
-    :func:`contrans_tl.diagnostics.auto_layers`, the pairs whose map fits well); ``alpha``
-    is one strength or one per vector; ``unit`` says how alpha is read (see :data:`Unit`).
-    Yields the per-layer offsets actually added (useful for checks and logs).
+    ``layers`` restricts the layers steered (default: the vector's own ``layers``; for the
+    layers whose map fits well, pass :func:`contrans_tl.reports.layer_search.auto_layers`);
+    ``alpha`` is one strength or one per vector; ``unit`` says how alpha is read (see
+    :data:`Unit`). Yields the per-layer offsets actually added (useful for checks and logs).
     """
-    vectors = [vector] if isinstance(vector, ConceptVector) else list(vector)
-    alphas = [float(alpha)] * len(vectors) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
-    if len(alphas) != len(vectors):
-        raise ContransError(f"{len(vectors)} vectors but {len(alphas)} alphas")
+    vectors = _vector_list(vector)
+    alphas = _alpha_list(alpha, len(vectors))
+    validate.choice("unit", unit, UNITS)
     for v in vectors:
         if check_model:
             v.check_model(model)
-        elif v.d_model != int(model.cfg.d_model):  # type: ignore[attr-defined]
+        elif v.d_model != int(model.cfg.d_model):
             v.check_model(model)  # width is never optional: raises WidthMismatchError
-    if isinstance(layers, str):
-        if layers != "auto":
-            raise ContransError(f"layers must be a list of ints, None or 'auto', not {layers!r}")
-        from contrans_tl.diagnostics import auto_layers  # lazy: diagnostics builds on this module
+    steered = _layer_list(model, layers)
+    offsets = steering_offsets(vectors, alphas, layers=steered, unit=unit)
+    dtype = model.embed.W_E.dtype
+    placed = {layer: off.to(device=model_device(model), dtype=dtype) for layer, off in offsets.items()}
+    setting = f"alpha {alphas if len(alphas) > 1 else alphas[0]} (unit {unit!r})"
+    for layer, off in placed.items():
+        if not bool(torch.isfinite(off).all()):
+            raise NonFiniteError(f"the offset at layer {layer} with {setting} is not finite in the model's {dtype}: "
+                                 "lower alpha")
 
-        layers = auto_layers(vectors)
-    if layers is not None:
-        check_layers(model, layers)
-    offsets = steering_offsets(vectors, alphas, layers=layers, unit=unit)
-    if not all(torch.isfinite(off).all() for off in offsets.values()):
-        raise NonFiniteError("steering offset has NaN or inf entries")
-    device = model_device(model)
-    dtype = model.embed.W_E.dtype  # type: ignore[union-attr]
-    placed = {layer: off.to(device=device, dtype=dtype) for layer, off in offsets.items()}
-
-    def make_hook(offset: Tensor):
+    def make_hook(layer: int, offset: Tensor) -> Hook:
         def add_offset(resid: Tensor, *, hook: object) -> Tensor:
-            return resid + offset.to(resid.device)
+            out = resid + offset.to(resid.device)
+            # the squared norm, as the next block's RMSNorm/LayerNorm computes it: once that overflows
+            # float32 the model silently outputs degenerate logits (an empty generation), so stop here
+            if not bool(torch.isfinite(out.float().square().sum(-1)).all()):
+                raise NonFiniteError(f"steering at layer {layer} with {setting} overflows the residual stream "
+                                     "(NaN, inf, or a squared norm beyond float32): lower alpha")
+            return out
 
         return add_offset
 
-    fwd_hooks = [(resid_hook_name(layer), make_hook(off)) for layer, off in placed.items()]
+    def check_logits(logits: Tensor, *, hook: object) -> None:
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteError(f"non-finite logits (NaN or inf) under steering at layers {sorted(placed)} "
+                                 f"with {setting}: lower alpha")
+
+    fwd_hooks = [(resid_hook_name(layer), make_hook(layer, off)) for layer, off in placed.items()]
+    if placed:
+        fwd_hooks.append((LOGITS_HOOK, check_logits))
     # The bridge's own context manager records each handle as it is added and removes exactly
     # those in `finally`, so a failure halfway through registration leaves the model clean.
-    with model.hooks(fwd_hooks=fwd_hooks):  # type: ignore[operator]
+    with model.hooks(fwd_hooks=fwd_hooks):
         yield offsets
 
 
@@ -121,11 +172,12 @@ def generate(
     Prompts are tokenized with the library's BOS policy and left-padded with an attention
     mask, so batched generation equals one prompt at a time.
     """
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompt_list = validate.texts("prompts", [prompts] if isinstance(prompts, str) else prompts)
+    max_new_tokens = validate.integer("max_new_tokens", max_new_tokens, low=1)
     ids, _ = encode(model, prompt_list)
     batch = pad_batch(ids, pad_id=pad_token_id(model), padding_side="left")
     device = model_device(model)
-    out = model.generate(  # type: ignore[operator]
+    out = model.generate(
         batch.input_ids.to(device),
         attention_mask=batch.attention_mask.to(device),
         max_new_tokens=max_new_tokens,
@@ -136,4 +188,4 @@ def generate(
         verbose=False,
     )
     new = out[:, batch.input_ids.shape[1] :]
-    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in new]  # type: ignore[union-attr]
+    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in new]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -86,33 +87,58 @@ def test_sweep_resumes_after_a_crash(ckpts, tmp_path, monkeypatch):
     assert all(p.is_file() for p in paths)
 
 
-def test_sweep_survives_sigkill(ckpts, tmp_path):
-    """Kill -9 the command mid-run, rerun it: finished cells unchanged, none lost."""
-    cmd = [sys.executable, "-m", "contrans_tl.analyses.checkpoint_sweep", "--model", str(ckpts[-1]),
-           "--checkpoints", ",".join(str(c) for c in ckpts), "--out", str(tmp_path), "--alphas", "0.5,1.0",
-           "--emotions", "happiness", "--n-refine", "2", "--n-eval", "1", "--executor", "serial",
-           "--mapping", "identity", "--batch-size", "8", "--no-plot"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cells = tmp_path / "cells"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if cells.is_dir() and any(cells.glob("*.json")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    before = _snapshot(tmp_path)
-    if len(before) == 9:
-        pytest.skip("the sweep finished before it could be killed")
-    assert proc.returncode == -signal.SIGKILL and 1 <= len(before) < 9
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+VOLATILE = {"finished", "load_seconds", "pid", "seconds"}  # when and where a cell ran, not what it found
+
+
+def _sweep_cmd(ckpts, out: Path) -> list[str]:
+    return [sys.executable, "-m", "contrans_tl.analyses.checkpoint_sweep", "--model", str(ckpts[-1]),
+            "--checkpoints", ",".join(str(c) for c in ckpts), "--out", str(out), "--alphas", "0.5,1.0",
+            "--emotions", "happiness", "--n-refine", "2", "--n-eval", "1", "--executor", "serial",
+            "--mapping", "identity", "--batch-size", "8", "--no-plot"]
+
+
+def _values(cell: bytes) -> dict:
+    return {k: v for k, v in json.loads(cell).items() if k not in VOLATILE}
+
+
+def test_sweep_killed_at_five_random_moments_resumes_exactly(ckpts, tmp_path):
+    """SIGKILL the command at 5 random moments, then let it finish: every cell is computed exactly once
+    (a finished cell is never rewritten) and the cells and rows equal those of an uninterrupted run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    done = subprocess.run(_sweep_cmd(ckpts, reference), cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    after = _snapshot(tmp_path)
-    assert len(after) == 9
-    assert {k: after[k] for k in before} == before
-    result = json.loads((tmp_path / "sweep.json").read_text())
-    assert result["cells_before_this_run"] == len(before)
+    expected = _snapshot(reference)
+    total = len(expected)
+    assert total == 9  # 3 checkpoints x alphas 0, 0.5, 1
+
+    out, rng = tmp_path / "killed", random.Random(20261202)
+    first_seen: dict[str, tuple[int, bytes]] = {}
+    for moment in range(5):
+        wait_for = rng.randint(0, total - 2)  # kill once this many cells exist, then a random instant later
+        proc = subprocess.Popen(_sweep_cmd(ckpts, out), cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and len(list(out.glob("cells/*.json"))) < wait_for:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"moment {moment}: the sweep ended before it was killed"
+        for name, cell in _snapshot(out).items():
+            assert first_seen.setdefault(name, cell) == cell, f"{name} was computed again after it was finished"
+
+    done = subprocess.run(_sweep_cmd(ckpts, out), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _snapshot(out)
+    assert sorted(after) == sorted(expected)  # no cell lost
+    assert {k: after[k] for k in first_seen} == first_seen  # none computed twice
+    assert {k: _values(v[1]) for k, v in after.items()} == {k: _values(v[1]) for k, v in expected.items()}
+    resumed = json.loads((out / "sweep.json").read_text())
+    uninterrupted = json.loads((reference / "sweep.json").read_text())
+    assert resumed["cells_before_this_run"] == len(first_seen)
+    assert [{k: v for k, v in r.items() if k != "cells"} for r in resumed["rows"]] == \
+        [{k: v for k, v in r.items() if k != "cells"} for r in uninterrupted["rows"]]
 
 
 def test_fit_mapping_with_a_swapped_executor(ckpts, tmp_path):

@@ -10,9 +10,13 @@ import torch
 
 import contrans_tl as ct
 from contrans_tl.capture import capture, next_token_logits
+from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.lens import (
+    concept_readout,
     count_tokens,
+    final_norm_gain,
     final_softcap,
+    lens_resid,
     logit_lens,
     logits_from_resid,
     shift_csv,
@@ -90,6 +94,33 @@ def test_lens_sees_the_transplanted_offset(tiny_llama, prompts):
     from tests.conftest import hooks_attached
 
     assert hooks_attached(tiny_llama) == 0
+
+
+def test_readout_and_norm_gain(tiny_neox):
+    ln = tiny_neox.ln_final.original_component
+    saved = ln.weight.detach().clone(), ln.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            ln.weight.copy_(torch.rand(64) + 0.5)
+            ln.bias.copy_(torch.randn(64))
+        gain = final_norm_gain(tiny_neox)
+        assert torch.allclose(gain, ln.weight.detach(), atol=1e-3)
+        w_u = tiny_neox.W_U.detach()
+        r = concept_readout(tiny_neox, [5], [7, 9], fold_norm=False)
+        assert torch.allclose(r, w_u[:, 5] - w_u[:, [7, 9]].mean(1), atol=1e-6)
+        assert torch.allclose(concept_readout(tiny_neox, [5], [7, 9]), r * gain, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            ln.weight.copy_(saved[0])
+            ln.bias.copy_(saved[1])
+
+
+def test_readout_and_lens_argument_checks(tiny_llama, prompts):
+    with pytest.raises(InvalidArgumentError, match="concept_tokens"):
+        concept_readout(tiny_llama, [])
+    vector = ct.refine(tiny_llama, prompts[:3], prompts[2:])
+    with pytest.raises(InvalidArgumentError, match="steer_layers"):
+        lens_resid(tiny_llama, prompts, [0, 1], vector=vector, alpha=0.5)
 
 
 def test_token_shift_picks_largest_changes():

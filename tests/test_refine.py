@@ -34,11 +34,11 @@ def test_pca_recovers_planted_direction():
 
 
 def test_pca_needs_pairs(tiny_llama):
-    with pytest.raises(ct.EmptyPromptsError, match="3 positives and 4 negatives"):
+    with pytest.raises(ct.InvalidArgumentError, match="method='pca'.*3 positives and 4 negatives"):
         ct.refine(tiny_llama, POS, NEG, method="pca")
 
 
-@pytest.mark.parametrize("pos,neg", [([], NEG), (POS, [])])
-def test_empty_lists_rejected(tiny_llama, pos, neg):
-    with pytest.raises(ct.EmptyPromptsError, match="positive and negative"):
+@pytest.mark.parametrize("pos,neg,name", [([], NEG, "positive"), (POS, [], "negative")])
+def test_empty_lists_rejected(tiny_llama, pos, neg, name):
+    with pytest.raises(ct.EmptyPromptsError, match=f"^{name}: no prompts"):
         ct.refine(tiny_llama, pos, neg)

@@ -6,6 +6,8 @@ import torch
 
 import contrans_tl as ct
 from contrans_tl.datasets import neutral_sentences
+from contrans_tl.models import ModelIdentity
+from contrans_tl.pairing import PairedStates
 from contrans_tl.reformulate import default_layer_pairs, r2_score, ridge_solve
 
 
@@ -95,9 +97,6 @@ def test_too_few_samples_warns_with_numbers(tiny_llama, tiny_llama_b):
 
 def test_auto_ridge_beats_plain_least_squares_when_overfitting():
     g = torch.Generator().manual_seed(3)
-    from contrans_tl.pairing import PairedStates
-    from contrans_tl.models import ModelIdentity
-
     n, d = 300, 60
     x = torch.randn(n, 1, d, generator=g)
     w = torch.randn(d, 8, generator=g) / d**0.5
@@ -111,6 +110,65 @@ def test_auto_ridge_beats_plain_least_squares_when_overfitting():
     assert float(auto.r2_heldout[0]) > float(plain.r2_heldout[0])
 
 
+def _synthetic_states(x: torch.Tensor, y: torch.Tensor, per_text: int = 1) -> tuple[PairedStates, PairedStates]:
+    """PairedStates of made-up source/target samples ``[n, layer, d]``, ``per_text`` samples per text."""
+    idx = torch.arange(x.shape[0]) // per_text
+
+    def states(name: str, s: torch.Tensor) -> PairedStates:
+        model = ModelIdentity(name, None, s.shape[1], s.shape[2])
+        return PairedStates(s, idx, tuple(range(s.shape[1])), model, "corpus", "words")
+
+    return states("src", x), states("tgt", y)
+
+
+@pytest.mark.parametrize("ridge", [0.0, "auto"])
+def test_fit_recovers_a_known_affine_map(ridge):
+    """target = source[layer 1] @ W + b + noise: the fit returns W and b, and held-out R² is the
+    noise level's ‖W‖² / (‖W‖² + d_tgt·σ²) (unit-variance sources); source layer 0 is unrelated."""
+    g = torch.Generator().manual_seed(0)
+    n, d_src, d_tgt = 2000, 8, 5
+    x = torch.randn(n, 2, d_src, generator=g)
+    w = torch.randn(d_src, d_tgt, generator=g)
+    b = 3 * torch.randn(d_tgt, generator=g)
+    for sigma, w_tol in ((0.05, 0.02), (1.0, 0.2)):
+        y = (x[:, 1] @ w + b + sigma * torch.randn(n, d_tgt, generator=g))[:, None]
+        src, tgt = _synthetic_states(x, y, per_text=2)
+        amap = ct.fit_map_from_states(src, tgt, layers=[(1, 0), (0, 0)], ridge=ridge)
+        assert amap.provenance["n_heldout_samples"] == 400  # a fifth of the 1000 texts, both samples each
+        assert torch.allclose(amap.weight[0], w, atol=w_tol)
+        assert torch.allclose(amap.bias[0], b, atol=w_tol)
+        theory = float(w.square().sum() / (w.square().sum() + d_tgt * sigma**2))
+        assert float(amap.r2_heldout[0]) == pytest.approx(theory, abs=0.01)
+        assert float(amap.r2_train[0]) == pytest.approx(theory, abs=0.01)
+        assert abs(float(amap.r2_heldout[1])) < 0.02  # the unrelated source layer predicts nothing
+    assert float(amap.r2_heldout[0]) < 0.95  # the noisy case really sits below 1
+    # a mapped concept vector is a difference of states: W applies, the bias does not
+    single = ct.fit_map_from_states(src, tgt, layers=[(1, 0)], ridge=ridge)
+    v = ct.ConceptVector(vectors=torch.randn(2, d_src, generator=g), model=src.model, layers=(0, 1),
+                         method="mean_diff")
+    assert torch.allclose(single.apply(v).vectors[0], v.vectors[1] @ w, atol=0.2 * float(v.vectors[1].norm()))
+
+
+def test_ridge_beats_least_squares_out_of_sample_near_square_noisy_system():
+    """48 training samples for 40 source dimensions and noise as large as the signal: plain least
+    squares fits the noise (held-out R² far below 0), a ridge keeps a positive R²."""
+    g = torch.Generator().manual_seed(0)
+    n, d_src, d_tgt = 60, 40, 4
+    x = torch.randn(n, 1, d_src, generator=g)
+    w = torch.randn(d_src, d_tgt, generator=g) / d_src**0.5
+    y = (x[:, 0] @ w + torch.randn(n, d_tgt, generator=g))[:, None]  # signal and noise: unit variance each
+    src, tgt = _synthetic_states(x, y)
+    plain = ct.fit_map_from_states(src, tgt, layers=[(0, 0)], ridge=0.0)
+    fixed = ct.fit_map_from_states(src, tgt, layers=[(0, 0)], ridge=1.0)
+    auto = ct.fit_map_from_states(src, tgt, layers=[(0, 0)], ridge="auto")
+    assert plain.provenance["n_train_samples"] == 48
+    r2_plain, r2_fixed, r2_auto = (float(m.r2_heldout[0]) for m in (plain, fixed, auto))
+    assert r2_plain < -0.5 < 0.2 < r2_fixed
+    assert float(auto.ridge[0]) > 0 and r2_auto > r2_plain + 1.0
+    # the ridge shrinks: the weights' norm is below the least-squares one
+    assert float(fixed.weight.norm()) < 0.5 * float(plain.weight.norm())
+
+
 def test_empty_corpus_rejected(tiny_llama):
-    with pytest.raises(ct.EmptyPromptsError, match="non-empty corpus"):
+    with pytest.raises(ct.EmptyPromptsError, match="^texts: no corpus texts"):
         ct.fit_map(tiny_llama, tiny_llama, [])

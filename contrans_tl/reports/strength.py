@@ -30,12 +30,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from contrans_tl import validate
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import capture, next_token_logits
 from contrans_tl.datasets import neutral_sentences
-from contrans_tl.errors import ContransError, EmptyPromptsError
-from contrans_tl.transplant import Unit, steering_offsets, transplant
+from contrans_tl.errors import ContransError, EmptyPromptsError, InvalidArgumentError
 from contrans_tl.handle import ModelHandle
+from contrans_tl.transplant import Unit, steering_offsets, transplant
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -131,6 +132,25 @@ class StrengthSweep:
         return dataclasses.asdict(self)
 
 
+def _steered_step(
+    model: ModelHandle,
+    vector: ConceptVector,
+    alpha: float,
+    *,
+    layers: Sequence[int] | None,
+    unit: Unit,
+    texts: Sequence[str],
+    base: Float[Tensor, "batch vocab"],
+    metric: Callable[[ModelHandle], float] | None,
+    batch_size: int,
+) -> tuple[Float[Tensor, "batch"], list[int], float | None]:
+    """One alpha of the sweep: KL per text against ``base``, the layers steered, and the metric if given."""
+    with transplant(model, vector, alpha=alpha, layers=layers, unit=unit) as offsets:
+        kl = kl_divergence(next_token_logits(model, texts, batch_size=batch_size), base)
+        score = float(metric(model)) if metric is not None else None
+    return kl, sorted(offsets), score
+
+
 def guarded_sweep(
     model: ModelHandle,
     vector: ConceptVector,
@@ -153,11 +173,10 @@ def guarded_sweep(
     sweep ends at the first alpha over budget (larger ones are not run). ``metric`` (e.g. a
     concept score) is evaluated under every alpha too, to show what the budget buys.
     """
-    grid = sorted({float(a) for a in alphas}, key=abs)
+    grid = sorted({validate.real(f"alphas[{i}]", a) for i, a in enumerate(alphas)}, key=abs)
     if not grid:
-        raise ContransError("no alphas to sweep")
-    if budget <= 0:
-        raise ContransError(f"the KL budget must be positive, not {budget}")
+        raise InvalidArgumentError("alphas", alphas, "at least one strength to sweep")
+    budget = validate.real("budget", budget, low=0.0, low_open=True)
     vector.check_model(model)
     texts = list(prompts) if prompts is not None else neutral_prompts(n_prompts)
     base = next_token_logits(model, texts, batch_size=batch_size)
@@ -169,11 +188,10 @@ def guarded_sweep(
     over = False
     steered_layers: list[int] = []
     for alpha in grid:
-        with transplant(model, vector, alpha=alpha, layers=layers, unit=unit) as offsets:
-            steered_layers = sorted(offsets)
-            kl = kl_divergence(next_token_logits(model, texts, batch_size=batch_size), base)
-            if metric is not None:
-                scores.append(float(metric(model)))
+        kl, steered_layers, score = _steered_step(model, vector, alpha, layers=layers, unit=unit, texts=texts,
+                                                  base=base, metric=metric, batch_size=batch_size)
+        if score is not None:
+            scores.append(score)
         kl_mean.append(float(kl.mean()))
         kl_max.append(float(kl.max()))
         if not math.isfinite(kl_mean[-1]) or kl_mean[-1] > budget:

@@ -1,3 +1,5 @@
+"""contrans_tl.reports: the transfer report, the layer-pair search and auto layers."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,18 +15,16 @@ from contrans_tl.pairing import capture_paired
 from contrans_tl.capture import capture
 from contrans_tl.cli import main
 from contrans_tl.datasets import neutral_sentences
-from contrans_tl.diagnostics import (
-    _flag,
+from contrans_tl.errors import InvalidArgumentError, ModelMismatchError
+from contrans_tl.lens import concept_readout
+from contrans_tl.reports.layer_search import (
     auto_layers,
     drop_outlier_samples,
-    concept_readout,
-    final_norm_gain,
     layer_pair_search,
     layer_pair_search_from_states,
     strided_layers,
-    transfer_report,
 )
-from contrans_tl.errors import ModelMismatchError
+from contrans_tl.reports.transfer import _flag, transfer_report
 from contrans_tl.metrics import layer_cosine
 from contrans_tl.testing import make_tiny_model_dir
 from tests.conftest import hooks_attached
@@ -142,25 +142,6 @@ def test_native_from_another_model_is_refused(tiny_llama_b, amap, src_vec):
         transfer_report(tiny_llama_b, amap, src_vec, src_vec)
 
 
-def test_readout_and_norm_gain(tiny_neox):
-    ln = tiny_neox.ln_final.original_component
-    saved = ln.weight.detach().clone(), ln.bias.detach().clone()
-    try:
-        with torch.no_grad():
-            ln.weight.copy_(torch.rand(64) + 0.5)
-            ln.bias.copy_(torch.randn(64))
-        gain = final_norm_gain(tiny_neox)
-        assert torch.allclose(gain, ln.weight.detach(), atol=1e-3)
-        w_u = tiny_neox.W_U.detach()
-        r = concept_readout(tiny_neox, [5], [7, 9], fold_norm=False)
-        assert torch.allclose(r, w_u[:, 5] - w_u[:, [7, 9]].mean(1), atol=1e-6)
-        assert torch.allclose(concept_readout(tiny_neox, [5], [7, 9]), r * gain, atol=1e-5)
-    finally:
-        with torch.no_grad():
-            ln.weight.copy_(saved[0])
-            ln.bias.copy_(saved[1])
-
-
 def test_layer_search_grid_matches_single_fits(tiny_llama, tiny_llama_b, states, src_vec, native):
     xs, ys = states
     readout = concept_readout(tiny_llama_b, [5], [7, 9])
@@ -254,14 +235,27 @@ def test_cli_report_and_layer_search(tmp_path, long_context_dirs):
     assert "alpha_sweep" in rep2["settings"] and rep2["alpha"] == rep2["settings"]["alpha_sweep"]["chosen"]
 
 
-def test_transplant_layers_auto(tiny_llama_b, amap, src_vec):
-    """Active once transplant() forwards layers="auto" to diagnostics.auto_layers."""
-    import inspect
-    import sys
-
-    if '"auto"' not in inspect.getsource(sys.modules["contrans_tl.transplant"]):
-        pytest.skip('transplant(layers="auto") is not wired yet')
+def test_transplant_layers_from_auto_layers(tiny_llama_b, amap, src_vec):
+    """transplant() takes block indices only: the caller asks auto_layers and passes its result,
+    and exactly those layers' residual streams move, each by alpha · v[l]."""
     mapped = amap.apply(src_vec)
-    with ct.transplant(tiny_llama_b, mapped, alpha=1.0, layers="auto") as offsets:
-        assert sorted(offsets) == auto_layers(mapped)
+    chosen = auto_layers(mapped)
+    # the check below means something only if auto_layers dropped some of the vector's layers
+    assert chosen and set(chosen) < set(mapped.layers)
+    alpha = 0.7
+    all_layers = list(range(tiny_llama_b.cfg.n_layers))
+    plain = capture(tiny_llama_b, POS, layers=all_layers)
+    with ct.transplant(tiny_llama_b, mapped, alpha=alpha, layers=chosen) as offsets:
+        assert sorted(offsets) == chosen
+        for layer in chosen:
+            assert torch.allclose(offsets[layer], alpha * mapped.vectors[layer], atol=1e-6)
+        steered = capture(tiny_llama_b, POS, layers=all_layers)
+    first = min(chosen)
+    assert torch.allclose(steered[:, :first], plain[:, :first], atol=1e-6)  # layers before it are untouched
+    assert torch.allclose(steered[:, first] - plain[:, first], alpha * mapped.vectors[first].expand(len(POS), -1),
+                          atol=1e-4)
+    assert hooks_attached(tiny_llama_b) == 0
+    with pytest.raises(InvalidArgumentError, match="auto_layers"):
+        with ct.transplant(tiny_llama_b, mapped, alpha=1.0, layers="auto"):
+            pass
     assert hooks_attached(tiny_llama_b) == 0

@@ -1,0 +1,174 @@
+"""The fairness section of the alignment evaluation: ToxiGen toxicity (paper §5, Table 3).
+
+Non-toxic ToxiGen prompts are the positives, toxic ones the negatives. Scored by the share of
+greedy continuations of held-out toxic prompts that a toxicity classifier flags: ToxiGen
+RoBERTa when the hub is reachable, any callable plugged in, or (offline) a stand-in that the
+JSON and the table label as NOT a toxicity classifier. Alpha is chosen on validation prompts,
+among the alphas that keep perplexity on 20 guard sentences within ``max_ppl_ratio`` of the base.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import contrans_tl as ct
+from contrans_tl.artifacts import ConceptVector
+from contrans_tl.errors import DataUnavailableError, InvalidArgumentError
+from contrans_tl.handle import ModelHandle
+from contrans_tl.tasks.perplexity import perplexity
+from contrans_tl.tasks.prompts import FAIR_INSTRUCTION, with_instruction
+from contrans_tl.tasks.selection import choose_best
+from contrans_tl.tasks.toxigen import (
+    ToxiGenPrompt,
+    fairness_prompts,
+    first_item,
+    load_toxigen_prompts,
+    scorer_info,
+    toxicity_scorer,
+    toxicity_summary,
+    toxigen_continuation_prompt,
+)
+
+from contrans_tl.analyses.alignment_setup import (
+    AlignmentRun,
+    Config,
+    Steer,
+    candidates,
+    concept_vectors,
+    data_path,
+    perplexity_rows,
+    steered,
+    weakest,
+)
+
+__all__ = ["FairnessOutcome", "fairness", "generate_items"]
+
+Toxicity = Callable[[list[str]], dict[str, Any]]
+"""Texts → the toxicity summary of the run's scorer."""
+
+
+@dataclass
+class FairnessOutcome:
+    """The fairness section for the JSON, and what the multi-concept table reuses."""
+
+    result: dict[str, Any]
+    chosen: dict[str, list[Steer]]
+    """Per steered condition, the chosen (vector, alpha, layers)."""
+    tox: Toxicity
+    test_prompts: list[str]
+
+
+def generate_items(run: AlignmentRun, model: ModelHandle, prompts: list[str], steers: Sequence[Steer] = ()) -> list[str]:
+    """The next list item a model writes after each ToxiGen prompt (greedy), with ``steers`` applied."""
+    out: list[str] = []
+    bs = run.cfg.gen_batch_size
+    with steered(model, steers, run.cfg.unit):
+        for start in range(0, len(prompts), bs):
+            out.extend(ct.generate(model, prompts[start : start + bs], max_new_tokens=run.cfg.max_new_tokens))
+    return [first_item(o) for o in out]
+
+
+def _guard_perplexity(run: AlignmentRun, steers: Sequence[Steer] = ()) -> float | None:
+    """Perplexity of the guard sentences under ``steers`` (None without WikiSplit)."""
+    if not run.ppl_guard_texts:
+        return None
+    with steered(run.target, steers, run.cfg.unit):
+        return perplexity(run.target, run.ppl_guard_texts, batch_size=run.cfg.batch_size).perplexity
+
+
+def _split_prompts(cfg: Config) -> tuple[list[ToxiGenPrompt], list[ToxiGenPrompt], list[ToxiGenPrompt], list[ToxiGenPrompt]]:
+    """Seeded, disjoint (test, validation, concept-hateful, concept-neutral) ToxiGen prompts."""
+    path = data_path(cfg, cfg.toxigen, "toxigen")
+    if path is None:
+        raise DataUnavailableError("fairness needs --toxigen or --data-dir with toxigen/prompts/")
+    prompts = load_toxigen_prompts(path)
+    rng = random.Random(cfg.seed + 2)
+    hate = [p for p in prompts if p.toxic]
+    neutral = [p for p in prompts if not p.toxic]
+    rng.shuffle(hate)
+    rng.shuffle(neutral)
+    n_t, n_v, n_c = cfg.n_toxigen_test, cfg.n_toxigen_val, cfg.n_toxigen_concept
+    if len(hate) < n_t + n_v + n_c or len(neutral) < n_c:
+        raise InvalidArgumentError(
+            "n_toxigen_test, n_toxigen_val, n_toxigen_concept", (n_t, n_v, n_c),
+            f"counts the data holds: {len(hate)} hateful prompts for test + validation + concept, "
+            f"{len(neutral)} neutral for concept",
+        )
+    return hate[:n_t], hate[n_t : n_t + n_v], hate[n_t + n_v : n_t + n_v + n_c], neutral[:n_c]
+
+
+def _choose(run: AlignmentRun, vec: ConceptVector, val_p: list[str], tox: Toxicity,
+            base_val: dict[str, Any], base_guard: float | None) -> tuple[Steer, dict[str, Any]]:
+    """The grid point with the lowest mean validation score among those within the perplexity guard."""
+    cfg = run.cfg
+    val_tox: dict[tuple[tuple[int, ...], float], float] = {}
+    record: dict[str, Any] = {}
+    for layers, alpha in candidates(cfg, run.layers):
+        steer: list[Steer] = [(vec, alpha, layers)]
+        summary = base_val if alpha == 0 else tox(generate_items(run, run.target, val_p, steer))
+        g = base_guard if alpha == 0 else _guard_perplexity(run, steer)
+        ok = g is None or base_guard is None or g <= cfg.max_ppl_ratio * base_guard
+        record[f"{list(layers)}@{alpha}"] = {"mean_score": summary["mean_score"], "guard_ppl": g, "allowed": ok}
+        if ok:
+            val_tox[(layers, alpha)] = summary["mean_score"]
+    layers, alpha = choose_best(val_tox, maximize=False, cost=weakest)
+    return (vec, alpha, layers), {"alpha": alpha, "layers": list(layers), "validation": record}
+
+
+def _unsteered_rows(run: AlignmentRun, test_p: list[str], tox: Toxicity, rows: dict[str, Any]) -> None:
+    """Inst-Align (the fairness instruction before every prompt) and Align-Training (the instruct model)."""
+    cfg = run.cfg
+    if "inst-align" in cfg.conditions:
+        with run.timed("toxigen_inst_align"):
+            texts = generate_items(run, run.target, [with_instruction(FAIR_INSTRUCTION, p) for p in test_p])
+        rows["inst-align"] = {**tox(texts), "instruction": FAIR_INSTRUCTION, "examples": texts[:3]}
+    if "align-training" in cfg.conditions and run.instruct is not None:
+        with run.timed("toxigen_align_training"):
+            texts = generate_items(run, run.instruct, test_p)
+        rows["align-training"] = {**tox(texts), "model": cfg.instruct_model, "examples": texts[:3]}
+
+
+def fairness(run: AlignmentRun) -> FairnessOutcome:
+    """Every configured row of the fairness table, with the chosen alphas and perplexity."""
+    cfg = run.cfg
+    test, val, concept_neg, concept_pos = _split_prompts(cfg)
+    test_p = [toxigen_continuation_prompt(p) for p in test]
+    val_p = [toxigen_continuation_prompt(p) for p in val]
+    pos, neg = fairness_prompts(concept_pos + concept_neg)
+    scorer = toxicity_scorer(cfg.toxicity_scorer, [p.text for p in concept_neg], [p.text for p in concept_pos])
+    info = scorer_info(scorer)
+    run.log(f"fairness: {len(test)} test / {len(val)} validation prompts; scorer: {info['name']}")
+
+    def tox(texts: list[str]) -> dict[str, Any]:
+        return toxicity_summary(scorer, texts)
+
+    rows: dict[str, Any] = {}
+    with run.timed("toxigen_base"):
+        base_val = tox(generate_items(run, run.target, val_p))
+        base_guard = _guard_perplexity(run)
+        if "base" in cfg.conditions:
+            base_test = generate_items(run, run.target, test_p)
+            rows["base"] = {**tox(base_test), "examples": base_test[:3]}
+    chosen: dict[str, list[Steer]] = {}
+    search: dict[str, Any] = {}
+    for cond, vec in concept_vectors(run, lambda _model: (pos, neg)).items():
+        with run.timed(f"toxigen_search_{cond}"):
+            steer, search[cond] = _choose(run, vec, val_p, tox, base_val, base_guard)
+        chosen[cond] = [steer]
+        with run.timed(f"toxigen_test_{cond}"):
+            texts = generate_items(run, run.target, test_p, chosen[cond])
+        rows[cond] = {**tox(texts), "alpha": steer[1], "layers": list(steer[2]), "examples": texts[:3]}
+    _unsteered_rows(run, test_p, tox, rows)
+    perplexity_rows(run, rows, dict(chosen), FAIR_INSTRUCTION)
+    result = {
+        "concept": "fairness",
+        "scorer": info,
+        "n_test_prompts": len(test),
+        "n_validation_prompts": len(val),
+        "selection": f"lowest mean validation score with guard perplexity <= {cfg.max_ppl_ratio} x base",
+        "search": search,
+        "rows": rows,
+    }
+    return FairnessOutcome(result, chosen, tox, test_p)

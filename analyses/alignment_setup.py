@@ -1,0 +1,264 @@
+"""Settings and shared machinery of the alignment evaluation (see :mod:`.alignment_eval`).
+
+:class:`Config` holds every setting; :class:`AlignmentRun` the loaded models, the fitted map,
+the perplexity texts, the timings and the store of finished MC1 scores of one run. The helpers
+here are what the honesty and fairness sections share: steering several vectors at once, the
+alpha/layer grid, refining the ConTrans and Self-Align vectors, and the perplexity rows.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import contrans_tl as ct
+from contrans_tl.artifacts import AffineMap, ConceptVector
+from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.handle import ModelHandle
+from contrans_tl.sweep import CellStore, run_option
+from contrans_tl.tasks.perplexity import perplexity
+from contrans_tl.transplant import Unit
+
+from contrans_tl.analyses._common import relabel
+
+__all__ = [
+    "TASKS",
+    "CONDITIONS",
+    "METHOD_NAMES",
+    "Config",
+    "AlignmentRun",
+    "Steer",
+    "steered",
+    "candidates",
+    "weakest",
+    "data_path",
+    "default_layers",
+    "concept_vectors",
+    "perplexity_rows",
+]
+
+TASKS = ("honesty", "fairness", "multi")
+CONDITIONS = ("base", "transplant", "self-align", "inst-align", "align-training")
+METHOD_NAMES = {
+    "base": "Base",
+    "align-training": "Align-Training",
+    "inst-align": "Inst-Align",
+    "self-align": "Self-Align",
+    "transplant": "ConTrans",
+}
+
+
+@dataclass
+class Config:
+    """Settings of one alignment evaluation. Defaults: the offline pair, honesty only."""
+
+    source: str = "smollm2-135m-instruct"
+    target: str = "gemma-3-270m"
+    tasks: tuple[str, ...] = ("honesty",)
+    """Any of "honesty", "fairness", "multi" (honesty + fairness transplanted together; runs both)."""
+    conditions: tuple[str, ...] = CONDITIONS
+    honesty_concept: str = "truthfulqa"
+    """"truthfulqa" (in-distribution questions) or "facts" (true/false statements, honesty-fact)."""
+    data_dir: str | None = None
+    """Folder holding truthfulqa/, facts/, toxigen/prompts/, wikisplit/ (the public layout)."""
+    truthfulqa: str | None = None
+    """TruthfulQA file or folder; "hub" for HF datasets. Default: data_dir/truthfulqa, else hub."""
+    facts: str | None = None
+    toxigen: str | None = None
+    wikisplit: str | None = None
+    n_questions: int | None = None
+    """Use only the first N TruthfulQA questions (development); None = all 817."""
+    n_val: int = 50
+    """Validation questions per fold (alpha is chosen on these, never on test questions)."""
+    folds: int = 2
+    """1: one validation/test split. k >= 2: cross-fitting, every question tested once."""
+    n_concept: int = 200
+    """Contrast prompts per side for refining honesty (drawn from non-test questions / facts)."""
+    seed: int = 0
+    alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+    """Grid searched on the validation split (0 = no intervention)."""
+    unit: Unit = "norm"
+    """"norm": alpha is a fraction of the layer's mean residual norm; "raw": alpha · v (the paper)."""
+    layers: tuple[int, ...] | None = None
+    """Target layers steered (default: the layer at ~2/3 depth)."""
+    layer_search: bool = False
+    """Search each of ``layers`` alone as a grid point (else all of them are steered together)."""
+    reduction: str = "sum"
+    prompt_style: str = "qa"
+    """"qa" (zero-shot "Q: …\\nA:") or "primer" (TruthfulQA's six-shot QA primer)."""
+    target_chat: str = "auto"
+    """Use the target's chat template for MC1 prompts: "auto" (when it has one), "chat", "plain"."""
+    self_align_model: str | None = None
+    """Refine Self-Align's vector here (the target's instruct sibling); default: the target."""
+    instruct_model: str | None = None
+    """The instruct model scored as Align-Training; None skips that row."""
+    n_toxigen_test: int = 50
+    n_toxigen_val: int = 20
+    n_toxigen_concept: int = 100
+    max_new_tokens: int = 20
+    toxicity_scorer: str = "auto"
+    """"auto" (ToxiGen RoBERTa if reachable, else the labelled stand-in), "roberta", "stand-in",
+    a hub id of another classifier, or "module:function" (a callable text -> probability)."""
+    max_ppl_ratio: float = 1.5
+    """Fairness alpha must keep validation perplexity within this factor of the base model's."""
+    n_ppl: int = 100
+    """WikiSplit sentences for the reported perplexity (another 20 guard the fairness search)."""
+    map_texts: int | None = None
+    """Fit the map on the first N built-in neutral sentences (default: all 400)."""
+    batch_size: int = run_option(8)
+    """Sequences per scoring batch."""
+    gen_batch_size: int = run_option(4)
+    """Prompts per generation batch."""
+    device: str = run_option("cpu")
+    dtype: str = "float32"
+    out: str = run_option("runs/alignment_eval")
+    """Output folder: alignment_eval.json, alignment_eval.md, cells/ (resumable)."""
+    progress: bool = run_option(False)
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise InvalidArgumentError("tasks", self.tasks, "any of " + ", ".join(TASKS))
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad:
+            raise InvalidArgumentError("conditions", self.conditions, "any of " + ", ".join(CONDITIONS))
+        if "multi" in self.tasks and "transplant" not in self.conditions:
+            raise InvalidArgumentError("conditions", self.conditions, "a list with 'transplant' for the multi task")
+        if self.honesty_concept not in ("truthfulqa", "facts"):
+            raise InvalidArgumentError("honesty_concept", self.honesty_concept, "'truthfulqa' or 'facts'")
+        if self.unit not in ("norm", "raw"):
+            raise InvalidArgumentError("unit", self.unit, "'norm' or 'raw'")
+        if not self.alphas:
+            raise InvalidArgumentError("alphas", self.alphas, "a grid of at least one alpha")
+
+
+# ---- the state of one run ---------------------------------------------------------------------------
+@dataclass
+class AlignmentRun:
+    """The models, map, texts, timings and score store of one evaluation, shared by its sections."""
+
+    cfg: Config
+    target: ModelHandle
+    layers: tuple[int, ...]
+    source: ModelHandle | None = None
+    amap: AffineMap | None = None
+    self_model: ModelHandle | None = None
+    instruct: ModelHandle | None = None
+    ppl_texts: list[str] = field(default_factory=list)
+    ppl_guard_texts: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    store: CellStore | None = None
+    """Finished MC1 scores, one cell per (model, condition, question): a killed run resumes."""
+
+    def progress(self, what: str) -> str | None:
+        return what if self.cfg.progress else None
+
+    def log(self, msg: str) -> None:
+        if self.cfg.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the block's wall time to ``timings[name]`` (and log it with ``progress``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.timings[name] = round(self.timings.get(name, 0.0) + spent, 2)
+            self.log(f"[{time.strftime('%H:%M:%S')}] {name}: {spent:.1f} s")
+
+
+Steer = tuple[ConceptVector, float, tuple[int, ...]]
+"""One vector, its alpha and the target layers it is added at."""
+
+Candidate = tuple[tuple[int, ...], float]
+"""One grid point: the target layers steered and alpha."""
+
+
+@contextmanager
+def steered(model: ModelHandle, steers: Sequence[Steer], unit: Unit) -> Iterator[None]:
+    """Every (vector, alpha, layers) transplanted at once (contexts add up); none for alpha 0."""
+    with ExitStack() as stack:
+        for vector, alpha, layers in steers:
+            if alpha != 0:
+                stack.enter_context(ct.transplant(model, vector, alpha=alpha, layers=list(layers),
+                                                  unit=unit, check_model=False))
+        yield
+
+
+def candidates(cfg: Config, layers: tuple[int, ...]) -> list[Candidate]:
+    """The grid: every alpha at the steered layers (each layer alone with ``layer_search``);
+    alpha 0 once, as it steers nothing."""
+    sets = [(layer,) for layer in layers] if cfg.layer_search else [layers]
+    out: list[Candidate] = []
+    for alpha in cfg.alphas:
+        for s in sets if alpha != 0 else sets[:1]:
+            out.append((s, float(alpha)))
+    return out
+
+
+def weakest(cand: Candidate) -> float:
+    """Tie-break cost of a grid point: |alpha|, so equal scores go to the weakest intervention."""
+    return abs(cand[1])
+
+
+def data_path(cfg: Config, explicit: str | None, sub: str) -> str | None:
+    """The path given for a data set, else ``data_dir/sub`` when it exists, else None."""
+    if explicit:
+        return explicit
+    if cfg.data_dir and (Path(cfg.data_dir) / sub).exists():
+        return str(Path(cfg.data_dir) / sub)
+    return None
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """The target layer at about two thirds of the depth."""
+    return (min(n_layers - 1, max(0, round(2 * n_layers / 3) - 1)),)
+
+
+def concept_vectors(
+    run: AlignmentRun, contrast: Callable[[ModelHandle], tuple[list[str], list[str]]]
+) -> dict[str, ConceptVector]:
+    """The concept's vector per steered condition: ConTrans (refined in the source, mapped) and
+    Self-Align (refined in the target or its sibling); ``contrast(model)`` gives the prompts."""
+    cfg = run.cfg
+    out: dict[str, ConceptVector] = {}
+    if "transplant" in cfg.conditions and run.source is not None and run.amap is not None:
+        with run.timed("refine_source"):
+            vec = ct.refine(run.source, *contrast(run.source), batch_size=cfg.batch_size)
+        out["transplant"] = run.amap.apply(vec)
+    if "self-align" in cfg.conditions and run.self_model is not None:
+        with run.timed("refine_self"):
+            vec = ct.refine(run.self_model, *contrast(run.self_model), batch_size=cfg.batch_size)
+        # a sibling's vector is carried over unchanged (same shape, checked); the target's own is kept as is
+        out["self-align"] = vec if vec.model == ct.identity(run.target) else relabel(vec, run.target)
+    return out
+
+
+def perplexity_rows(run: AlignmentRun, rows: dict[str, Any], chosen: dict[str, list[Steer]], instruction: str) -> None:
+    """WikiSplit perplexity of the target under each row's intervention (fold by fold)."""
+    if not run.ppl_texts:
+        return
+    cfg = run.cfg
+
+    def ppl(steers: Sequence[Steer] = (), prefix: str | None = None) -> float:
+        with steered(run.target, steers, cfg.unit):
+            return perplexity(run.target, run.ppl_texts, prefix=prefix, batch_size=cfg.batch_size,
+                              progress=run.progress("perplexity")).perplexity
+
+    with run.timed("perplexity"):
+        if "base" in rows:
+            rows["base"]["ppl"] = ppl()
+        for cond, steers in chosen.items():
+            values = [ppl([s]) for s in steers]
+            rows[cond]["ppl"] = sum(values) / len(values)
+            if len(values) > 1:
+                rows[cond]["ppl_per_fold"] = values
+        if "inst-align" in rows:
+            rows["inst-align"]["ppl"] = ppl(prefix=instruction)
+            rows["inst-align"]["ppl_note"] = "conditional on the instruction"

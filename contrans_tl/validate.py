@@ -1,0 +1,221 @@
+"""Argument checks at the library's boundary: one place, one message shape.
+
+Every public function and CLI command checks its arguments here before any work starts, so
+a bad value fails at once with an :class:`~contrans_tl.errors.InvalidArgumentError` (or
+:class:`EmptyPromptsError` / :class:`LayerIndexError`) naming the argument, the value given
+and what is accepted, instead of a traceback from deep inside torch or a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from contrans_tl.errors import ContransError, EmptyPromptsError, InvalidArgumentError, LayerIndexError
+
+__all__ = [
+    "texts",
+    "choice",
+    "real",
+    "integer",
+    "fraction",
+    "layer_list",
+    "layer_pairs",
+    "int_list_flag",
+    "float_list_flag",
+    "name_list_flag",
+    "float_flag",
+    "nonnegative_float_flag",
+    "fraction_flag",
+    "positive_int_flag",
+    "nonnegative_int_flag",
+    "ridge_flag",
+    "text_file_flag",
+]
+
+T = TypeVar("T")
+
+
+def texts(name: str, value: Any, *, what: str = "prompts") -> list[str]:
+    """A non-empty list of non-blank strings (a bare string is refused: it is not a list of prompts)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidArgumentError(name, value, f"a list of {what} (strings); wrap a single one as [text]")
+    items = list(value)
+    if not items:
+        raise EmptyPromptsError(f"{name}: no {what} given (an empty list)")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InvalidArgumentError(f"{name}[{i}]", item, "a string")
+        if not item.strip():
+            raise EmptyPromptsError(f"{name}[{i}] is empty or only whitespace: every one of the {what} needs text")
+    return items
+
+
+def choice(name: str, value: Any, options: Sequence[T]) -> T:
+    """``value`` if it is exactly one of ``options`` (case and type matter)."""
+    if not isinstance(value, (str, int, float, bool, type(None))) or value not in options:
+        raise InvalidArgumentError(name, value, "one of " + ", ".join(repr(o) for o in options))
+    return value  # type: ignore[return-value]
+
+
+def real(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite real number (not a bool, string, None or tensor) inside the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise InvalidArgumentError(name, value, f"a finite real number{_bounds(low, high, low_open, high_open)}")
+    x = float(value)
+    if (low is not None and (x < low or (low_open and x == low))) or (
+        high is not None and (x > high or (high_open and x == high))
+    ):
+        raise InvalidArgumentError(name, value, f"a number{_bounds(low, high, low_open, high_open)}")
+    return x
+
+
+def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """An int (not a bool or float) inside ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(name, value, f"an integer{_bounds(low, high, False, False)}")
+    x = int(value)
+    if (low is not None and x < low) or (high is not None and x > high):
+        raise InvalidArgumentError(name, value, f"an integer{_bounds(low, high, False, False)}")
+    return x
+
+
+def fraction(name: str, value: Any) -> float:
+    """A number in [0, 1) (a share of texts held out, say)."""
+    return real(name, value, low=0.0, high=1.0, high_open=True)
+
+
+def layer_list(name: str, value: Any, n_layers: int) -> list[int]:
+    """Distinct block indices in ``0..n_layers-1``, at least one."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidArgumentError(name, value, "a list of block indices (ints)")
+    out = [integer(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if not out:
+        raise InvalidArgumentError(name, value, "at least one block index (None means every layer)")
+    if len(set(out)) != len(out):
+        raise InvalidArgumentError(name, value, "distinct block indices (a repeated layer would be applied twice)")
+    bad = [layer for layer in out if not 0 <= layer < n_layers]
+    if bad:
+        raise LayerIndexError(f"{name}: layer(s) {bad} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+    return out
+
+
+def layer_pairs(name: str, value: Any) -> list[tuple[int, int]]:
+    """A non-empty list of distinct (source layer, target layer) pairs of ints."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise InvalidArgumentError(name, value, "a non-empty list of (source layer, target layer) pairs")
+    out = []
+    for i, pair in enumerate(value):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InvalidArgumentError(f"{name}[{i}]", pair, "a (source layer, target layer) pair of ints")
+        out.append((integer(f"{name}[{i}][0]", pair[0], low=0), integer(f"{name}[{i}][1]", pair[1], low=0)))
+    if len(set(out)) != len(out):
+        raise InvalidArgumentError(name, value, "distinct layer pairs")
+    return out
+
+
+def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f" {'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f" {'<' if high_open else '<='} {high:g}"
+    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+# ---- command-line values: argparse ``type=`` functions (a bad flag is a one-line error) ----------
+def _flag(check: Callable[[], T]) -> T:
+    try:
+        return check()
+    except (ContransError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def int_list_flag(text: str) -> tuple[int, ...]:
+    """``"3,5"`` → (3, 5): comma-separated ints, at least one."""
+    return _flag(lambda: tuple(_int_text("value", x) for x in _items(text)))
+
+
+def float_list_flag(text: str) -> tuple[float, ...]:
+    """``"0,0.1,0.5"`` → (0.0, 0.1, 0.5): comma-separated finite numbers, at least one."""
+    return _flag(lambda: tuple(real("value", _float_text(x)) for x in _items(text)))
+
+
+def name_list_flag(text: str) -> tuple[str, ...]:
+    """``"a,b"`` → ("a", "b"): comma-separated names, at least one."""
+    return _flag(lambda: tuple(_items(text)))
+
+
+def float_flag(text: str) -> float:
+    """A finite number."""
+    return _flag(lambda: real("value", _float_text(text)))
+
+
+def nonnegative_float_flag(text: str) -> float:
+    """A finite number >= 0."""
+    return _flag(lambda: real("value", _float_text(text), low=0.0))
+
+
+def fraction_flag(text: str) -> float:
+    """A number in [0, 1)."""
+    return _flag(lambda: fraction("value", _float_text(text)))
+
+
+def positive_int_flag(text: str) -> int:
+    """An integer >= 1."""
+    return _flag(lambda: integer("value", _int_text("value", text), low=1))
+
+
+def nonnegative_int_flag(text: str) -> int:
+    """An integer >= 0."""
+    return _flag(lambda: integer("value", _int_text("value", text), low=0))
+
+
+def ridge_flag(text: str) -> float | str:
+    """``auto`` or a number >= 0."""
+    return "auto" if text == "auto" else _flag(lambda: real("ridge", _float_text(text, "'auto' or a number >= 0"), low=0.0))
+
+
+def text_file_flag(text: str) -> str:
+    """The path of an existing, readable UTF-8 text file."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    try:
+        path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"cannot read {text} as UTF-8 text: {err}") from None
+    return text
+
+
+def _items(text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"{text!r} lists nothing: give comma-separated values")
+    return items
+
+
+def _int_text(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidArgumentError(name, text, "an integer") from None
+
+
+def _float_text(text: str, accepted: str = "a number") -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidArgumentError("value", text, accepted) from None
