@@ -39,7 +39,8 @@ from torch import Tensor
 
 from contrans_tl import validate
 from contrans_tl.artifacts import ConceptVector
-from contrans_tl.errors import ContransError, WidthMismatchError
+from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
+from contrans_tl.errors import WidthMismatchError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.models import identity, load_model
 from contrans_tl.sweep import run_option
@@ -231,15 +232,15 @@ def script_main(
     run_cli: Callable[[argparse.Namespace], int],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """The ``python -m contrans_tl.analyses.<name>`` entry: parse flags, run, report named errors as exit 2."""
-    parser = argparse.ArgumentParser(prog=f"python -m contrans_tl.analyses.{prog}", description=description)
+    """The ``python -m contrans_tl.analyses.<name>`` entry: the same one-line errors and exit codes as ``contrans``."""
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
+    parser = CommandParser(prog=f"python -m contrans_tl.analyses.{prog}", description=description)
     add_args(parser)
-    args = parser.parse_args(argv)
     try:
-        return int(run_cli(args))
-    except ContransError as err:
-        print(f"{prog}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad flag already reported in one line
+        return int(stop.code or 0)
+    return run_reporting_errors(lambda: run_cli(args), debug=debug)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 
+from contrans_tl import validate
+
 __all__ = ["add_arguments", "run"]
 
 DEFAULT_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
@@ -31,10 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs=2, metavar=("SOURCE", "TARGET"), default=list(DEFAULT_MODELS),
                    help="source and target model (default: %(default)s)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--repeats", type=int, help="timed repeats per measurement (median reported)")
-    p.add_argument("--batch-size", type=int, help="capture batch size (default 16)")
-    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths for the memory item")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--repeats", type=validate.positive_int_flag, help="timed repeats per measurement (median reported)")
+    p.add_argument("--batch-size", type=validate.positive_int_flag, help="capture batch size (default 16)")
+    p.add_argument("--seq-lens", type=validate.positive_int_flag, nargs="+", help="sequence lengths for the memory item")
+    p.add_argument("--threads", type=validate.positive_int_flag, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--in-process-memory", action="store_true",
                    help="measure CPU memory in this process instead of a fresh one per model")
 

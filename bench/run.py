@@ -29,6 +29,7 @@ from bench.memory import measure_in_subprocess, measure_memory
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id
 from contrans_tl.datasets import neutral_sentences
+from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
 from contrans_tl.files import write_json as write_json_file
 from contrans_tl.handle import ModelHandle
 from contrans_tl.models import identity, load_model
@@ -584,9 +585,15 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    """``contrans bench`` / ``python -m bench.run``: the same one-line errors and exit codes as ``contrans``."""
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
+    parser = CommandParser(prog="contrans bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad flag already reported in one line
+        return int(stop.code or 0)
+    return run_reporting_errors(lambda: run_from_args(args), debug=debug)
 
 
 if __name__ == "__main__":

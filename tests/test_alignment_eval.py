@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from contrans_tl.sweep import CellStore, cell_key
 from contrans_tl.tasks import scoring
@@ -14,13 +13,7 @@ from contrans_tl.tasks.prompts import HONEST_PERSONA
 from tests.test_tasks_alignment import hf_mc1, hf_perplexity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine run much faster on one thread than on two spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the analysis end to end on tiny models -------------------------------------------------------------

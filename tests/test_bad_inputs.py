@@ -240,3 +240,16 @@ def test_cli_internal_error_points_at_a_traceback_file(monkeypatch, capsys):
     assert "deep inside" in path.read_text() and "Traceback" in path.read_text()
     with pytest.raises(KeyError):
         main(["models", "--debug"])
+
+
+def test_bench_and_analysis_scripts_report_one_line(tmp_path):
+    """`contrans bench` (its own process) and `python -m contrans_tl.analyses.X` answer a bad flag the same way."""
+    import subprocess
+    import sys
+
+    for argv in ([sys.executable, "-m", "contrans_tl.cli", "bench", "--threads", "x"],
+                 [sys.executable, "-m", "contrans_tl.analyses.size_matrix", "--alphas", "x"]):
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("contrans: error:"), done.stderr
+        assert ("--threads" if "bench" in argv else "--alphas") in lines[0]

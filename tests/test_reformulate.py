@@ -172,3 +172,13 @@ def test_ridge_beats_least_squares_out_of_sample_near_square_noisy_system():
 def test_empty_corpus_rejected(tiny_llama):
     with pytest.raises(ct.EmptyPromptsError, match="^texts: no corpus texts"):
         ct.fit_map(tiny_llama, tiny_llama, [])
+
+
+def test_repeated_texts_are_used_once(tiny_llama, tiny_llama_b):
+    """A text repeated in the corpus must not sit on both sides of the held-out split (R² would be a training score)."""
+    texts = neutral_sentences()[:30]
+    with pytest.warns(UserWarning, match="repeats 30 text"):
+        doubled = ct.fit_map(tiny_llama, tiny_llama_b, texts + texts, ridge=0.0, holdout=0.2)
+    once = ct.fit_map(tiny_llama, tiny_llama_b, texts, ridge=0.0, holdout=0.2)
+    assert doubled.provenance["n_texts"] == once.provenance["n_texts"] == 30
+    assert torch.equal(doubled.r2_heldout, once.r2_heldout) and torch.equal(doubled.weight, once.weight)

@@ -18,13 +18,7 @@ from contrans_tl.tasks import toxigen as tg
 from contrans_tl.tasks import truthfulqa as tqa
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine run much faster on one thread than on two spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- references computed without the library's scorer: one plain HF forward per sequence -------

@@ -141,6 +141,15 @@ def label_tokens(tokenizer: Any, emotions: Sequence[str] = EMOTIONS) -> Int[Tens
     return torch.tensor(ids)
 
 
+def _label_logits(
+    model: ModelHandle, scenarios: Sequence[str], prefix: str, emotions: Sequence[str], batch_size: int
+) -> tuple[Float[Tensor, "batch d_vocab"], Int[Tensor, "n_labels"]]:
+    """Next-token logits after the few-shot ``prefix`` + query of each scenario, and the label tokens."""
+    labels = label_tokens(model.tokenizer, emotions)
+    logits = next_token_logits(model, [QUERY.format(s) for s in scenarios], prefix=prefix, batch_size=batch_size)
+    return logits, labels
+
+
 def evaluate_emotion(
     model: ModelHandle,
     scenarios: Sequence[str],
@@ -151,9 +160,8 @@ def evaluate_emotion(
     batch_size: int = 16,
 ) -> dict[str, float]:
     """Token Acc and Logit Acc for answering ``emotion`` on ``scenarios`` (under active hooks)."""
-    labels = label_tokens(model.tokenizer, emotions)
+    logits, labels = _label_logits(model, scenarios, prefix, emotions, batch_size)
     target = list(emotions).index(emotion)
-    logits = next_token_logits(model, [QUERY.format(s) for s in scenarios], prefix=prefix, batch_size=batch_size)
     return {
         "token_acc": token_accuracy(logits, int(labels[target])),
         "logit_acc": logit_accuracy(logits, labels, target),
@@ -171,10 +179,7 @@ def label_probability(
     batch_size: int = 16,
 ) -> float:
     """Mean probability of ``emotion``'s label among the six label tokens (a smooth Logit Acc)."""
-    labels = label_tokens(model.tokenizer, emotions)
-    logits: Float[Tensor, "batch vocab"] = next_token_logits(
-        model, [QUERY.format(s) for s in scenarios], prefix=prefix, batch_size=batch_size
-    )
+    logits, labels = _label_logits(model, scenarios, prefix, emotions, batch_size)
     return float(torch.softmax(logits[:, labels].double(), -1)[:, list(emotions).index(emotion)].mean())
 
 
