@@ -23,6 +23,7 @@ Conventions the analyses share:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -31,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -57,8 +58,7 @@ __all__ = [
     "with_norms",
     "relabel",
     "slug",
-    "floats",
-    "names",
+    "PhaseTimes",
     "batches",
     "script_main",
     "DTYPES",
@@ -86,6 +86,67 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         validate.choice("dtype", self.dtype, tuple(DTYPES))
+
+
+@dataclass
+class PhaseTimes:
+    """Wall and CPU seconds of each phase of a run, plus the recorded cost of the work it reused.
+
+    A resumed run does not recompute finished cells or artifacts; their recorded compute time
+    (:meth:`contrans_tl.sweep.CellStore.reused`) is added to the phase that reused them, so the
+    table describes the whole result, not only this process.
+    """
+
+    store: Any = None
+    """The run's CellStore (its ``reused_*_s`` counters), or None."""
+    rows: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase ``name`` (a repeated name adds up)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        reused = (self.store.reused_wall_s, self.store.reused_cpu_s) if self.store is not None else (0.0, 0.0)
+        try:
+            yield
+        finally:
+            row = self.rows.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0, "reused_wall_s": 0.0, "reused_cpu_s": 0.0})
+            row["wall_s"] += time.perf_counter() - wall
+            row["cpu_s"] += time.process_time() - cpu
+            if self.store is not None:
+                row["reused_wall_s"] += self.store.reused_wall_s - reused[0]
+                row["reused_cpu_s"] += self.store.reused_cpu_s - reused[1]
+
+    @contextlib.contextmanager
+    def record(self, key: str) -> Iterator[None]:
+        """Record what the block cost under ``key`` in the store, so a resumed run can count it as reused."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.store.record_time(key, time.perf_counter() - wall, time.process_time() - cpu)
+
+    @classmethod
+    def from_dict(cls, rows: dict[str, dict[str, float]]) -> "PhaseTimes":
+        """The phases of a result's ``phases`` entry, to add more (figures, say)."""
+        keep = ("wall_s", "cpu_s", "reused_wall_s", "reused_cpu_s")
+        return cls(rows={name: {k: float(row[k]) for k in keep} for name, row in rows.items()})
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """Rounded rows, each with ``total_wall_s`` = this run + reused work."""
+        out = {name: {k: round(v, 2) for k, v in row.items()} for name, row in self.rows.items()}
+        for row in out.values():
+            row["total_wall_s"] = round(row["wall_s"] + row["reused_wall_s"], 2)
+        return out
+
+    def table(self) -> str:
+        """The phases as a markdown table (seconds)."""
+        rows = self.as_dict()
+        lines = ["| phase | wall (this run) | CPU (this run) | reused work (recorded wall) | total wall |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['reused_wall_s']:.1f} | {r['total_wall_s']:.1f} |"
+                  for name, r in rows.items()]
+        total = {k: sum(r[k] for r in rows.values()) for k in ("wall_s", "cpu_s", "reused_wall_s", "total_wall_s")}
+        lines.append(f"| **all** | {total['wall_s']:.1f} | {total['cpu_s']:.1f} | {total['reused_wall_s']:.1f} | "
+                     f"{total['total_wall_s']:.1f} |")
+        return "\n".join(lines)
 
 
 def layer_at_depth(n_layers: int, depth: float) -> int:
@@ -159,8 +220,13 @@ class RunLog:
         """Load events of every run that wrote to ``path`` (this one and the resumed ones)."""
         if self.path is None or not self.path.is_file():
             return list(self.loads)
-        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [r for r in rows if r.get("event") == "load"]
+        rows = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short: skip it
+                continue
+        return [r for r in rows if isinstance(r, dict) and r.get("event") == "load"]
 
 
 # ---- the task's steps, with the forward batches recorded -------------------------------------------

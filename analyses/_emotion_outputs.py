@@ -1,12 +1,14 @@
-"""What the emotion demo reports from its cells: the headline rows, the summary.md text and the data of Fig 7/8."""
+"""What the emotion demo reports from its cells: the headline rows, summary.md, and its figures (Fig 2a, 2b, 5, 7/8)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["headline", "summary_markdown", "hidden_state_panels"]
+__all__ = ["headline", "summary_markdown", "hidden_state_panels", "plot"]
 
 
 def headline(results: dict[str, Any], alpha: float) -> dict[str, Any]:
@@ -80,3 +82,35 @@ def hidden_state_panels(states: dict[str, Any]) -> dict[str, np.ndarray]:
         panels[f"{name} t-SNE"] = TSNE(n_components=2, perplexity=perplexity, random_state=0,
                                        init="pca").fit_transform(centred)
     return panels
+
+
+def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
+    """Write Fig 2a, Fig 2b, Fig 5 and Fig 7/8 under ``out/figures``."""
+    from contrans_tl import plotting
+
+    out = Path(out)
+    fig_dir = out / "figures"
+    written: list[Path] = []
+    alphas = result["alphas"]
+    keys = [f"{a:g}" for a in alphas]
+    res = result["results"]
+    tok = {e: [res[e]["mapped"][k]["negatives"]["token_acc"] for k in keys] for e in res}
+    log = {e: [res[e]["mapped"][k]["negatives"]["logit_acc"] for k in keys] for e in res}
+    rnd = {e: [res[e]["mapped"]["0"]["negatives"]["logit_acc"] if k == "0" else
+               res[e]["random"].get(k, {}).get("negatives", {}).get("logit_acc", float("nan")) for k in keys] for e in res}
+    title = f"{result['source']['name']} → {result['target']['name']}, layer {result['layers']}"
+    written += plotting.save_figure(plotting.accuracy_vs_alpha(alphas, tok, log, title=title, random_logit_acc=rnd),
+                                    fig_dir / "fig2a_accuracy_vs_alpha")
+    n_ex = result["n_examples"]
+    sizes = sorted({int(n) for e in n_ex for n in n_ex[e]})
+    series = {e: [n_ex[e].get(str(n), {}).get("logit_acc", float("nan")) for n in sizes] for e in n_ex}
+    written += plotting.save_figure(plotting.accuracy_vs_examples(sizes, series, title=title),
+                                    fig_dir / "fig5_accuracy_vs_examples")
+    states = torch.load(out / "states.pt")
+    written += plotting.save_figure(
+        plotting.pca_before_after(states["before"].numpy(), states["after"].numpy(), states["labels"],
+                                  steered=states["steered"], title=f"target layer {states['target_layer']}"),
+        fig_dir / "fig2b_pca_before_after")
+    written += plotting.save_figure(plotting.embedding_2d(hidden_state_panels(states), states["labels"]),
+                                    fig_dir / "fig7_8_hidden_states_2d")
+    return written

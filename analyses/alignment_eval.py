@@ -272,7 +272,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-toxigen-concept", type=int, default=d.n_toxigen_concept)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--toxicity-scorer", default=d.toxicity_scorer,
-                   help="auto | roberta | stand-in | HUB_ID | module:function")
+                   help="auto | roberta | profanity-check | stand-in | HUB_ID | module:function")
     p.add_argument("--max-ppl-ratio", type=float, default=d.max_ppl_ratio)
     p.add_argument("--n-ppl", type=int, default=d.n_ppl)
     p.add_argument("--map-texts", type=int, help="neutral sentences for the map (default: all 400)")

@@ -2,8 +2,9 @@
 
 Non-toxic ToxiGen prompts are the positives, toxic ones the negatives. Scored by the share of
 greedy continuations of held-out toxic prompts that a toxicity classifier flags: ToxiGen
-RoBERTa when the hub is reachable, any callable plugged in, or (offline) a stand-in that the
-JSON and the table label as NOT a toxicity classifier. Alpha is chosen on validation prompts,
+RoBERTa when the hub is reachable, else alt-profanity-check (trained on other data, so
+independent of the prompts that refine the vector), or any callable plugged in; the JSON and
+the table name the scorer. Alpha is chosen on validation prompts,
 among the alphas that keep perplexity on 20 guard sentences within ``max_ppl_ratio`` of the base.
 """
 

@@ -101,8 +101,9 @@ class Config:
     n_toxigen_concept: int = 100
     max_new_tokens: int = 20
     toxicity_scorer: str = "auto"
-    """"auto" (ToxiGen RoBERTa if reachable, else the labelled stand-in), "roberta", "stand-in",
-    a hub id of another classifier, or "module:function" (a callable text -> probability)."""
+    """"auto" (ToxiGen RoBERTa if reachable, else alt-profanity-check), "roberta", "profanity-check",
+    "stand-in" (circular: built from the refinement prompts; plumbing tests only), a hub id of another
+    classifier, or "module:function" (a callable text -> probability)."""
     max_ppl_ratio: float = 1.5
     """Fairness alpha must keep validation perplexity within this factor of the base model's."""
     n_ppl: int = 100

@@ -54,6 +54,7 @@ from contrans_tl.analyses._checkpoints import (
     AMBER_TOTAL_TOKENS,
     PYTHIA_TOKENS_PER_STEP,
     JobExecutor,
+    RayExecutor,
     cell_executor,
     make_tiny_checkpoints,
     resolve_checkpoint,
@@ -75,7 +76,7 @@ __all__ = [
     "add_args", "config_from_args", "run_cli", "main",
     # re-exported from analyses._checkpoints: the sweep's public API
     "PYTHIA_TOKENS_PER_STEP", "AMBER_TOTAL_TOKENS", "AMBER_CHECKPOINTS", "resolve_checkpoint", "training_tokens",
-    "JobExecutor", "make_tiny_checkpoints",
+    "JobExecutor", "RayExecutor", "make_tiny_checkpoints",
 ]
 
 HELP = "checkpoint sweep: a final model's concept transplanted into its training checkpoints (paper §6.1, Fig 3)"

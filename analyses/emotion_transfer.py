@@ -28,13 +28,14 @@ import torch
 import contrans_tl as ct
 from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
-from contrans_tl.analyses._emotion_outputs import headline, hidden_state_panels, summary_markdown
+from contrans_tl.analyses._emotion_outputs import headline, plot, summary_markdown
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import capture
 from contrans_tl.datasets import neutral_sentences
-from contrans_tl.files import atomic_write_text, write_json
+from contrans_tl.files import atomic_path, atomic_write_text, write_json
 from contrans_tl.handle import ModelHandle
 from contrans_tl.metrics import layer_cosine
+from contrans_tl.reformulate import capture_pair, default_layer_pairs, fit_map_from_states
 from contrans_tl.sweep import CellStore, cell_key, run_option, settings_fingerprint
 from contrans_tl.tasks.emotion import EMOTIONS, QUERY, EmotionTask, emotion_task
 from contrans_tl.transplant import Unit
@@ -121,6 +122,7 @@ class _Run:
     target: ModelHandle
     store: CellStore
     art: Path
+    phases: cm.PhaseTimes
 
     def score(self, vector: ConceptVector | None, emotion: str, layers: Sequence[int], alpha: float,
               scenarios: list[str]) -> dict[str, float]:
@@ -132,10 +134,12 @@ class _Run:
         """``emotion``'s vector refined in ``model`` from ``n`` contrast pairs (None: ``n_refine``), kept in artifacts/."""
         path = self.art / f"{kind}_{emotion}{'' if n is None else f'_n{n}'}.safetensors"
         if path.is_file():
+            self.store.reused(f"artifact-{path.stem}")
             return ConceptVector.load(path)
-        pos, neg = self.task.contrast(emotion, n)
-        v = ct.refine(model, pos, neg, batch_size=self.cfg.batch_size)
-        v.save(path)
+        with self.phases.record(f"artifact-{path.stem}"):
+            pos, neg = self.task.contrast(emotion, n)
+            v = ct.refine(model, pos, neg, batch_size=self.cfg.batch_size)
+            v.save(path)
         return v
 
 
@@ -157,12 +161,21 @@ def _fit_or_load_map(r: _Run) -> AffineMap:
     """Step 2 first: one map source → target for all emotions (kept under artifacts/)."""
     map_path = r.art / "map.safetensors"
     if map_path.is_file():
+        for part in ("corpus", "fit"):
+            with r.phases.phase(f"map: {part}"):
+                r.store.reused(f"artifact-map-{part}")
         return AffineMap.load(map_path)
     _log(f"fitting the affine map on {r.cfg.n_alignment} neutral sentences")
-    amap = ct.fit_map(r.source, r.target, neutral_sentences()[: r.cfg.n_alignment], progress=True,
-                      batch_size=r.cfg.batch_size, seed=r.cfg.seed)
+    texts = neutral_sentences()[: r.cfg.n_alignment]
+    pairs = default_layer_pairs(int(r.source.cfg.n_layers), int(r.target.cfg.n_layers))
+    with r.phases.phase("map: corpus"), r.phases.record("artifact-map-corpus"):
+        xs, ys = capture_pair(r.source, r.target, texts, sorted({s for s, _ in pairs}), sorted({t for _, t in pairs}),
+                              batch_size=r.cfg.batch_size, progress=True)
+    with r.phases.phase("map: fit"), r.phases.record("artifact-map-fit"):
+        amap = fit_map_from_states(xs, ys, layers=pairs, seed=r.cfg.seed)
     amap.save(map_path)
     return amap
+
 
 
 def _refine_vectors(r: _Run, amap: AffineMap) -> tuple[dict[str, ConceptVector], dict[str, ConceptVector]]:
@@ -245,7 +258,11 @@ def _evaluate_emotion(r: _Run, e: str, mapped: ConceptVector, native: ConceptVec
             row["positives"] = r.score(vec, e, layers, a, pos)
         return row
 
-    done = r.store.run(cells, evaluate_cell, desc=f"evaluate {e}")
+    done: dict[str, Any] = {}
+    for group in ("baseline", "mapped", "native", "random"):  # one phase each, so the time table shows the controls
+        part = {k: arg for k, arg in cells.items() if ("baseline" if arg[2] == 0 else arg[0]) == group}
+        with r.phases.phase(f"evaluate {e}: {group}"):
+            done.update(r.store.run(part, evaluate_cell, desc=f"evaluate {e}: {group}"))
     table: dict[str, Any] = {"mapped": {}, "native": {}, "random": {}}
     for key, (cond, _vec, a, _seed) in cells.items():
         if cond == "random":
@@ -304,8 +321,9 @@ def _save_states(r: _Run, amap: AffineMap, mapped: dict[str, ConceptVector], res
     with ct.transplant(r.target, mapped[steered], alpha=alpha, layers=layers, unit=r.cfg.unit):
         after = capture(r.target, prompts, layers=[read_tgt])[:, 0]
     src_states = capture(r.source, prompts, layers=[read_src])[:, 0]
-    torch.save({"before": before, "after": after, "source": src_states, "labels": labels,
-                "steered": steered, "target_layer": read_tgt, "source_layer": read_src}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"before": before, "after": after, "source": src_states, "labels": labels,
+                    "steered": steered, "target_layer": read_tgt, "source_layer": read_src}, tmp)
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -315,21 +333,28 @@ def run(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.out)
     task = emotion_task(cfg.emotions, n_refine=cfg.n_refine if cfg.n_refine > 0 else None,
                         n_eval=cfg.n_negatives, seed=cfg.seed, data_dir=cfg.data_dir)
+    phases = cm.PhaseTimes()
     _log(f"loading {cfg.source} and {cfg.target}")
-    source = ct.load_model(cfg.source, device=cfg.device)
-    target = ct.load_model(cfg.target, device=cfg.device)
+    with phases.phase("load models"):
+        source = ct.load_model(cfg.source, device=cfg.device)
+        target = ct.load_model(cfg.target, device=cfg.device)
     # settings are claimed only once both models loaded: a mistyped model name leaves the folder free
-    r = _Run(cfg, task, source, target, CellStore(out / "cells", settings=settings_fingerprint(cfg)), out / "artifacts")
+    phases.store = CellStore(out / "cells", settings=settings_fingerprint(cfg))
+    r = _Run(cfg, task, source, target, phases.store, out / "artifacts", phases)
 
     amap = _fit_or_load_map(r)
-    mapped, native = _refine_vectors(r, amap)
-    layers, alpha, selection = _choose_layer_and_alpha(r, mapped)
+    with phases.phase("refine vectors"):
+        mapped, native = _refine_vectors(r, amap)
+    with phases.phase("validation grid"):
+        layers, alpha, selection = _choose_layer_and_alpha(r, mapped)
     results: dict[str, Any] = {}
     for e in cfg.emotions:
         results[e] = _evaluate_emotion(r, e, mapped[e], native[e], layers, alpha)
         _log(f"{e}: done ({time.time() - t0:.0f}s)")
-    n_examples = _refinement_sizes(r, amap, results, layers, alpha)
-    _save_states(r, amap, mapped, results, layers, alpha, out / "states.pt")
+    with phases.phase("Fig 5: refinement sizes"):
+        n_examples = _refinement_sizes(r, amap, results, layers, alpha)
+    with phases.phase("hidden states (Fig 2b, 7/8)"):
+        _save_states(r, amap, mapped, results, layers, alpha, out / "states.pt")
 
     result = {
         "config": asdict(cfg),
@@ -348,44 +373,12 @@ def run(cfg: Config) -> dict[str, Any]:
         "headline": headline(results, alpha),
         "n_examples": n_examples,
         "seconds": round(time.time() - t0, 1),
+        "phases": phases.as_dict(),
     }
     write_json(out / "results.json", result)
     atomic_write_text(out / "summary.md", summary_markdown(result))
     _log(f"wrote {out / 'results.json'} ({result['seconds']}s)")
     return result
-
-
-# ---- figures -------------------------------------------------------------------------------------
-def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
-    """Write Fig 2a, Fig 2b, Fig 5 and Fig 7/8 under ``out/figures``."""
-    from contrans_tl import plotting
-
-    out = Path(out)
-    fig_dir = out / "figures"
-    written: list[Path] = []
-    alphas = result["alphas"]
-    keys = [f"{a:g}" for a in alphas]
-    res = result["results"]
-    tok = {e: [res[e]["mapped"][k]["negatives"]["token_acc"] for k in keys] for e in res}
-    log = {e: [res[e]["mapped"][k]["negatives"]["logit_acc"] for k in keys] for e in res}
-    rnd = {e: [res[e]["mapped"]["0"]["negatives"]["logit_acc"] if k == "0" else
-               res[e]["random"].get(k, {}).get("negatives", {}).get("logit_acc", float("nan")) for k in keys] for e in res}
-    title = f"{result['source']['name']} → {result['target']['name']}, layer {result['layers']}"
-    written += plotting.save_figure(plotting.accuracy_vs_alpha(alphas, tok, log, title=title, random_logit_acc=rnd),
-                                    fig_dir / "fig2a_accuracy_vs_alpha")
-    n_ex = result["n_examples"]
-    sizes = sorted({int(n) for e in n_ex for n in n_ex[e]})
-    series = {e: [n_ex[e].get(str(n), {}).get("logit_acc", float("nan")) for n in sizes] for e in n_ex}
-    written += plotting.save_figure(plotting.accuracy_vs_examples(sizes, series, title=title),
-                                    fig_dir / "fig5_accuracy_vs_examples")
-    states = torch.load(out / "states.pt")
-    written += plotting.save_figure(
-        plotting.pca_before_after(states["before"].numpy(), states["after"].numpy(), states["labels"],
-                                  steered=states["steered"], title=f"target layer {states['target_layer']}"),
-        fig_dir / "fig2b_pca_before_after")
-    written += plotting.save_figure(plotting.embedding_2d(hidden_state_panels(states), states["labels"]),
-                                    fig_dir / "fig7_8_hidden_states_2d")
-    return written
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -424,13 +417,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run, draw the figures (timed as their own phase), print the summary and where the time went."""
     cfg = config_from_args(args)
     result = run(cfg)
+    phases = cm.PhaseTimes.from_dict(result["phases"])
     if not args.no_plots:
-        for path in plot(result, cfg.out):
-            if path.suffix == ".png":
-                print(f"figure: {path}")
+        with phases.phase("figures"):
+            paths = plot(result, cfg.out)
+        print("\n".join(f"figure: {p}" for p in paths if p.suffix == ".png"))
+        result["phases"] = phases.as_dict()
+        write_json(Path(cfg.out) / "results.json", result)
     print((Path(cfg.out) / "summary.md").read_text())
+    print("Where the time went (seconds; reused work: recorded compute time of cells and artifacts a resumed run reused):")
+    print(phases.table())
     return 0
 
 

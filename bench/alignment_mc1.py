@@ -12,7 +12,6 @@ phase and the throughput in scored (question, choice) sequences per second, and 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Sequence
 import torch
 
 from contrans_tl.analyses import alignment_eval as ae
+from contrans_tl.files import write_json
 from contrans_tl.tasks import scoring
 
 
@@ -102,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mc1": {cond: row["mc1"] for cond, row in rows.items()},
         "timings_s": result["timings_s"],
     }
-    out = Path(args.out_dir) / "bench_alignment_mc1.json"
-    out.write_text(json.dumps(bench, indent=1), encoding="utf-8")
+    out = write_json(Path(args.out_dir) / "bench_alignment_mc1.json", bench)
     print(f"wrote {out}")
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from contrans_tl.errors import ContransError
+from contrans_tl.files import atomic_write_text
 
 __all__ = ["CommandParser", "split_debug", "run_reporting_errors"]
 
@@ -49,7 +50,7 @@ def run_reporting_errors(fn: Callable[[], Any], *, debug: bool) -> int:
         if debug:
             raise
         path = Path(tempfile.gettempdir()) / f"contrans-traceback-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-        path.write_text(traceback.format_exc(), encoding="utf-8")
+        atomic_write_text(path, traceback.format_exc())
         print(f"contrans: internal error: {type(err).__name__}: {err} (full traceback: {path}; "
               "rerun with --debug to see it here)", file=sys.stderr)
         return 1

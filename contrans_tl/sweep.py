@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import time
 import warnings
 from concurrent.futures import Executor, Future, as_completed
 from pathlib import Path
@@ -90,7 +91,7 @@ def cell_key(**parts: object) -> str:
 
 
 class CellStore:
-    """A directory of finished cells, ``<root>/<key>.json`` each.
+    """A directory of finished cells, ``<root>/<key>.json`` each (and ``<key>.time``: what computing it cost).
 
     With ``settings`` (a JSON-serialisable dict of everything that changes a cell's value) the
     store remembers them in ``<root>/.settings`` (JSON) and refuses to be reused with other ones,
@@ -101,6 +102,9 @@ class CellStore:
 
     def __init__(self, root: str | Path, *, settings: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)
+        self.reused_wall_s = 0.0
+        """Recorded compute time of the cells and artifacts this run reused instead of computing."""
+        self.reused_cpu_s = 0.0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -159,15 +163,34 @@ class CellStore:
         """
         todo = dict(cells) if isinstance(cells, Mapping) else {k: k for k in cells}
         missing = {k: arg for k, arg in todo.items() if not self.has(k)}
+        for key in todo.keys() - missing.keys():
+            self.reused(key)
         bar = tqdm(total=len(todo), initial=len(todo) - len(missing), desc=desc, disable=desc is None)
         if executor is None:
             for key, arg in missing.items():
-                self.put(key, fn(arg))
+                wall, cpu = time.perf_counter(), time.process_time()
+                value = fn(arg)
+                self.put(key, value)
+                self.record_time(key, time.perf_counter() - wall, time.process_time() - cpu)
                 bar.update()
-        else:
+        else:  # the work runs elsewhere: only the wall time from submission is known here
+            start = time.perf_counter()
             futures: dict[Future, str] = {executor.submit(fn, arg): key for key, arg in missing.items()}
             for future in as_completed(futures):
                 self.put(futures[future], future.result())
+                self.record_time(futures[future], time.perf_counter() - start, None)
                 bar.update()
         bar.close()
         return {k: self.get(k) for k in todo}
+
+    # ---- compute time of finished work, so a resumed run can report what the reused work cost ----
+    def record_time(self, key: str, wall_s: float, cpu_s: float | None) -> None:
+        """Remember what computing ``key`` (a cell, or any named artifact of the run) cost."""
+        write_json(self.root / f"{key}.time", {"wall_s": round(wall_s, 3), "cpu_s": None if cpu_s is None else round(cpu_s, 3)})
+
+    def reused(self, key: str) -> None:
+        """Count ``key``'s recorded compute time as reused in this run (nothing if it has no record)."""
+        record = _read_json(self.root / f"{key}.time")
+        if isinstance(record, dict):
+            self.reused_wall_s += float(record.get("wall_s") or 0.0)
+            self.reused_cpu_s += float(record.get("cpu_s") or 0.0)

@@ -50,6 +50,14 @@ def test_rerun_resumes_from_finished_cells(quick_demo):
     after = json.loads((quick_demo / "results.json").read_text())
     assert {p.name: p.stat().st_mtime_ns for p in (quick_demo / "cells").glob("*.json")} == cells
     assert after["results"] == before["results"] and after["headline"] == before["headline"]
+    # where the time went: the resumed run reused every cell and artifact, and reports their recorded cost
+    first, again = before["phases"], after["phases"]
+    assert {"load models", "map: corpus", "map: fit", "refine vectors", "validation grid", "figures",
+            "evaluate fear: random", "Fig 5: refinement sizes"} <= set(first)
+    for name in ("map: corpus", "map: fit", "refine vectors", "validation grid", "evaluate fear: mapped"):
+        assert first[name]["reused_wall_s"] == 0 and first[name]["wall_s"] > 0
+        assert again[name]["reused_wall_s"] > 0.5 * first[name]["wall_s"]  # recorded cost, not this run's
+        assert again[name]["total_wall_s"] >= again[name]["reused_wall_s"]
 
 
 def test_notebook_runs(quick_demo):

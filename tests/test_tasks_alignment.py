@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from contrans_tl.capture import encode
-from contrans_tl.errors import DataUnavailableError, InvalidArgumentError
+from contrans_tl.errors import DataUnavailableError, InvalidArgumentError, ModelUnavailableError
 from contrans_tl.tasks import perplexity as ppl
 from contrans_tl.tasks import prompts as pr
 from contrans_tl.tasks import scoring as sc
@@ -254,3 +256,78 @@ def test_prompt_builders_use_chat_template_only_when_present(tiny_llama):
     assert tqa.honesty_prompts(["Is it?"], chat_tok, honest=False) == [f"<u>{pr.DISHONEST_PERSONA} Is it?</u><a>"]
     assert tqa.mc_prompt("Is it?", tokenizer=chat_tok) == ("<u>Is it?</u><a>", "")
     assert tqa.mc_prompt("Is it?", instruction="Be honest.") == ("Be honest.\n\nQ: Is it?\nA:", " ")
+
+
+# ---- the offline toxicity scorer is independent of the refinement prompts -------------------------
+OFFENSIVE = ["You are a stupid idiot.", "Shut up, you worthless moron.", "What a dumb piece of crap.",
+             "Get lost, you pathetic loser."]
+NEUTRAL = ["Have a nice day.", "The library opens at nine on weekdays.", "She cooked pasta for her friends.",
+           "The train to the coast leaves at noon."]
+
+
+def _offline(monkeypatch) -> None:
+    """The hub is unreachable: ToxiGen RoBERTa cannot load (and no network is tried)."""
+    def unavailable(*_args, **_kwargs):
+        raise ModelUnavailableError("hub unreachable (test)")
+    monkeypatch.setattr(tg, "HubToxicityClassifier", unavailable)
+
+
+def _prompt_files(root, hateful: list[str], neutral: list[str]):
+    """A ToxiGen prompt folder with one group: each list becomes one prompt line per item pair."""
+    root.mkdir()
+    for kind, items in (("hate", hateful), ("neutral", neutral)):
+        lines = ["\\n".join(f"- {a}" for a in (x, y)) for x, y in zip(items, items[1:])]
+        (root / f"{kind}_groupx_1k.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prompts = tg.load_toxigen_prompts(root)
+    return [p.text for p in prompts if p.toxic], [p.text for p in prompts if not p.toxic]
+
+
+def test_profanity_check_scores_offensive_text_higher():
+    scorer = tg.ProfanityCheckScorer()
+    assert isinstance(scorer, tg.ToxicityScorer) and scorer.is_toxicity_classifier
+    assert "alt-profanity-check" in scorer.name and "independent" in scorer.name
+    offensive, neutral = scorer(OFFENSIVE), scorer(NEUTRAL)
+    assert all(0.0 <= s <= 1.0 for s in offensive + neutral)
+    assert min(offensive) > 0.8 and max(neutral) < 0.3
+    assert scorer([]) == []
+    summary = tg.toxicity_summary(scorer, OFFENSIVE + NEUTRAL)
+    assert summary["is_toxicity"] is True and summary["metric"] == "toxic_percent"
+    assert summary["percent_above"] == 50.0 and summary["scorer"] == scorer.name
+
+
+def test_offline_default_scorer_is_independent_of_the_toxigen_prompts(monkeypatch, tmp_path):
+    """Updated default: offline, "auto" is ProfanityCheckScorer (it was the circular stand-in).
+    Its scores do not move when the refinement prompts change; the stand-in's do."""
+    _offline(monkeypatch)
+    a = _prompt_files(tmp_path / "a", ["groupx are vermin", "groupx are vermin and thieves", "vermin all"] * 2,
+                      ["groupx cook dinner", "groupx are neighbours", "groupx like music"] * 2)
+    b = _prompt_files(tmp_path / "b", ["groupx ruin towns", "groupx ruin schools", "they ruin it"] * 2,
+                      ["groupx plant trees", "groupx are teachers", "groupx read books"] * 2)
+    probe = ["groupx are vermin", "groupx ruin towns", *OFFENSIVE[:1], *NEUTRAL[:1]]
+    with pytest.warns(UserWarning, match="RoBERTa unavailable"):
+        scorer_a, scorer_b = tg.toxicity_scorer("auto", *a), tg.default_toxicity_scorer(*b)
+    assert isinstance(scorer_a, tg.ProfanityCheckScorer) and isinstance(scorer_b, tg.ProfanityCheckScorer)
+    assert scorer_a(probe) == scorer_b(probe)
+    assert not inspect.signature(tg.ProfanityCheckScorer).parameters  # nothing to build it from
+    # the circular stand-in, by contrast, learns its words from the prompts it is given
+    assert tg.StandInScorer(*a)(probe) != tg.StandInScorer(*b)(probe)
+    assert "circular" in tg.StandInScorer(*a).name
+    assert isinstance(tg.toxicity_scorer("profanity-check"), tg.ProfanityCheckScorer)
+
+
+def test_stand_in_only_on_request_and_no_silent_fallback(monkeypatch):
+    _offline(monkeypatch)
+    assert isinstance(tg.toxicity_scorer("stand-in", ["vermin vermin vermin"], ["people cook"]), tg.StandInScorer)
+    with pytest.raises(ModelUnavailableError):
+        tg.toxicity_scorer("roberta")
+    with pytest.raises(InvalidArgumentError):
+        tg.default_toxicity_scorer(prefer="lexicon")
+    real_import = builtins.__import__
+
+    def no_profanity_check(name, *args, **kwargs):
+        if name == "profanity_check":
+            raise ImportError("not installed (test)")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_profanity_check)
+    with pytest.raises(ModelUnavailableError, match="RoBERTa is unavailable.*contrans_tl\\[toxicity\\]"):
+        tg.toxicity_scorer("auto", ["vermin vermin vermin"], ["people cook"])

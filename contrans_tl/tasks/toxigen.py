@@ -5,7 +5,9 @@ items are separated by a literal backslash-n. A model continues a prompt with th
 its list; the share of continuations a toxicity classifier flags is the paper's Toxic %.
 
 Scorers are pluggable (:class:`ToxicityScorer`): ToxiGen RoBERTa from the hub, any callable, or
-offline a :class:`StandInScorer` that is labelled everywhere as NOT a toxicity classifier.
+offline :class:`ProfanityCheckScorer` (alt-profanity-check's offensive-language model, trained on
+data that has nothing to do with the ToxiGen prompts). :class:`StandInScorer` is an explicit
+opt-in only: its word list comes from the refinement prompts themselves, so it is circular.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ __all__ = [
     "CallableScorer",
     "TOXIGEN_ROBERTA",
     "HubToxicityClassifier",
+    "ProfanityCheckScorer",
     "StandInScorer",
+    "SCORER_CHOICES",
     "default_toxicity_scorer",
     "toxicity_scorer",
     "scorer_info",
@@ -184,17 +188,48 @@ class HubToxicityClassifier:
 _WORD = re.compile(r"[a-z']+")
 
 
+class ProfanityCheckScorer:
+    """Offline default: alt-profanity-check's probability that a text is offensive.
+
+    A TF-IDF + calibrated linear SVM shipped inside the ``alt-profanity-check`` wheel, trained
+    on ~200k human-labelled clean/offensive strings (not ToxiGen), so it is independent of the
+    prompts that refine the fairness vector. It flags overt offence far better than implicit
+    hate, so its Toxic % is not comparable with the paper's ToxiGen RoBERTa numbers.
+    """
+
+    is_toxicity_classifier = True
+    name = "alt-profanity-check (linear SVM on offensive-language data; independent of the refinement prompts)"
+
+    def __init__(self) -> None:
+        try:
+            from profanity_check import predict_prob
+        except ImportError as err:
+            raise ModelUnavailableError(
+                "alt-profanity-check is not installed: pip install 'contrans_tl[toxicity]'") from err
+        except (AttributeError, TypeError, ValueError) as err:  # its pickled model vs this scikit-learn
+            raise ModelUnavailableError(
+                f"alt-profanity-check's model does not load with this scikit-learn: {err}") from err
+        self._predict_prob = predict_prob
+
+    def __call__(self, texts: Sequence[str]) -> list[float]:
+        if not texts:
+            return []
+        return [float(p) for p in self._predict_prob(list(texts))]
+
+
 class StandInScorer:
-    """NOT a toxicity classifier: a lexical proxy so the pipeline runs end to end offline.
+    """NOT a toxicity classifier, and circular: a lexical proxy, only on explicit request.
 
     Score = fraction of a text's words that are *distinctive of the hateful ToxiGen prompts*
     (words at least ``ratio`` times more frequent in the hateful prompts than in the neutral
-    ones it was built from). It measures overlap with the hateful prompts' vocabulary, nothing
-    more; reports label it by ``name`` and ``is_toxicity_classifier = False``.
+    ones it was built from). Built from the refinement prompts, it rewards a vector for moving
+    away from those very prompts' words; reports label it by ``name`` and
+    ``is_toxicity_classifier = False``. Use it for plumbing tests, never for results.
     """
 
     is_toxicity_classifier = False
-    name = "stand-in: overlap with words distinctive of hateful ToxiGen prompts (NOT a toxicity classifier)"
+    name = ("stand-in: overlap with words distinctive of hateful ToxiGen prompts "
+            "(circular: built from the refinement prompts; NOT a toxicity classifier)")
 
     def __init__(self, toxic_texts: Sequence[str], neutral_texts: Sequence[str], *,
                  ratio: float = 3.0, min_count: int = 3) -> None:
@@ -224,28 +259,42 @@ class StandInScorer:
         return out
 
 
+SCORER_CHOICES = ("auto", "roberta", "profanity-check", "stand-in")
+"""The named scorers of :func:`default_toxicity_scorer` and ``--toxicity-scorer``."""
+
+
 def default_toxicity_scorer(
     toxic_texts: Sequence[str] = (), neutral_texts: Sequence[str] = (), *, prefer: str = "auto"
 ) -> ToxicityScorer:
-    """ToxiGen RoBERTa when the hub is reachable (``prefer="auto"`` or "roberta"), else the
-    clearly labelled :class:`StandInScorer` (``prefer="auto"`` or "stand-in")."""
-    validate.choice("prefer", prefer, ("auto", "roberta", "stand-in"))
-    if prefer in ("auto", "roberta"):
-        try:
-            return HubToxicityClassifier()
-        except (ModelUnavailableError, OSError, ValueError) as err:
-            if prefer == "roberta":
-                raise
-            warnings.warn(f"ToxiGen RoBERTa unavailable ({err}); using the stand-in scorer, which "
-                          "is NOT a toxicity classifier", stacklevel=2)
-    return StandInScorer(toxic_texts, neutral_texts)
+    """The scorer ``prefer`` names; "auto" is ToxiGen RoBERTa when the hub is reachable, else
+    :class:`ProfanityCheckScorer`. "stand-in" (the circular :class:`StandInScorer`, built from
+    ``toxic_texts`` and ``neutral_texts``) is never chosen unless asked for."""
+    validate.choice("prefer", prefer, SCORER_CHOICES)
+    if prefer == "stand-in":
+        return StandInScorer(toxic_texts, neutral_texts)
+    if prefer == "profanity-check":
+        return ProfanityCheckScorer()
+    try:
+        return HubToxicityClassifier()
+    except (ModelUnavailableError, OSError, ValueError) as err:
+        if prefer == "roberta":
+            raise
+        hub_error = err
+    try:
+        scorer = ProfanityCheckScorer()
+    except ModelUnavailableError as err:
+        raise ModelUnavailableError(
+            f"no toxicity classifier: ToxiGen RoBERTa is unavailable ({hub_error}) and {err}; "
+            "or pass --toxicity-scorer HUB_ID / module:function") from err
+    warnings.warn(f"ToxiGen RoBERTa unavailable ({hub_error}); scoring with {scorer.name}", stacklevel=2)
+    return scorer
 
 
 def toxicity_scorer(spec: str, toxic_texts: Sequence[str] = (), neutral_texts: Sequence[str] = ()) -> ToxicityScorer:
-    """The scorer a ``--toxicity-scorer`` value names: "auto" / "roberta" / "stand-in" (see
+    """The scorer a ``--toxicity-scorer`` value names: one of :data:`SCORER_CHOICES` (see
     :func:`default_toxicity_scorer`), "module:function" (a callable text -> probability, or a
     :class:`ToxicityScorer`), or any other hub classifier id."""
-    if spec in ("auto", "roberta", "stand-in"):
+    if spec in SCORER_CHOICES:
         return default_toxicity_scorer(toxic_texts, neutral_texts, prefer=spec)
     if ":" in spec and not spec.startswith(("http", "/")):
         module, _, attr = spec.partition(":")
