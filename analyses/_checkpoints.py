@@ -140,7 +140,7 @@ def _init_worker(threads: int | None) -> None:
 def cell_executor(
     executor: Any, kind: str = "serial", *, max_workers: int = 1, threads: int | None = None, needed: bool = True
 ) -> Iterator[tuple[Executor | None, str]]:
-    """(executor to run the cells on or None for this process, its name for sweep.json).
+    """(executor to run the cells on or None for this process, its name for the run's JSON).
 
     ``executor`` (the caller's, not shut down here) wins over ``kind``; one whose ``submit``
     returns job handles is wrapped in a :class:`JobExecutor`. ``kind="process"`` starts a local
@@ -155,7 +155,7 @@ def cell_executor(
 
         owned = executor = ProcessPoolExecutor(max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"),
                                                initializer=_init_worker, initargs=(threads,))
-    shown = adapter.inner if adapter is not None else executor
+    shown = executor.inner if isinstance(executor, JobExecutor) else executor
     try:
         yield executor, type(shown).__name__ if shown is not None else "serial (this process)"
     finally:
