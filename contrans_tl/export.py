@@ -138,7 +138,7 @@ def export_gguf(
 
     Tensors ``direction.{l}`` (float32, ``[d_model]``) hold the full offset ``alpha · v[l]`` (or
     its norm-unit equivalent): ``--control-vector FILE`` applies it at strength 1, and
-    ``--control-vector-scaled FILE S`` multiplies it by S. Metadata: ``general.architecture =
+    ``--control-vector-scaled FILE:S`` multiplies it by S. Metadata: ``general.architecture =
     controlvector``, ``controlvector.model_hint`` (llama.cpp's architecture name when known),
     ``controlvector.layer_count`` (number of directions), and ``contrans.basis`` /
     ``contrans.provenance`` (ignored by llama.cpp). Layer 0 cannot be expressed (see module doc).
@@ -239,7 +239,8 @@ def export_lm_eval(
 
 
 def read_lm_eval(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Load a steered-model ``.pt`` the way lm-eval does (``torch.load(weights_only=True)``)."""
+    """Load a steered-model ``.pt`` with ``torch.load(weights_only=True)``: plain tensors only (lm-eval
+    0.4.13 loads it with ``weights_only=False``; the file loads either way)."""
     try:
         with open(path, "rb") as f:
             return torch.load(f, weights_only=True)
