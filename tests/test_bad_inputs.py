@@ -151,6 +151,8 @@ API_CASES = {
     "emotion-data-dir-missing": (lambda f: emotion_scenarios(f["tmp"] / "nowhere"), InvalidArgumentError, "data_dir="),
     "emotion-data-file-not-a-list": (lambda f: emotion_scenarios(f["bad_data"], ["anger"]), DataFormatError, "anger.json"),
     "contrast-unknown-emotion": (lambda f: contrast_prompts({"anger": ["a"]}, "joy"), InvalidArgumentError, "emotion="),
+    "contrast-too-few-negatives": (lambda f: contrast_prompts({"anger": ["a", "b"], "fear": ["c"]}, "anger"),
+                                   InvalidArgumentError, "n=None"),
 }
 
 

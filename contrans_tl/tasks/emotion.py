@@ -120,8 +120,11 @@ def contrast_prompts(
     rng = random.Random(f"{seed}-{emotion}")
     own = list(scenarios[emotion])[: n if n is not None else None]
     others = [s for e, items in scenarios.items() if e != emotion for s in items]
-    if not own or len(others) < len(own):
-        raise EmptyPromptsError(f"{emotion}: {len(own)} positives but {len(others)} other scenarios")
+    if not own:
+        raise EmptyPromptsError(f"{emotion}: no positive scenarios (n={n!r})")
+    if len(others) < len(own):
+        raise InvalidArgumentError("n", n, f"at most {len(others)} for {emotion!r}: the other emotions' scenarios "
+                                   "supply one negative per positive")
     return [QUERY.format(s) for s in own], [QUERY.format(s) for s in rng.sample(others, len(own))]
 
 
