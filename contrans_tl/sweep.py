@@ -162,7 +162,8 @@ class CellStore:
         With an ``executor``, ``fn`` and its argument must be picklable.
         """
         todo = dict(cells) if isinstance(cells, Mapping) else {k: k for k in cells}
-        missing = {k: arg for k, arg in todo.items() if not self.has(k)}
+        done = {k: _read_json(self.path(k)) for k in todo}  # each stored cell read once
+        missing = {k: arg for k, arg in todo.items() if done[k] is _MISSING}
         for key in todo.keys() - missing.keys():
             self.reused(key)
         bar = tqdm(total=len(todo), initial=len(todo) - len(missing), desc=desc, disable=desc is None)
@@ -172,16 +173,19 @@ class CellStore:
                 value = fn(arg)
                 self.put(key, value)
                 self.record_time(key, time.perf_counter() - wall, time.process_time() - cpu)
+                done[key] = self.get(key)  # as stored (JSON): the same value a resumed run reads
                 bar.update()
         else:  # the work runs elsewhere: only the wall time from submission is known here
             start = time.perf_counter()
             futures: dict[Future, str] = {executor.submit(fn, arg): key for key, arg in missing.items()}
             for future in as_completed(futures):
-                self.put(futures[future], future.result())
-                self.record_time(futures[future], time.perf_counter() - start, None)
+                key = futures[future]
+                self.put(key, future.result())
+                self.record_time(key, time.perf_counter() - start, None)
+                done[key] = self.get(key)
                 bar.update()
         bar.close()
-        return {k: self.get(k) for k in todo}
+        return {k: done[k] for k in todo}
 
     # ---- compute time of finished work, so a resumed run can report what the reused work cost ----
     def record_time(self, key: str, wall_s: float, cpu_s: float | None) -> None:
