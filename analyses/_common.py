@@ -263,9 +263,14 @@ def evaluate(
     return out
 
 
-def with_norms(vector: ConceptVector, norms: Float[Tensor, "n_layers"] | None) -> ConceptVector:
-    """``vector`` with alpha's norm unit taken from ``norms`` (the target's own, per layer)."""
-    return vector if norms is None else dataclasses.replace(vector, layer_norms=norms.clone())
+def with_norms(vector: ConceptVector, norms: Float[Tensor, "n_layers"] | None,
+               reference: str = "the target's native vector") -> ConceptVector:
+    """``vector`` with alpha's norm unit taken from ``norms`` (the target's own, per layer); the
+    vector's provenance records where the unit came from (``norm_reference``)."""
+    if norms is None:
+        return vector
+    return dataclasses.replace(vector, layer_norms=norms.clone(),
+                               provenance={**vector.provenance, "norm_reference": reference})
 
 
 def relabel(vector: ConceptVector, model: ModelHandle, norms: Float[Tensor, "n_layers"] | None = None) -> ConceptVector:

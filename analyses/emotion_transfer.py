@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,14 +31,14 @@ from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
 from contrans_tl.analyses._emotion_outputs import headline, plot, summary_markdown
 from contrans_tl.artifacts import AffineMap, ConceptVector
-from contrans_tl.capture import capture
+from contrans_tl.capture import capture, check_layers
 from contrans_tl.datasets import neutral_sentences
 from contrans_tl.files import atomic_path, atomic_write_text, write_json
 from contrans_tl.handle import ModelHandle
 from contrans_tl.metrics import layer_cosine
 from contrans_tl.reformulate import capture_pair, default_layer_pairs, fit_map_from_states
 from contrans_tl.sweep import CellStore, cell_key, run_option, settings_fingerprint
-from contrans_tl.tasks.emotion import EMOTIONS, QUERY, EmotionTask, emotion_task
+from contrans_tl.tasks.emotion import EMOTIONS, QUERY, Answers, EmotionTask, emotion_task
 from contrans_tl.transplant import Unit
 
 __all__ = ["Config", "QUICK", "run", "plot", "add_args", "config_from_args", "run_cli", "main"]
@@ -123,6 +124,10 @@ class _Run:
     store: CellStore
     art: Path
     phases: cm.PhaseTimes
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per model ("source"/"native"): resid_post of every refinement prompt, captured once."""
+    baseline: Answers | None = None
+    """The target's unsteered answers to every held-out scenario, computed once for all emotions."""
 
     def score(self, vector: ConceptVector | None, emotion: str, layers: Sequence[int], alpha: float,
               scenarios: list[str]) -> dict[str, float]:
@@ -130,17 +135,58 @@ class _Run:
         return self.task.score(self.target, emotion, scenarios, vector=vector, alpha=alpha, layers=layers,
                                unit=self.cfg.unit, batch_size=self.cfg.batch_size)
 
+    def baseline_score(self, emotion: str, scenarios: list[str]) -> dict[str, float]:
+        """The unsteered score, read from the answers every emotion's baseline shares."""
+        if self.baseline is None:
+            held_out = [s for e in EMOTIONS if e in self.task.eval_scenarios
+                        for s in self.task.eval_scenarios[e][: max(self.cfg.n_positives, self.cfg.n_negatives)]]
+            self.baseline = self.task.answer(self.target, list(dict.fromkeys(held_out)), batch_size=self.cfg.batch_size)
+        return self.baseline.subset(scenarios).accuracy(emotion)
+
     def vector(self, model: ModelHandle, kind: str, emotion: str, n: int | None = None) -> ConceptVector:
-        """``emotion``'s vector refined in ``model`` from ``n`` contrast pairs (None: ``n_refine``), kept in artifacts/."""
+        """``emotion``'s vector refined in ``model`` from ``n`` contrast pairs (None: ``n_refine``), kept in artifacts/.
+
+        Every refinement prompt is captured once per model (all emotions' contrasts and the Fig 5
+        sizes draw from the same refinement half); each vector is a mean difference of those states.
+        """
         path = self.art / f"{kind}_{emotion}{'' if n is None else f'_n{n}'}.safetensors"
         if path.is_file():
             self.store.reused(f"artifact-{path.stem}")
             return ConceptVector.load(path)
         with self.phases.record(f"artifact-{path.stem}"):
             pos, neg = self.task.contrast(emotion, n)
-            v = ct.refine(model, pos, neg, batch_size=self.cfg.batch_size)
+            cached = self.refinement_states(model, kind)
+            v = ct.concept_from_states(model, torch.stack([cached[p] for p in pos]),
+                                       torch.stack([cached[p] for p in neg]))
             v.save(path)
         return v
+
+    def in_reference_unit(self, vector: ConceptVector) -> ConceptVector:
+        """``vector`` with alpha read against :meth:`reference_norms` (recorded in its provenance)."""
+        return cm.with_norms(vector, self.reference_norms(), NORM_REFERENCE)
+
+    def refinement_states(self, model: ModelHandle, kind: str) -> dict[str, torch.Tensor]:
+        """resid_post of every refinement prompt in ``model`` (all emotions' contrasts draw from them), captured once."""
+        if kind not in self.states:
+            prompts = list(dict.fromkeys(QUERY.format(s) for items in self.task.refine_scenarios.values()
+                                         for s in items))
+            self.states[kind] = dict(zip(prompts, capture(model, prompts, batch_size=self.cfg.batch_size)))
+        return self.states[kind]
+
+    def reference_norms(self) -> torch.Tensor:
+        """Alpha's one norm unit per target layer, for mapped, native and random vectors alike: the
+        target's mean resid_post norm at the last token of every refinement prompt (kept in artifacts/)."""
+        path = self.art / "reference_norms.json"
+        if path.is_file():
+            return torch.tensor(json.loads(path.read_text())["norms"])
+        states = torch.stack(list(self.refinement_states(self.target, "native").values()))
+        norms = states.norm(dim=-1).mean(0)
+        write_json(path, {"norms": norms.tolist(), "what": NORM_REFERENCE, "n_prompts": len(states)})
+        return norms
+
+
+NORM_REFERENCE = "target's mean resid_post norm at the last token of every refinement prompt"
+"""Where the demo's alpha unit comes from (one value per target layer, shared by every condition)."""
 
 
 def _layers_key(layers: Sequence[int]) -> str:
@@ -157,6 +203,14 @@ def _random_like(v: ConceptVector, seed: int) -> ConceptVector:
 
 
 # ---- the steps of run() ------------------------------------------------------------------------
+def _candidate_layers(r: _Run) -> list[int]:
+    """Target layers the run may transplant into: ``layers`` if given, else one per candidate depth."""
+    if r.cfg.layers is not None:
+        return sorted(set(check_layers(r.target, r.cfg.layers)))
+    n_tgt = int(r.target.cfg.n_layers)
+    return sorted({cm.layer_at_depth(n_tgt, d) for d in r.cfg.candidate_depths})
+
+
 def _fit_or_load_map(r: _Run) -> AffineMap:
     """Step 2 first: one map source → target for all emotions (kept under artifacts/)."""
     map_path = r.art / "map.safetensors"
@@ -165,9 +219,11 @@ def _fit_or_load_map(r: _Run) -> AffineMap:
             with r.phases.phase(f"map: {part}"):
                 r.store.reused(f"artifact-map-{part}")
         return AffineMap.load(map_path)
-    _log(f"fitting the affine map on {r.cfg.n_alignment} neutral sentences")
     texts = neutral_sentences()[: r.cfg.n_alignment]
-    pairs = default_layer_pairs(int(r.source.cfg.n_layers), int(r.target.cfg.n_layers))
+    steerable = set(_candidate_layers(r))  # the layers the run may transplant into: no other pair is used
+    pairs = [(s, t) for s, t in default_layer_pairs(int(r.source.cfg.n_layers), int(r.target.cfg.n_layers))
+             if t in steerable]
+    _log(f"fitting the affine map on {r.cfg.n_alignment} neutral sentences, target layers {sorted(steerable)}")
     with r.phases.phase("map: corpus"), r.phases.record("artifact-map-corpus"):
         xs, ys = capture_pair(r.source, r.target, texts, sorted({s for s, _ in pairs}), sorted({t for _, t in pairs}),
                               batch_size=r.cfg.batch_size, progress=True)
@@ -184,7 +240,9 @@ def _refine_vectors(r: _Run, amap: AffineMap) -> tuple[dict[str, ConceptVector],
     n_main = r.task.n_refine
     source_vecs = {e: r.vector(r.source, "source", e, n_main) for e in r.cfg.emotions}
     native_vecs = {e: r.vector(r.target, "native", e, n_main) for e in r.cfg.emotions}
-    mapped_vecs = {e: amap.apply(source_vecs[e]) for e in r.cfg.emotions}
+    # one alpha unit for both: the native vector is not pushed harder than the mapped one at the same alpha
+    native_vecs = {e: r.in_reference_unit(v) for e, v in native_vecs.items()}
+    mapped_vecs = {e: r.in_reference_unit(amap.apply(source_vecs[e])) for e in r.cfg.emotions}
     return mapped_vecs, native_vecs
 
 
@@ -206,8 +264,7 @@ def _choose_layer_and_alpha(r: _Run, mapped: dict[str, ConceptVector]) -> tuple[
         selection: dict[str, Any] = {"how": "given by the user", "layers": layers,
                                      "validation_logit_acc": {str(a): v for a, v in val.items()}}
     else:
-        n_tgt = int(r.target.cfg.n_layers)
-        candidates = sorted({cm.layer_at_depth(n_tgt, d) for d in cfg.candidate_depths})
+        candidates = _candidate_layers(r)
         _log(f"choosing the layer among {candidates} and alpha among {cfg.alphas} on validation scenarios")
         grid_cells = {cell_key(phase="val", layer=layer, alpha=a): (layer, a)
                       for layer in candidates for a in cfg.alphas if a > 0}
@@ -253,6 +310,8 @@ def _evaluate_emotion(r: _Run, e: str, mapped: ConceptVector, native: ConceptVec
 
     def evaluate_cell(arg: tuple[str, ConceptVector, float, int | None]) -> dict[str, Any]:
         cond, vec, a, _seed = arg
+        if a == 0:  # the baseline: read from the unsteered answers all emotions share
+            return {"negatives": r.baseline_score(e, neg), "positives": r.baseline_score(e, pos)}
         row = {"negatives": r.score(vec, e, layers, a, neg)}
         if cond != "random":
             row["positives"] = r.score(vec, e, layers, a, pos)
@@ -296,7 +355,7 @@ def _refinement_sizes(r: _Run, amap: AffineMap, results: dict[str, Any], layers:
 
     def score_size(arg: tuple[str, int]) -> dict[str, float]:
         e, n = arg
-        return r.score(amap.apply(r.vector(r.source, "source", e, n)), e, layers, alpha,
+        return r.score(r.in_reference_unit(amap.apply(r.vector(r.source, "source", e, n))), e, layers, alpha,
                        r.task.negatives(e, held_out=True, k=r.cfg.n_negatives))
 
     sized = r.store.run(size_cells, score_size, desc="Fig 5: refinement sizes")
@@ -364,6 +423,10 @@ def run(cfg: Config) -> dict[str, Any]:
         "alpha": alpha,
         "unit": cfg.unit,
         "alphas": list(cfg.alphas),
+        "norm_reference": {"what": NORM_REFERENCE, "layers": {str(layer): round(float(r.reference_norms()[layer]), 4)
+                                                             for layer in _candidate_layers(r)},
+                           "corpus_norms_for_comparison": {str(t): round(float(amap.target_norms[t]), 4)
+                                                           for t in amap.target_layers}},
         "selection": selection,
         "map": {"pairs": amap.pairs, "r2_heldout": [round(float(x), 4) for x in amap.r2_heldout],
                 "ridge": amap.ridge.tolist(), **amap.provenance},

@@ -8,7 +8,9 @@ one machine, side by side:
 3. steered vs unsteered greedy generation (KV cache on);
 4. ``fit_map``: solver time vs the forward time of its captures, aligned samples per pass;
 5. peak memory of capture vs ``run_with_cache`` of the whole residual stream over lengths;
-6. (placeholder) the size matrix's loads and passes.
+6. the size matrix's model loads (N with ``--keep-loaded``);
+7. ``contrans demo`` (the quick demo with ``--quick``) against its forward-pass floor: wall time,
+   the map's solver share on the demo's corpus, peak memory over the weights (:mod:`bench.demo`).
 
 It prints a table (metric, value, goal, met?) and writes ``DIR/bench.json`` (see
 ``docs/performance.md``). This module stays import-light: the CLI builds its parser from
@@ -37,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=validate.positive_int_flag, help="capture batch size (default 16)")
     p.add_argument("--seq-lens", type=validate.positive_int_flag, nargs="+", help="sequence lengths for the memory item")
     p.add_argument("--threads", type=validate.positive_int_flag, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--no-demo", action="store_true", help="skip item 7 (the demo against its floor: the longest item)")
     p.add_argument("--in-process-memory", action="store_true",
                    help="measure CPU memory in this process instead of a fresh one per model")
 

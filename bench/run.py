@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bench import DEFAULT_MODELS, add_arguments
+from bench.demo import bench_demo
 from bench.memory import measure_in_subprocess, measure_memory
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id
@@ -63,11 +64,16 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "capture_vs_plain": (">=", 0.9, "refine throughput / plain batched HF forward (no hooks)"),
     "capture_vs_reference": (">=", 10.0, "refine throughput / one prompt at a time, all hidden states to CPU"),
     "steer_slowdown": ("<=", 1.10, "steered / unsteered greedy generation time (KV cache on)"),
-    "solver_fraction": ("<=", 0.05, "fit_map solver time / forward time of its two captures"),
+    "solver_fraction": ("<=", 0.05, "fit_map solver time / forward time of its two captures, on the bench's "
+                        "corpus (400 texts; 96 with --quick: the quick figure)"),
     "samples_per_pass": (">=", 10.0, "word-aligned samples per text forwarded"),
     "capture_growth_vs_full_cache": (
         "<=", 0.1, "growth of capture's memory over the forward, relative to run_with_cache's (0 = flat)"
     ),
+    "demo_vs_floor": ("<=", 1.5, "contrans demo wall time / plain HF forwards of the tokens its results need "
+                      "(with --quick: the quick demo)"),
+    "solver_fraction_full": ("<=", 0.05, "the demo's map fit / its corpus capture (400 texts; 120 with --quick)"),
+    "demo_peak_rss_vs_weights": ("<=", 2.0, "the demo's peak RSS / float32 weights of both models"),
 }
 TOP_LEVEL = ("capture_vs_plain", "capture_vs_reference", "steer_slowdown", "solver_fraction", "samples_per_pass")
 SIZE_MATRIX_NOTE = (
@@ -106,6 +112,10 @@ class BenchConfig:
     """torch CPU threads for the run (None: torch's default), restored afterwards."""
     size_matrix_models: tuple[str, ...] | None = None
     """Models of item 6's size matrix (names or directories); None: ``models`` when they are names."""
+    demo: bool = True
+    """Item 7: run ``contrans demo`` (``--quick`` when ``quick``) against its forward-pass floor."""
+    demo_models: tuple[str, str] | None = None
+    """Source and target of item 7 (names or directories); None: ``models`` when they are names."""
 
     @classmethod
     def quick_run(cls, **overrides: Any) -> "BenchConfig":
@@ -419,6 +429,21 @@ def bench_size_matrix(cfg: BenchConfig, device: str, dtype: torch.dtype, log: Lo
     return out
 
 
+def _bench_demo_item(cfg: BenchConfig, loaded: list[tuple[ModelHandle, str | None, float | None]], device: str,
+                     dtype: torch.dtype, log: Log) -> dict[str, Any] | None:
+    """Item 7 (None when off, or when the models were passed loaded and no names were given)."""
+    if not cfg.demo:
+        return None
+    if cfg.demo_models is not None:
+        models = [load_model(name, device=device, dtype=dtype) for name in cfg.demo_models]
+    elif all(name is not None for _, name, _ in loaded):
+        models = [model for model, _, _ in loaded]
+    else:
+        return None
+    log(f"item 7: contrans demo{' --quick' if cfg.quick else ''} vs its forward-pass floor")
+    return bench_demo(models, quick=cfg.quick, threads=cfg.threads, batch_size=cfg.batch_size, log=log)
+
+
 def _goal_met(key: str, value: float | None) -> bool | None:
     if value is None or not math.isfinite(value):
         return None
@@ -471,6 +496,9 @@ def _run_bench(cfg: BenchConfig, log: Log) -> dict[str, Any]:
     growth = [m["memory"]["capture_growth_vs_full_cache"] for m in per_model.values()]
     finite = [g for g in growth if g is not None and math.isfinite(g)]
     result["capture_growth_vs_full_cache"] = max(finite) if finite else None
+    demo = _bench_demo_item(cfg, loaded, device_name, dtype, log)
+    for key in ("demo_vs_floor", "solver_fraction_full", "demo_peak_rss_vs_weights"):
+        result[key] = None if demo is None else demo[key]
     sizes = bench_size_matrix(cfg, device_name, dtype, log)
     result["size_matrix"] = None if sizes is None else sizes["loads_per_model"]
     result["size_matrix_note"] = SIZE_MATRIX_NOTE
@@ -489,6 +517,7 @@ def _run_bench(cfg: BenchConfig, log: Log) -> dict[str, Any]:
     result["models"] = per_model
     result["fit"] = fit
     result["size_matrix_detail"] = sizes
+    result["demo"] = demo
     result["wall_s"] = time.perf_counter() - started
     return result
 
@@ -552,6 +581,19 @@ def format_table(result: dict[str, Any]) -> str:
         f"forward {_fmt(f['forward_s'])} s (source {_fmt(f['source_forward_s'])} + target "
         f"{_fmt(f['target_forward_s'])}), solver {_fmt(f['solver_s'])} s, held-out R2 {_fmt(f['r2_heldout_mean'])}",
     ]
+    d = result.get("demo")
+    if d is not None:
+        floor = d["floor"]["models"]
+        lines += [
+            "",
+            f"demo     {d['command']}: wall {d['demo_wall_s']:.0f} s (model loads {d['demo_load_s']:.0f} s), "
+            f"floor {d['floor_s']:.0f} s -> x{_fmt(d['demo_vs_floor'])}; peak RSS "
+            f"{d['demo_peak_rss_bytes'] / 2**30:.2f} GiB / fp32 weights {d['fp32_weight_bytes'] / 2**30:.2f} GiB",
+        ]
+        lines += [f"  floor {name}: {m['tokens']:,} tokens ({m['rows']} distinct rows, {m['prefixes']} prefixes) in "
+                  f"{m['seconds']:.0f} s; the demo ran {m['demo_tokens']:,} tokens" for name, m in floor.items()]
+        lines.append(f"  map: corpus capture {_fmt(d['map_corpus_s'])} s, fit {_fmt(d['map_fit_s'])} s "
+                     f"({d['solver_corpus_texts']} texts)")
     return "\n".join(lines)
 
 
@@ -573,6 +615,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         overrides["memory_subprocess"] = False
     if args.threads:
         overrides["threads"] = args.threads
+    if args.no_demo:
+        overrides["demo"] = False
     return replace(cfg, **overrides)
 
 

@@ -27,7 +27,7 @@ from contrans_tl.errors import (
     WidthMismatchError,
 )
 from contrans_tl.models import OFFLINE_MODELS, ModelIdentity, identity, list_models, load_model
-from contrans_tl.refine import mean_difference, pca_difference, refine
+from contrans_tl.refine import concept_from_states, mean_difference, pca_difference, refine
 from contrans_tl.reformulate import default_layer_pairs, fit_map, fit_map_from_states
 from contrans_tl.transplant import generate, transplant
 
@@ -54,6 +54,7 @@ __all__ = [
     "SettingsMismatchError",
     "WidthMismatchError",
     "capture",
+    "concept_from_states",
     "capture_paired",
     "capture_at",
     "default_layer_pairs",

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from contrans_tl import validate
+from contrans_tl import ledger, validate
 from contrans_tl.errors import EmptyPromptsError, InvalidArgumentError, LayerIndexError, NonFiniteError, PromptTooLongError
 from contrans_tl.handle import ModelHandle
 
@@ -184,6 +184,7 @@ def capture(
     names = [resid_hook_name(layer) for layer in layer_list]
     out = torch.empty(len(ids), len(layer_list), int(model.cfg.d_model), dtype=torch.float32)
     device = model_device(model)
+    ledger.note(model, ids, kind="resid")
     for span, batch in _batches(model, [ids[i] for i in order], batch_size, padding_side, progress):
         _, cache = model.run_with_cache(
             batch.input_ids.to(device),
@@ -230,6 +231,7 @@ def capture_at(
     pieces: list[Tensor | None] = [None] * len(texts)
     order = _sorted_order(ids)
     device = model_device(model)
+    ledger.note(model, ids, kind="resid")
     for span, batch in _batches(model, [ids[i] for i in order], batch_size, "left", progress):
         _, cache = model.run_with_cache(
             batch.input_ids.to(device),
@@ -287,10 +289,11 @@ def next_token_logits(
                     f"prefix + prompt {i} has {len(prefix_ids) + len(row)} tokens, more than the "
                     f"model's context of {n_ctx}"
                 )
-        _, prefix_cache = model(
-            torch.tensor([prefix_ids], device=device), return_type="logits_and_cache"
+        _, prefix_cache = model(  # only its KV cache is needed: no vocabulary projection of its positions
+            torch.tensor([prefix_ids], device=device), return_type="logits_and_cache", logits_to_keep=1
         )
     order = _sorted_order(ids)
+    ledger.note(model, ids, prefix=prefix_ids if prefix is not None else (), kind="logits")
     chunks: list[Tensor] = []
     for _, batch in _batches(model, [ids[i] for i in order], batch_size, "left", progress):
         mask = batch.attention_mask.to(device)

@@ -20,7 +20,7 @@ from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.models import identity
 from contrans_tl.handle import ModelHandle
 
-__all__ = ["Aggregator", "mean_difference", "pca_difference", "AGGREGATORS", "refine"]
+__all__ = ["Aggregator", "mean_difference", "pca_difference", "AGGREGATORS", "refine", "concept_from_states"]
 
 Aggregator = Callable[
     [Float[Tensor, "batch layer d_model"], Float[Tensor, "batch layer d_model"]],
@@ -88,10 +88,31 @@ def refine(
         )
     pos = capture(model, positive, batch_size=batch_size, progress="positives" if progress else None)
     neg = capture(model, negative, batch_size=batch_size, progress="negatives" if progress else None)
-    norms = torch.cat([pos, neg]).norm(dim=-1).mean(0)
+    return concept_from_states(model, pos, neg, method=method)
+
+
+def concept_from_states(
+    model: ModelHandle,
+    positive: Float[Tensor, "n_pos layer d_model"],
+    negative: Float[Tensor, "n_neg layer d_model"],
+    *,
+    method: Literal["mean_diff", "pca"] | Aggregator = "mean_diff",
+) -> ConceptVector:
+    """The concept vector of captured states (every layer of ``model``, as :func:`refine` returns them).
+
+    For callers that capture each prompt once and refine many concepts from the same states
+    (the demo's six emotions and its refinement sizes share one capture per model).
+    """
+    aggregate = method if callable(method) else AGGREGATORS[validate.choice("method", method, list(AGGREGATORS))]
     ident = identity(model)
+    if positive.shape[1:] != (ident.n_layers, ident.d_model) or negative.shape[1:] != positive.shape[1:]:
+        raise InvalidArgumentError("positive/negative", (tuple(positive.shape), tuple(negative.shape)),
+                                   f"states of every layer: [n, {ident.n_layers}, {ident.d_model}] each")
+    if len(positive) == 0 or len(negative) == 0:
+        raise InvalidArgumentError("positive/negative", (len(positive), len(negative)), "at least one state each")
+    norms = torch.cat([positive, negative]).norm(dim=-1).mean(0)
     return ConceptVector(
-        vectors=aggregate(pos, neg),
+        vectors=aggregate(positive, negative),
         model=ident,
         layers=tuple(range(ident.n_layers)),
         method=method if isinstance(method, str) else getattr(method, "__name__", "custom"),

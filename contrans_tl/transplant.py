@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from contrans_tl import validate
+from contrans_tl import ledger, validate
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id, resid_hook_name
 from contrans_tl.errors import InvalidArgumentError, NonFiniteError
@@ -155,7 +155,7 @@ def transplant(
         fwd_hooks.append((LOGITS_HOOK, check_logits))
     # The bridge's own context manager records each handle as it is added and removes exactly
     # those in `finally`, so a failure halfway through registration leaves the model clean.
-    with model.hooks(fwd_hooks=fwd_hooks):
+    with model.hooks(fwd_hooks=fwd_hooks), ledger.steering(model, placed):
         yield offsets
 
 

@@ -28,7 +28,7 @@ def tiny_result(tiny_llama, tiny_llama_b, tmp_path_factory):
     # item 6 loads models by name; n_ctx 1024 holds the emotion task's few-shot block
     names = tuple(str(make_tiny_model_dir(root / k, "llama", seed=i, d_model=32, n_layers=2, n_ctx=1024))
                   for i, k in enumerate("ab"))
-    cfg = BenchConfig.quick_run(models=(tiny_llama, tiny_llama_b), size_matrix_models=names, **TINY)
+    cfg = BenchConfig.quick_run(models=(tiny_llama, tiny_llama_b), size_matrix_models=names, demo_models=names, **TINY)
     threads = torch.get_num_threads()
     result = run_bench(cfg, log=lambda msg: None)
     assert torch.get_num_threads() == threads  # the run restores the thread count
@@ -47,6 +47,25 @@ def test_bench_json_has_finite_positive_ratios(tiny_result):
     assert data["size_matrix_detail"]["default"]["model_loads"] == 3
     assert set(data["goals"]) == set(GOALS)
     assert data["machine"]["device"] == "cpu" and data["machine"]["dtype"] == "float32"
+
+
+def test_demo_against_its_floor(tiny_result):
+    """Item 7: the quick demo ran in a child process; its floor counts each distinct row once."""
+    _, data = tiny_result
+    demo = data["demo"]
+    assert "--quick" in demo["command"] and demo["quick"]
+    for key in ("demo_vs_floor", "solver_fraction_full", "demo_peak_rss_vs_weights"):
+        assert data[key] == demo[key] and math.isfinite(data[key]) and data[key] > 0, key
+        assert data["goals"][key]["met"] in (True, False)
+    assert demo["solver_corpus_texts"] == 120  # the quick demo's corpus, labelled
+    assert demo["demo_peak_rss_bytes"] > demo["fp32_weight_bytes"]  # a whole Python process holds more than weights
+    for name, m in demo["floor"]["models"].items():
+        assert 0 < m["rows"] and m["tokens"] <= m["demo_tokens"], name
+        assert m["seconds"] > 0
+    target = demo["floor"]["models"][max(demo["floor"]["models"], key=lambda k: demo["floor"]["models"][k]["groups"])]
+    # the target: a prefixed group per steering setting (every validation and evaluation cell, the unsteered
+    # baseline), plus the unprefixed hidden-state captures (corpus and refinement; Fig 2b under steering)
+    assert target["groups"] > 10 and target["prefixes"] == target["groups"] - 2
 
 
 def test_bench_details_are_consistent(tiny_result):

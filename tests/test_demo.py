@@ -34,13 +34,41 @@ def test_quick_demo_writes_results_figures_and_summary(quick_demo):
         headline_random = row["random"][f"{result['alpha']:g}"]
         assert len(headline_random["seeds"]) == result["config"]["random_seeds"]
         assert "negatives" in headline_random
-    assert len(result["map"]["r2_heldout"]) == 18
+    # the map is fitted at the layers the run may transplant into (the validation grid's candidates), no others
+    candidates = {int(k.split(":")[0]) for k in result["selection"]["grid_mean_logit_acc"]}
+    assert {t for _, t in result["map"]["pairs"]} == candidates and len(result["map"]["r2_heldout"]) == len(candidates)
+    assert set(result["norm_reference"]["layers"]) == {str(t) for t in candidates}
     for stem in ("fig2a_accuracy_vs_alpha", "fig2b_pca_before_after", "fig5_accuracy_vs_examples",
                  "fig7_8_hidden_states_2d"):
         for suffix in (".png", ".pdf"):
             assert (quick_demo / "figures" / f"{stem}{suffix}").stat().st_size > 1000
     summary = (quick_demo / "summary.md").read_text()
     assert "smollm2-135m-instruct → gemma-3-270m" in summary and "| fear |" in summary
+
+
+def test_native_and_mapped_vectors_share_one_alpha_unit(quick_demo, smollm, gemma):
+    """At one alpha the native skyline and the transplanted vector get offsets of the same length."""
+    import torch
+
+    from contrans_tl.analyses import _common as cm
+    from contrans_tl.analyses import emotion_transfer as et
+    from contrans_tl.artifacts import AffineMap
+    from contrans_tl.sweep import CellStore
+    from contrans_tl.transplant import steering_offsets
+
+    cfg = et.Config(quick=True, out=str(quick_demo)).effective()
+    task = et.emotion_task(cfg.emotions, n_refine=cfg.n_refine or None, n_eval=cfg.n_negatives, seed=cfg.seed)
+    r = et._Run(cfg, task, smollm, gemma, CellStore(quick_demo / "cells"), quick_demo / "artifacts", cm.PhaseTimes())
+    amap = AffineMap.load(quick_demo / "artifacts" / "map.safetensors")
+    mapped, native = et._refine_vectors(r, amap)
+    reference = json.loads((quick_demo / "artifacts" / "reference_norms.json").read_text())["norms"]
+    for e in EMOTIONS:
+        assert torch.equal(mapped[e].layer_norms, native[e].layer_norms)
+        assert mapped[e].provenance["norm_reference"] == native[e].provenance["norm_reference"] == et.NORM_REFERENCE
+        for layer in amap.target_layers:
+            lengths = [steering_offsets([v], [0.3], layers=[layer], unit="norm")[layer].norm() for v in (mapped[e], native[e])]
+            assert float(lengths[0]) == pytest.approx(float(lengths[1]), rel=1e-5)
+            assert float(lengths[0]) == pytest.approx(0.3 * reference[layer], rel=1e-5)
 
 
 def test_rerun_resumes_from_finished_cells(quick_demo):

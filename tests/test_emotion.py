@@ -78,3 +78,23 @@ def test_loader_reads_user_directory(tmp_path):
     (tmp_path / "fear.json").write_text("[]")
     with pytest.raises(EmptyPromptsError, match="fear.json"):
         emotion_scenarios(tmp_path)
+
+
+def test_answers_kept_once_give_each_subset_its_accuracy(tiny_llama):
+    """The demo's shared baseline: answers computed once, then read per emotion, equal scoring each subset."""
+    from contrans_tl.errors import InvalidArgumentError
+    from contrans_tl.tasks.emotion import answers, emotion_task, evaluate_emotion
+
+    task = emotion_task(n_eval=2)
+    prefix = "Scenario: a gift.\nThe emotion is happy.\n\n"  # the tiny model's context is short
+    every = [s for e in EMOTIONS for s in task.eval_scenarios[e][:3]]
+    kept = answers(tiny_llama, every, prefix=prefix, batch_size=5)
+    for e in ("happiness", "fear"):
+        subset = task.negatives(e)
+        direct = evaluate_emotion(tiny_llama, subset, e, prefix=prefix, batch_size=3)
+        assert kept.subset(subset).accuracy(e) == pytest.approx(direct)
+        alone = answers(tiny_llama, subset, prefix=prefix, batch_size=3)  # other batches, other padding
+        assert torch.allclose(kept.subset(subset).label_logits, alone.label_logits, atol=1e-4)
+        assert torch.equal(kept.subset(subset).top, alone.top)
+    with pytest.raises(InvalidArgumentError, match="scenarios"):
+        kept.subset(["a scenario these answers never saw"])

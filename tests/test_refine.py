@@ -42,3 +42,16 @@ def test_pca_needs_pairs(tiny_llama):
 def test_empty_lists_rejected(tiny_llama, pos, neg, name):
     with pytest.raises(ct.EmptyPromptsError, match=f"^{name}: no prompts"):
         ct.refine(tiny_llama, pos, neg)
+
+
+def test_concept_from_states_equals_refine_and_checks_shapes(tiny_llama):
+    pos, neg = capture(tiny_llama, POS), capture(tiny_llama, NEG)
+    from_states = ct.concept_from_states(tiny_llama, pos, neg)
+    refined = ct.refine(tiny_llama, POS, NEG)
+    assert torch.allclose(from_states.vectors, refined.vectors, atol=1e-6)
+    assert torch.allclose(from_states.layer_norms, refined.layer_norms, atol=1e-5)
+    assert from_states.n_prompts == refined.n_prompts and from_states.model == refined.model
+    with pytest.raises(ct.InvalidArgumentError, match="positive/negative"):
+        ct.concept_from_states(tiny_llama, pos[:, :1], neg[:, :1])  # one layer, not every layer
+    with pytest.raises(ct.InvalidArgumentError, match="at least one state"):
+        ct.concept_from_states(tiny_llama, pos[:0], neg)

@@ -25,7 +25,7 @@ from contrans_tl.capture import next_token_logits
 from contrans_tl.datasets import data_dir
 from contrans_tl.errors import DataFormatError, EmptyPromptsError, InvalidArgumentError, LabelTokenError
 from contrans_tl.handle import ModelHandle
-from contrans_tl.metrics import logit_accuracy, token_accuracy
+from contrans_tl.metrics import logit_accuracy
 from contrans_tl.refine import refine
 from contrans_tl.transplant import Unit, transplant
 
@@ -39,6 +39,8 @@ __all__ = [
     "contrast_prompts",
     "few_shot_prefix",
     "label_tokens",
+    "Answers",
+    "answers",
     "evaluate_emotion",
     "EmotionTask",
     "emotion_task",
@@ -153,6 +155,56 @@ def _label_logits(
     return logits, labels
 
 
+@dataclass(frozen=True)
+class Answers:
+    """What the model answered after each scenario: its top token, and the six label tokens' logits.
+
+    Compact (no vocabulary-wide rows), so answers can be kept and re-read: the demo scores each
+    scenario once unsteered and reads every emotion's baseline from the same answers.
+    """
+
+    scenarios: tuple[str, ...]
+    top: Int[Tensor, " n"]
+    """Argmax over the whole vocabulary (Token Acc compares it with a label token)."""
+    label_logits: Float[Tensor, "n n_labels"]
+    labels: Int[Tensor, " n_labels"]
+    emotions: tuple[str, ...]
+
+    def subset(self, scenarios: Sequence[str]) -> "Answers":
+        """The answers to ``scenarios`` (each must be among these)."""
+        where = {s: i for i, s in enumerate(self.scenarios)}
+        missing = [s for s in scenarios if s not in where]
+        if missing:
+            raise InvalidArgumentError("scenarios", missing[:3], "scenarios these answers were computed for")
+        idx = torch.tensor([where[s] for s in scenarios], dtype=torch.long)
+        return Answers(tuple(scenarios), self.top[idx], self.label_logits[idx], self.labels, self.emotions)
+
+    def accuracy(self, emotion: str) -> dict[str, float]:
+        """Token Acc (top token is ``emotion``'s label) and Logit Acc (its label wins among the six)."""
+        target = list(self.emotions).index(emotion)
+        n = len(self.scenarios)
+        if n == 0:
+            return {"token_acc": float("nan"), "logit_acc": float("nan"), "n": 0}
+        return {
+            "token_acc": float((self.top == self.labels[target]).float().mean()),
+            "logit_acc": logit_accuracy(self.label_logits, torch.arange(len(self.labels)), target),
+            "n": n,
+        }
+
+
+def answers(
+    model: ModelHandle,
+    scenarios: Sequence[str],
+    *,
+    prefix: str,
+    emotions: Sequence[str] = EMOTIONS,
+    batch_size: int = 16,
+) -> Answers:
+    """The model's answer to each scenario's query after the few-shot ``prefix`` (under active hooks)."""
+    logits, labels = _label_logits(model, scenarios, prefix, emotions, batch_size)
+    return Answers(tuple(scenarios), logits.argmax(-1), logits[:, labels], labels, tuple(emotions))
+
+
 def evaluate_emotion(
     model: ModelHandle,
     scenarios: Sequence[str],
@@ -163,13 +215,7 @@ def evaluate_emotion(
     batch_size: int = 16,
 ) -> dict[str, float]:
     """Token Acc and Logit Acc for answering ``emotion`` on ``scenarios`` (under active hooks)."""
-    logits, labels = _label_logits(model, scenarios, prefix, emotions, batch_size)
-    target = list(emotions).index(emotion)
-    return {
-        "token_acc": token_accuracy(logits, int(labels[target])),
-        "logit_acc": logit_accuracy(logits, labels, target),
-        "n": len(scenarios),
-    }
+    return answers(model, scenarios, prefix=prefix, emotions=emotions, batch_size=batch_size).accuracy(emotion)
 
 
 def label_probability(
@@ -233,6 +279,23 @@ class EmotionTask:
             out[emotion] = refine(model, pos, neg, batch_size=batch_size)
         return out
 
+    def answer(
+        self,
+        model: ModelHandle,
+        scenarios: Sequence[str],
+        *,
+        vector: ConceptVector | None = None,
+        alpha: float = 0.0,
+        layers: Sequence[int] | None = None,
+        unit: Unit = "norm",
+        batch_size: int = 16,
+    ) -> Answers:
+        """The model's answers to ``scenarios`` with ``vector`` transplanted at ``alpha`` (none or 0: unsteered)."""
+        steer = vector is not None and alpha != 0
+        context = transplant(model, vector, alpha=alpha, layers=layers, unit=unit) if steer else nullcontext()
+        with context:
+            return answers(model, scenarios, prefix=self.prefix, batch_size=batch_size)
+
     def score(
         self,
         model: ModelHandle,
@@ -248,10 +311,8 @@ class EmotionTask:
         """Token/Logit Acc of answering ``emotion`` on ``scenarios`` (default: its held-out
         negatives) with ``vector`` transplanted at ``alpha``; no vector or ``alpha == 0`` is the baseline."""
         scenarios = self.negatives(emotion) if scenarios is None else scenarios
-        steer = vector is not None and alpha != 0
-        context = transplant(model, vector, alpha=alpha, layers=layers, unit=unit) if steer else nullcontext()
-        with context:
-            return evaluate_emotion(model, scenarios, emotion, prefix=self.prefix, batch_size=batch_size)
+        return self.answer(model, scenarios, vector=vector, alpha=alpha, layers=layers, unit=unit,
+                           batch_size=batch_size).accuracy(emotion)
 
     def describe(self) -> dict[str, Any]:
         return {
