@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["headline", "summary_markdown", "hidden_state_panels", "plot"]
+from contrans_tl.metrics import wilson_interval
+
+__all__ = ["headline", "confusion", "measurability", "summary_markdown", "hidden_state_panels", "plot"]
 
 
 def headline(results: dict[str, Any], alpha: float) -> dict[str, Any]:
@@ -25,6 +27,53 @@ def headline(results: dict[str, Any], alpha: float) -> dict[str, Any]:
         }
         for e, res in results.items()
     }
+
+
+def confusion(results: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """The 6×6 transplant matrices at ``alpha``: row = emotion transplanted, column = label that won
+    among the six on that emotion's held-out negatives (counts), per condition, with the diagonal share.
+
+    The diagonal is each row's Logit Acc; the off-diagonal says where a push that misses lands (a
+    vector that makes every scenario "surprised" is a push, not a concept).
+    """
+    a_key = f"{alpha:g}"
+    rows = {
+        "baseline": {e: res["mapped"]["0"]["negatives"] for e, res in results.items()},
+        "transplanted": {e: res["mapped"][a_key]["negatives"] for e, res in results.items()},
+        "native": {e: res["native"][a_key]["negatives"] for e, res in results.items()},
+        "random": {e: res["random"][a_key]["negatives"] for e, res in results.items() if a_key in res["random"]},
+    }
+    out: dict[str, Any] = {}
+    for cond, per in rows.items():
+        if not per or any("label_counts" not in m for m in per.values()):
+            continue  # cells from a run before label counts were kept
+        counts = {e: m["label_counts"] for e, m in per.items()}
+        total = sum(sum(c.values()) for c in counts.values())
+        out[cond] = {"counts": counts, "diagonal_share": sum(c[e] for e, c in counts.items()) / total if total else None}
+    return out
+
+
+def _ci(metrics: dict[str, Any], n: int) -> tuple[float, float]:
+    return wilson_interval(round(metrics["logit_acc"] * n), n)
+
+
+def measurability(result: dict[str, Any]) -> dict[str, Any]:
+    """Per emotion: Logit Acc with 95% Wilson intervals (transplanted, random over all seeds, baseline), and
+    whether the transfer is *measurable*: the transplanted interval lies above both the random control's
+    and the baseline's. An emotion whose random control reaches it is a push, not evidence."""
+    alpha_key = f"{result['alpha']:g}"
+    out: dict[str, Any] = {}
+    for e, h in result["headline"].items():
+        n = int(h["transplanted"]["n"])
+        seeds = result["results"][e]["random"].get(alpha_key, {}).get("seeds", [])
+        row = {"n": n, "transplanted": _ci(h["transplanted"], n), "baseline": _ci(h["baseline"], n),
+               "native": _ci(h["native"], n)}
+        if h["random"] is not None and seeds:
+            row["random"] = _ci(h["random"], n * len(seeds))
+        low = row["transplanted"][0]
+        row["measurable"] = bool(low > row["baseline"][1] and ("random" not in row or low > row["random"][1]))
+        out[e] = row
+    return out
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
@@ -59,6 +108,28 @@ def summary_markdown(result: dict[str, Any]) -> str:
     ]
     if noise:
         lines += ["", f"Not separable from the random control (random Logit Acc >= transplanted): {', '.join(noise)}."]
+    meas = result.get("measurability")
+    if meas:
+        lines += ["", "Logit Acc with 95% Wilson intervals (random: all seeds pooled). *Measurable*: the transplanted "
+                  "interval lies above both the baseline's and the random control's.", "",
+                  "| emotion | n | baseline | transplanted | random | native | measurable |", "|---|---|---|---|---|---|---|"]
+
+        def iv(row: dict[str, Any], key: str) -> str:
+            return "—" if key not in row else f"[{row[key][0]:.2f}, {row[key][1]:.2f}]"
+
+        for e, row in meas.items():
+            lines.append(f"| {e} | {row['n']} | {iv(row, 'baseline')} | {iv(row, 'transplanted')} | {iv(row, 'random')} "
+                         f"| {iv(row, 'native')} | {'yes' if row['measurable'] else '**no**'} |")
+    conf = result.get("confusion", {})
+    if "transplanted" in conf:
+        labels = list(result["headline"])
+        lines += ["", f"Transplant matrix at alpha {result['alpha']:g}: row = emotion transplanted, column = label "
+                  "that won among the six on its held-out negatives (counts); diagonal share "
+                  + ", ".join(f"{c} {conf[c]['diagonal_share']:.2f}" for c in ("transplanted", "native", "random", "baseline")
+                              if c in conf) + ".", "",
+                  "| transplanted \\ answered | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for e, counts in conf["transplanted"]["counts"].items():
+            lines.append(f"| {e} | " + " | ".join(f"**{counts[x]}**" if x == e else str(counts[x]) for x in labels) + " |")
     lines += ["", "On **positives** (the emotion's own scenarios), Token / Logit Acc baseline → transplanted:", ""]
     for e, h in result["headline"].items():
         lines.append(f"- {e}: {cell(h['positives_baseline'])} → {cell(h['positives_transplanted'])}")

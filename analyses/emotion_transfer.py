@@ -29,7 +29,7 @@ import torch
 import contrans_tl as ct
 from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
-from contrans_tl.analyses._emotion_outputs import headline, plot, summary_markdown
+from contrans_tl.analyses._emotion_outputs import confusion, headline, measurability, plot, summary_markdown
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import capture, check_layers
 from contrans_tl.datasets import neutral_sentences
@@ -331,7 +331,9 @@ def _evaluate_emotion(r: _Run, e: str, mapped: ConceptVector, native: ConceptVec
     table["native"]["0"] = table["mapped"]["0"]
     for a, rows in table["random"].items():
         table["random"][a] = {
-            "negatives": {m: sum(row[m] for row in rows) / len(rows) for m in ("token_acc", "logit_acc")},
+            "negatives": {**{m: sum(row[m] for row in rows) / len(rows) for m in ("token_acc", "logit_acc")},
+                          "label_counts": {lab: sum(row["label_counts"][lab] for row in rows)
+                                           for lab in rows[0]["label_counts"]}},
             "seeds": rows,
         }
     return table
@@ -434,10 +436,12 @@ def run(cfg: Config) -> dict[str, Any]:
                                  for e in cfg.emotions},
         "results": results,
         "headline": headline(results, alpha),
+        "confusion": confusion(results, alpha),
         "n_examples": n_examples,
         "seconds": round(time.time() - t0, 1),
         "phases": phases.as_dict(),
     }
+    result["measurability"] = measurability(result)
     write_json(out / "results.json", result)
     atomic_write_text(out / "summary.md", summary_markdown(result))
     _log(f"wrote {out / 'results.json'} ({result['seconds']}s)")

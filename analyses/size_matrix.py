@@ -297,11 +297,13 @@ def _assemble(cfg: Config, store: CellStore, maps: dict[tuple[str, str], AffineM
     matrices: dict[str, Any] = {}
     for alpha in cfg.alphas:
         steered = np.full((len(models), len(models)), np.nan)
+        interval = [[None] * len(models) for _ in models]
         per_cell: dict[str, Any] = {}
         for i, s in enumerate(models):
             for j, t in enumerate(models):
                 cells = {e: store.get(_steer_key(s, t, e, alpha)) for e in emotions}
                 steered[i, j] = np.mean([cells[e][cfg.metric] for e in emotions])
+                interval[i][j] = _pooled_interval(cells.values(), cfg.metric)
                 per_cell[f"{s} -> {t}"] = cells
         base_row = np.array([baseline[t][f"mean_{cfg.metric}"] for t in models])
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -309,6 +311,7 @@ def _assemble(cfg: Config, store: CellStore, maps: dict[tuple[str, str], AffineM
         matrices[f"{alpha:g}"] = {
             "alpha": alpha,
             "transplanted": steered.tolist(),
+            "transplanted_ci95": interval,
             "improvement_ratio": ratio.tolist(),
             "absolute_improvement": (steered - base_row[None, :]).tolist(),
             "cells": per_cell,
@@ -332,6 +335,15 @@ def _assemble(cfg: Config, store: CellStore, maps: dict[tuple[str, str], AffineM
         "improvement_ratio": "mean transplanted accuracy / mean baseline accuracy of the target (null if the baseline is 0)",
         "absolute_improvement": "mean transplanted accuracy - mean baseline accuracy of the target",
     }
+
+
+def _pooled_interval(cells: Any, metric: str) -> list[float]:
+    """95% Wilson interval of a cell's accuracy, its emotions' negatives pooled (equal counts: the mean)."""
+    from contrans_tl.metrics import wilson_interval
+
+    hits = sum(round(c[metric] * c["n"]) for c in cells)
+    total = sum(int(c["n"]) for c in cells)
+    return list(wilson_interval(hits, total))
 
 
 def _short(name: str) -> str:
@@ -387,13 +399,16 @@ def summary_table(result: dict[str, Any]) -> str:
     labels = [_short(m) for m in models]
     lines = []
     for tag, mat in result["matrices"].items():
-        lines += [f"**alpha {tag}** — {result['metric']}: transplanted (ratio, absolute); rows source, columns target", "",
+        lines += [f"**alpha {tag}** — {result['metric']}: transplanted [95% interval] (ratio, absolute); rows source, "
+                  "columns target", "",
                   "| source \\ target | " + " | ".join(labels) + " |", "|---|" + "---|" * len(models)]
         for i, lab in enumerate(labels):
             cells = []
             for j in range(len(models)):
                 v, r, a = (mat[k][i][j] for k in ("transplanted", "improvement_ratio", "absolute_improvement"))
-                cells.append(f"{v:.3f} ({'–' if r is None else f'{r:.2f}x'}, {a:+.3f})")
+                ci = mat.get("transplanted_ci95", [[None] * len(models)] * len(models))[i][j]
+                span = "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+                cells.append(f"{v:.3f}{span} ({'–' if r is None else f'{r:.2f}x'}, {a:+.3f})")
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         base = [f"{result['baseline'][m]['mean_' + result['metric']]:.3f}" for m in models]
         lines += ["| *baseline* | " + " | ".join(base) + " |", ""]

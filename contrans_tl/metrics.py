@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine"]
+__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval"]
 
 
 def token_accuracy(logits: Float[Tensor, "batch d_vocab"], target_token: int) -> float:
@@ -41,3 +41,16 @@ def cosine(a: Tensor, b: Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     den = float(a.norm() * b.norm())
     return float(a @ b) / den if den > 0 else 0.0
+
+
+def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default): honest at 0/n and n/n, unlike ±1.96·SE."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in 0..{n}, not {successes}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    return (low, 1.0 if successes == n else min(1.0, centre + half))

@@ -92,9 +92,33 @@ def test_answers_kept_once_give_each_subset_its_accuracy(tiny_llama):
     for e in ("happiness", "fear"):
         subset = task.negatives(e)
         direct = evaluate_emotion(tiny_llama, subset, e, prefix=prefix, batch_size=3)
-        assert kept.subset(subset).accuracy(e) == pytest.approx(direct)
+        assert kept.subset(subset).accuracy(e) == direct
         alone = answers(tiny_llama, subset, prefix=prefix, batch_size=3)  # other batches, other padding
         assert torch.allclose(kept.subset(subset).label_logits, alone.label_logits, atol=1e-4)
         assert torch.equal(kept.subset(subset).top, alone.top)
     with pytest.raises(InvalidArgumentError, match="scenarios"):
         kept.subset(["a scenario these answers never saw"])
+
+
+def test_label_counts_are_the_confusion_row():
+    from contrans_tl.tasks.emotion import Answers
+
+    label_logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 5.0, 1.0], [0.0, 0.0, 0.1]])
+    ans = Answers(("a", "b", "c", "d"), torch.tensor([11, 10, 99, 12]), label_logits, torch.tensor([10, 11, 12]),
+                  ("happiness", "sadness", "anger"))
+    got = ans.accuracy("sadness")
+    assert got["label_counts"] == {"happiness": 1, "sadness": 2, "anger": 1}
+    assert got["logit_acc"] == pytest.approx(0.5) and got["token_acc"] == pytest.approx(0.25) and got["n"] == 4
+
+
+def test_wilson_interval_known_values():
+    from contrans_tl.metrics import wilson_interval
+
+    low, high = wilson_interval(0, 50)
+    assert low == 0.0 and high == pytest.approx(0.0714, abs=5e-4)  # not the degenerate [0, 0] of ±1.96·SE
+    low, high = wilson_interval(25, 50)
+    assert low == pytest.approx(0.3664, abs=5e-4) and high == pytest.approx(0.6336, abs=5e-4)
+    low, high = wilson_interval(50, 50)
+    assert high == 1.0 and low == pytest.approx(0.9286, abs=5e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(51, 50)

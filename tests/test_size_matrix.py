@@ -46,6 +46,8 @@ def test_matrix_json_loads_and_figures(first_run, two_models):
             assert mat["absolute_improvement"][i][j] == pytest.approx(mat["transplanted"][i][j] - base)
             ratio = mat["improvement_ratio"][i][j]
             assert ratio is None if base == 0 else ratio == pytest.approx(mat["transplanted"][i][j] / base)
+            low, high = mat["transplanted_ci95"][i][j]  # the pooled negatives' Wilson interval holds the mean
+            assert 0 <= low <= mat["transplanted"][i][j] <= high <= 1 and high - low > 0
     assert result["map_r2_heldout"][a][a] is None and result["map_r2_heldout"][a][b] is not None
     assert result["steering_layers"] == {a: 1, b: 0}
     assert (first_run / "models").is_dir() and len(list((first_run / "maps").glob("*.safetensors"))) == 2

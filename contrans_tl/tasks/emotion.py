@@ -184,11 +184,15 @@ class Answers:
         target = list(self.emotions).index(emotion)
         n = len(self.scenarios)
         if n == 0:
-            return {"token_acc": float("nan"), "logit_acc": float("nan"), "n": 0}
+            return {"token_acc": float("nan"), "logit_acc": float("nan"), "n": 0,
+                    "label_counts": {e: 0 for e in self.emotions}}
+        winners = self.label_logits.argmax(-1)
         return {
             "token_acc": float((self.top == self.labels[target]).float().mean()),
             "logit_acc": logit_accuracy(self.label_logits, torch.arange(len(self.labels)), target),
             "n": n,
+            # which label won among the six, per scenario: the row of a transplant confusion matrix
+            "label_counts": {e: int((winners == i).sum()) for i, e in enumerate(self.emotions)},
         }
 
 
