@@ -254,7 +254,7 @@ def evaluate(
     batch_size: int = 16,
     log: RunLog | None = None,
     name: str = "",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """:meth:`EmotionTask.score` on ``emotion``'s negatives at one ``layer``, recorded in ``log``."""
     out = task.score(model, emotion, vector=vector, alpha=alpha, layers=None if layer is None else [layer],
                      unit=unit, batch_size=batch_size)
@@ -263,8 +263,7 @@ def evaluate(
     return out
 
 
-def with_norms(vector: ConceptVector, norms: Float[Tensor, "n_layers"] | None,
-               reference: str = "the target's native vector") -> ConceptVector:
+def with_norms(vector: ConceptVector, norms: Float[Tensor, "n_layers"] | None, reference: str) -> ConceptVector:
     """``vector`` with alpha's norm unit taken from ``norms`` (the target's own, per layer); the
     vector's provenance records where the unit came from (``norm_reference``)."""
     if norms is None:
@@ -273,7 +272,8 @@ def with_norms(vector: ConceptVector, norms: Float[Tensor, "n_layers"] | None,
                                provenance={**vector.provenance, "norm_reference": reference})
 
 
-def relabel(vector: ConceptVector, model: ModelHandle, norms: Float[Tensor, "n_layers"] | None = None) -> ConceptVector:
+def relabel(vector: ConceptVector, model: ModelHandle, norms: Float[Tensor, "n_layers"] | None = None,
+            reference: str = "the checkpoint's mean resid_post norm") -> ConceptVector:
     """A vector of one checkpoint used in another of the same architecture (identity map).
 
     Raises :class:`~contrans_tl.WidthMismatchError` when the shapes differ: then a map is needed.
@@ -287,7 +287,7 @@ def relabel(vector: ConceptVector, model: ModelHandle, norms: Float[Tensor, "n_l
     out = dataclasses.replace(
         vector, model=ident, method="identity", provenance={**vector.provenance, "refined_in": dataclasses.asdict(vector.model)}
     )
-    return with_norms(out, norms)
+    return with_norms(out, norms, reference)
 
 
 # ---- names, flags and the command line ----------------------------------------------------------------

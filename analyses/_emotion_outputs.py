@@ -122,7 +122,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
                          f"| {iv(row, 'native')} | {'yes' if row['measurable'] else '**no**'} |")
     conf = result.get("confusion", {})
     if "transplanted" in conf:
-        labels = list(result["headline"])
+        labels = list(next(iter(conf["transplanted"]["counts"].values())))  # all six labels, steered or not
         lines += ["", f"Transplant matrix at alpha {result['alpha']:g}: row = emotion transplanted, column = label "
                   "that won among the six on its held-out negatives (counts); diagonal share "
                   + ", ".join(f"{c} {conf[c]['diagonal_share']:.2f}" for c in ("transplanted", "native", "random", "baseline")

@@ -130,7 +130,8 @@ class _Run:
 
     def incoming(self, amap: AffineMap, source: str, emotion: str, native: ConceptVector) -> ConceptVector:
         """``source``'s vector mapped into a target, read in the unit of the target's ``native`` vector."""
-        return cm.with_norms(amap.apply(ConceptVector.load(self.vector_path(source, emotion))), native.layer_norms)
+        return cm.with_norms(amap.apply(ConceptVector.load(self.vector_path(source, emotion))), native.layer_norms,
+                            "the target's native vector of the same emotion")
 
     def evaluate_into(self, model: ModelHandle, name: str, source: str, vectors: dict[str, ConceptVector],
                       layer: int) -> None:

@@ -188,7 +188,7 @@ def _carry_vectors(args: CellArgs, model: ModelHandle, layer: int, norms: Float[
     texts = neutral_sentences()[: args.n_texts]
     states = ct.capture_paired(model, texts, layers=[layer], scheme=cast(Scheme, source.scheme), batch_size=8)
     amap = ct.fit_map_from_states(source, states, layers=[(source.layers[0], layer)], seed=args.seed)
-    vectors = {e: cm.with_norms(amap.apply(v), norms) for e, v in finals.items()}
+    vectors = {e: cm.with_norms(amap.apply(v), norms, "the checkpoint's mean resid_post norm") for e, v in finals.items()}
     return mapping, vectors, float(amap.r2_heldout[0]), cm.batches(len(texts), 8)
 
 

@@ -113,6 +113,14 @@ def _log(msg: str) -> None:
     print(f"[emotion {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+NORM_REFERENCE = "target's mean resid_post norm at the last token of every refinement prompt"
+"""Where the demo's alpha unit comes from (one value per target layer, shared by every condition)."""
+
+
+PROTOCOL = "2: one alpha unit for every condition; map at the candidate layers; label counts per cell"
+"""The evaluation protocol of the cells: part of their settings, so a folder from another protocol is refused."""
+
+
 @dataclass
 class _Run:
     """What the steps of one run share: settings, the task's prompts, both models, the cells and artifacts."""
@@ -124,18 +132,18 @@ class _Run:
     store: CellStore
     art: Path
     phases: cm.PhaseTimes
-    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    """Per model ("source"/"native"): resid_post of every refinement prompt, captured once."""
+    states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per model (by ``id``): resid_post of every refinement prompt, captured once."""
     baseline: Answers | None = None
     """The target's unsteered answers to every held-out scenario, computed once for all emotions."""
 
     def score(self, vector: ConceptVector | None, emotion: str, layers: Sequence[int], alpha: float,
-              scenarios: list[str]) -> dict[str, float]:
+              scenarios: list[str]) -> dict[str, Any]:
         """Token/Logit Acc of the target answering ``emotion`` on ``scenarios`` with ``vector`` at ``alpha``."""
         return self.task.score(self.target, emotion, scenarios, vector=vector, alpha=alpha, layers=layers,
                                unit=self.cfg.unit, batch_size=self.cfg.batch_size)
 
-    def baseline_score(self, emotion: str, scenarios: list[str]) -> dict[str, float]:
+    def baseline_score(self, emotion: str, scenarios: list[str]) -> dict[str, Any]:
         """The unsteered score, read from the answers every emotion's baseline shares."""
         if self.baseline is None:
             held_out = [s for e in EMOTIONS if e in self.task.eval_scenarios
@@ -155,7 +163,7 @@ class _Run:
             return ConceptVector.load(path)
         with self.phases.record(f"artifact-{path.stem}"):
             pos, neg = self.task.contrast(emotion, n)
-            cached = self.refinement_states(model, kind)
+            cached = self.refinement_states(model)
             v = ct.concept_from_states(model, torch.stack([cached[p] for p in pos]),
                                        torch.stack([cached[p] for p in neg]))
             v.save(path)
@@ -165,13 +173,13 @@ class _Run:
         """``vector`` with alpha read against :meth:`reference_norms` (recorded in its provenance)."""
         return cm.with_norms(vector, self.reference_norms(), NORM_REFERENCE)
 
-    def refinement_states(self, model: ModelHandle, kind: str) -> dict[str, torch.Tensor]:
+    def refinement_states(self, model: ModelHandle) -> dict[str, torch.Tensor]:
         """resid_post of every refinement prompt in ``model`` (all emotions' contrasts draw from them), captured once."""
-        if kind not in self.states:
+        if id(model) not in self.states:
             prompts = list(dict.fromkeys(QUERY.format(s) for items in self.task.refine_scenarios.values()
                                          for s in items))
-            self.states[kind] = dict(zip(prompts, capture(model, prompts, batch_size=self.cfg.batch_size)))
-        return self.states[kind]
+            self.states[id(model)] = dict(zip(prompts, capture(model, prompts, batch_size=self.cfg.batch_size)))
+        return self.states[id(model)]
 
     def reference_norms(self) -> torch.Tensor:
         """Alpha's one norm unit per target layer, for mapped, native and random vectors alike: the
@@ -179,14 +187,10 @@ class _Run:
         path = self.art / "reference_norms.json"
         if path.is_file():
             return torch.tensor(json.loads(path.read_text())["norms"])
-        states = torch.stack(list(self.refinement_states(self.target, "native").values()))
+        states = torch.stack(list(self.refinement_states(self.target).values()))
         norms = states.norm(dim=-1).mean(0)
         write_json(path, {"norms": norms.tolist(), "what": NORM_REFERENCE, "n_prompts": len(states)})
         return norms
-
-
-NORM_REFERENCE = "target's mean resid_post norm at the last token of every refinement prompt"
-"""Where the demo's alpha unit comes from (one value per target layer, shared by every condition)."""
 
 
 def _layers_key(layers: Sequence[int]) -> str:
@@ -355,7 +359,7 @@ def _refinement_sizes(r: _Run, amap: AffineMap, results: dict[str, Any], layers:
                 size_cells[cell_key(phase="n_examples", emotion=e, n=n_eff, alpha=alpha,
                                     layers=_layers_key(layers))] = (e, n_eff)
 
-    def score_size(arg: tuple[str, int]) -> dict[str, float]:
+    def score_size(arg: tuple[str, int]) -> dict[str, Any]:
         e, n = arg
         return r.score(r.in_reference_unit(amap.apply(r.vector(r.source, "source", e, n))), e, layers, alpha,
                        r.task.negatives(e, held_out=True, k=r.cfg.n_negatives))
@@ -400,7 +404,7 @@ def run(cfg: Config) -> dict[str, Any]:
         source = ct.load_model(cfg.source, device=cfg.device)
         target = ct.load_model(cfg.target, device=cfg.device)
     # settings are claimed only once both models loaded: a mistyped model name leaves the folder free
-    phases.store = CellStore(out / "cells", settings=settings_fingerprint(cfg))
+    phases.store = CellStore(out / "cells", settings={**settings_fingerprint(cfg), "protocol": PROTOCOL})
     r = _Run(cfg, task, source, target, phases.store, out / "artifacts", phases)
 
     amap = _fit_or_load_map(r)

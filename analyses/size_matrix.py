@@ -48,6 +48,7 @@ from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import neutral_sentences
 from contrans_tl.files import write_json
 from contrans_tl.handle import ModelHandle
+from contrans_tl.metrics import wilson_interval
 from contrans_tl.pairing import PairedStates
 from contrans_tl.sweep import CellStore, settings_fingerprint
 from contrans_tl.tasks.emotion import EmotionTask, emotion_task
@@ -339,8 +340,6 @@ def _assemble(cfg: Config, store: CellStore, maps: dict[tuple[str, str], AffineM
 
 def _pooled_interval(cells: Any, metric: str) -> list[float]:
     """95% Wilson interval of a cell's accuracy, its emotions' negatives pooled (equal counts: the mean)."""
-    from contrans_tl.metrics import wilson_interval
-
     hits = sum(round(c[metric] * c["n"]) for c in cells)
     total = sum(int(c["n"]) for c in cells)
     return list(wilson_interval(hits, total))

@@ -185,7 +185,8 @@ def _read_out(m: _Models, cfg: Config, prompt_sets: dict[str, list[str]], blocks
     for emotion, prompts in prompt_sets.items():
         before = before_all[[row_of[p] for p in prompts]]
         mapped = m.amap.apply(m.source_vectors[emotion])
-        vectors = {"transplanted": cm.with_norms(mapped, m.native[emotion].layer_norms)}
+        vectors = {"transplanted": cm.with_norms(mapped, m.native[emotion].layer_norms,
+                                                    "the target's native vector of the same emotion")}
         if cfg.native:
             vectors["native"] = m.native[emotion]
         shifts[emotion] = {}

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,12 +44,21 @@ __all__ = ["DemoRun", "run_demo", "floor_seconds", "fp32_weight_bytes", "bench_d
 Log = Callable[[str], None]
 
 
-class DemoRun(dict):
+@dataclass
+class DemoRun:
     """What one measured demo run gave: wall/CPU seconds, peak RSS, its ledger and results.json."""
+
+    wall_s: float
+    """The child process from start to exit, less the time it took to write the ledger file."""
+    cpu_s: float
+    peak_rss_bytes: int
+    ledger: Ledger
+    results: dict[str, Any]
+    flags: list[str]
 
 
 def _child(ledger_path: str, threads: int | None, flags: Sequence[str]) -> int:
-    """In the child: ``contrans demo FLAGS`` with the ledger open, then the ledger written out."""
+    """In the child: ``contrans demo FLAGS`` with the ledger open, then the ledger written out (timed)."""
     from contrans_tl.cli import main as contrans_main
     from contrans_tl.files import write_json
     from contrans_tl.ledger import record_forwards
@@ -57,12 +67,17 @@ def _child(ledger_path: str, threads: int | None, flags: Sequence[str]) -> int:
         torch.set_num_threads(threads)
     with record_forwards() as ledger:
         code = contrans_main(["demo", *flags])
+    start = time.perf_counter()
     write_json(Path(ledger_path), ledger.to_json())
+    Path(ledger_path + ".seconds").write_text(f"{time.perf_counter() - start}")
     return code
 
 
 def run_demo(flags: Sequence[str], *, threads: int | None = None, log: Log = print) -> DemoRun:
-    """``contrans demo FLAGS`` in a child process: wall and CPU time, peak RSS, ledger, results."""
+    """``contrans demo FLAGS`` in a child process: wall and CPU time, peak RSS (Linux), ledger, results.
+
+    ``--out`` in ``flags`` must be absolute: the child runs from the checkout's root.
+    """
     out = Path(flags[list(flags).index("--out") + 1])
     with tempfile.TemporaryDirectory() as tmp:
         ledger_path = Path(tmp) / "ledger.json"
@@ -70,18 +85,19 @@ def run_demo(flags: Sequence[str], *, threads: int | None = None, log: Log = pri
                    *(["--threads", str(threads)] if threads else []), "--", *flags]
         log(f"demo: {' '.join(['contrans demo', *flags])} (child process)")
         start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail = (tail + [line.rstrip()])[-40:]
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        with subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                tail = (tail + [line.rstrip()])[-40:]
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (peak RSS in KiB on Linux)
+            wall = time.perf_counter() - start
+            proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             raise RuntimeError("the demo failed in the benchmark:\n" + "\n".join(tail))
         ledger = Ledger.from_json(json.loads(ledger_path.read_text()))
+        wall -= float(Path(str(ledger_path) + ".seconds").read_text())
     results = json.loads((out / "results.json").read_text())
     return DemoRun(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_bytes=usage.ru_maxrss * 1024,
                    ledger=ledger, results=results, flags=list(flags))
@@ -144,45 +160,48 @@ def _phase_wall(results: dict[str, Any], name: str) -> float | None:
     return None if row is None else float(row["total_wall_s"])
 
 
-def bench_demo(models: Sequence[ModelHandle], *, quick: bool, threads: int | None = None,
+def bench_demo(names: Sequence[str], *, quick: bool, device: str | None = None, threads: int | None = None,
                batch_size: int = 16, demo_out: str | Path | None = None, log: Log = print) -> dict[str, Any]:
     """Item 7: the demo (``--quick`` demo when ``quick``) vs its floor, its solver share and memory.
 
+    ``names``: source and target as ``contrans demo`` takes them. The floor loads them here the way
+    the demo does (same device, default dtype), after the demo's process has exited.
     ``demo_out``: where the demo writes (must not hold an earlier run: it would resume); None, a
     temporary folder.
     """
-    from contrans_tl.models import identity
+    from contrans_tl.models import load_model
 
-    names = [identity(m).name for m in models]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(demo_out) if demo_out is not None else Path(tmp) / "demo"
+        out = Path(demo_out).resolve() if demo_out is not None else Path(tmp) / "demo"
         if (out / "cells").exists():
             raise FileExistsError(f"{out} holds an earlier demo run: the benchmark needs a fresh folder")
-        flags = ["--source", names[0], "--target", names[1], "--out", str(out), *(["--quick"] if quick else [])]
+        flags = ["--source", str(names[0]), "--target", str(names[1]), "--out", str(out),
+                 *(["--device", device] if device else []), *(["--quick"] if quick else [])]
         demo = run_demo(flags, threads=threads, log=log)
+    models = [load_model(name, device=device) for name in names]
     by_label = {str(m.cfg.model_name): m for m in models}
-    floor = floor_seconds(by_label, demo["ledger"], batch_size=batch_size, log=log)
-    results = demo["results"]
+    floor = floor_seconds(by_label, demo.ledger, batch_size=batch_size, log=log)
+    results = demo.results
     corpus, fit = _phase_wall(results, "map: corpus"), _phase_wall(results, "map: fit")
     weights = sum(fp32_weight_bytes(m) for m in models)
     load = _phase_wall(results, "load models") or 0.0
     return {
-        "command": "contrans demo " + " ".join(demo["flags"]),
+        "command": "contrans demo " + " ".join(demo.flags),
         "quick": quick,
-        "demo_wall_s": demo["wall_s"],
-        "demo_cpu_s": demo["cpu_s"],
+        "demo_wall_s": demo.wall_s,
+        "demo_cpu_s": demo.cpu_s,
         "demo_load_s": load,
         "floor_s": floor["seconds"],
-        "demo_vs_floor": demo["wall_s"] / floor["seconds"],
-        "demo_vs_floor_without_load": (demo["wall_s"] - load) / floor["seconds"],
+        "demo_vs_floor": demo.wall_s / floor["seconds"],
+        "demo_vs_floor_without_load": (demo.wall_s - load) / floor["seconds"],
         "floor": floor,
         "solver_fraction_full": None if not corpus or fit is None else fit / corpus,
         "solver_corpus_texts": results["config"]["n_alignment"],
         "map_corpus_s": corpus,
         "map_fit_s": fit,
-        "demo_peak_rss_bytes": demo["peak_rss_bytes"],
+        "demo_peak_rss_bytes": demo.peak_rss_bytes,
         "fp32_weight_bytes": weights,
-        "demo_peak_rss_vs_weights": demo["peak_rss_bytes"] / weights,
+        "demo_peak_rss_vs_weights": demo.peak_rss_bytes / weights,
         "phases": results.get("phases"),
         "headline": results.get("headline"),
     }
@@ -203,12 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child:
         return _child(args.child, args.threads, args.rest)
     from contrans_tl.files import write_json
-    from contrans_tl.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = [load_model(name) for name in args.models]
-    result = bench_demo(models, quick=args.quick, threads=args.threads, demo_out=args.demo_out,
+    result = bench_demo(args.models, quick=args.quick, threads=args.threads, demo_out=args.demo_out,
                         log=lambda m: print(m, file=sys.stderr))
     summary = {k: v for k, v in result.items() if k not in ("phases", "floor", "headline")}
     print(json.dumps(summary, indent=1))

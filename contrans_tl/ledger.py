@@ -110,8 +110,9 @@ def note(model: Any, rows: Sequence[Sequence[int]], *, prefix: Sequence[int] = (
 
 @contextmanager
 def steering(model: Any, offsets: Mapping[int, Tensor]) -> Iterator[None]:
-    """Mark ``offsets`` as active on ``model`` (called by transplant; the digest only while a ledger is open)."""
-    if not _LEDGER:
+    """Mark ``offsets`` as active on ``model`` (called by transplant; the digest only while a ledger is open;
+    no offsets, no change: an all-zero transplant runs the unsteered model)."""
+    if not _LEDGER or not offsets:
         yield
         return
     digest = hashlib.sha1()

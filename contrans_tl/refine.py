@@ -63,6 +63,16 @@ def pca_difference(
 AGGREGATORS: dict[str, Aggregator] = {"mean_diff": mean_difference, "pca": pca_difference}
 
 
+def _aggregator(method: Literal["mean_diff", "pca"] | Aggregator, n_pos: int, n_neg: int) -> Aggregator:
+    """The aggregator ``method`` names, checked against the counts it needs (PCA pairs them)."""
+    aggregate = method if callable(method) else AGGREGATORS[validate.choice("method", method, list(AGGREGATORS))]
+    if aggregate is pca_difference and n_pos != n_neg:
+        raise InvalidArgumentError(
+            "method", "pca", f"as many positives as negatives (got {n_pos} positives and {n_neg} negatives)"
+        )
+    return aggregate
+
+
 def refine(
     model: ModelHandle,
     positive: Sequence[str],
@@ -80,12 +90,8 @@ def refine(
     """
     positive = validate.texts("positive", positive)
     negative = validate.texts("negative", negative)
-    aggregate = method if callable(method) else AGGREGATORS[validate.choice("method", method, list(AGGREGATORS))]
+    _aggregator(method, len(positive), len(negative))  # a bad method fails before any forward pass
     batch_size = validate.integer("batch_size", batch_size, low=1)
-    if aggregate is pca_difference and len(positive) != len(negative):
-        raise InvalidArgumentError(
-            "method", "pca", f"as many positives as negatives (got {len(positive)} positives and {len(negative)} negatives)"
-        )
     pos = capture(model, positive, batch_size=batch_size, progress="positives" if progress else None)
     neg = capture(model, negative, batch_size=batch_size, progress="negatives" if progress else None)
     return concept_from_states(model, pos, neg, method=method)
@@ -103,7 +109,7 @@ def concept_from_states(
     For callers that capture each prompt once and refine many concepts from the same states
     (the demo's six emotions and its refinement sizes share one capture per model).
     """
-    aggregate = method if callable(method) else AGGREGATORS[validate.choice("method", method, list(AGGREGATORS))]
+    aggregate = _aggregator(method, len(positive), len(negative))
     ident = identity(model)
     if positive.shape[1:] != (ident.n_layers, ident.d_model) or negative.shape[1:] != positive.shape[1:]:
         raise InvalidArgumentError("positive/negative", (tuple(positive.shape), tuple(negative.shape)),

@@ -157,7 +157,7 @@ class NormalEquations:
         rows = []
         for ridge in ridges:
             d = self._shrink(torch.full_like(self.scale, float(ridge)) * self.scale)
-            ss_res = ss_tot - 2 * (d * linear).sum(-1) + (d[:, :, None] * quadratic * d[:, None, :]).sum((1, 2))
+            ss_res = ss_tot - 2 * (d * linear).sum(-1) + torch.einsum("pi,pij,pj->p", d, quadratic, d)
             rows.append(1 - ss_res / ss_tot.clamp_min(1e-300))
         return torch.stack(rows)
 

@@ -179,7 +179,7 @@ class Answers:
         idx = torch.tensor([where[s] for s in scenarios], dtype=torch.long)
         return Answers(tuple(scenarios), self.top[idx], self.label_logits[idx], self.labels, self.emotions)
 
-    def accuracy(self, emotion: str) -> dict[str, float]:
+    def accuracy(self, emotion: str) -> dict[str, Any]:
         """Token Acc (top token is ``emotion``'s label) and Logit Acc (its label wins among the six)."""
         target = list(self.emotions).index(emotion)
         n = len(self.scenarios)
@@ -217,7 +217,7 @@ def evaluate_emotion(
     prefix: str,
     emotions: Sequence[str] = EMOTIONS,
     batch_size: int = 16,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Token Acc and Logit Acc for answering ``emotion`` on ``scenarios`` (under active hooks)."""
     return answers(model, scenarios, prefix=prefix, emotions=emotions, batch_size=batch_size).accuracy(emotion)
 
@@ -311,7 +311,7 @@ class EmotionTask:
         layers: Sequence[int] | None = None,
         unit: Unit = "norm",
         batch_size: int = 16,
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         """Token/Logit Acc of answering ``emotion`` on ``scenarios`` (default: its held-out
         negatives) with ``vector`` transplanted at ``alpha``; no vector or ``alpha == 0`` is the baseline."""
         scenarios = self.negatives(emotion) if scenarios is None else scenarios
