@@ -183,12 +183,12 @@ def heatmap(
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
     if values.size <= 400:
-        lo, hi = im.get_clim()
         for (r, c), v in np.ndenumerate(values):
-            if np.isfinite(v):  # dark text on the bright half of the colour map
-                bright = hi > lo and (v - lo) / (hi - lo) > 0.6
+            if np.isfinite(v):  # dark text on light cells, light on dark, by the cell colour's luminance
+                red, green, blue, _ = im.cmap(im.norm(v))
+                light = 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.5
                 ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=8,
-                        color="black" if bright else "white")
+                        color="black" if light else "white")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
