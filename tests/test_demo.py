@@ -38,6 +38,15 @@ def test_quick_demo_writes_results_figures_and_summary(quick_demo):
     candidates = {int(k.split(":")[0]) for k in result["selection"]["grid_mean_logit_acc"]}
     assert {t for _, t in result["map"]["pairs"]} == candidates and len(result["map"]["r2_heldout"]) == len(candidates)
     assert set(result["norm_reference"]["layers"]) == {str(t) for t in candidates}
+    # the transplant matrix: one row per emotion, every negative counted once, the diagonal = Logit Acc
+    rows = result["confusion"]["transplanted"]["counts"]
+    for e in EMOTIONS:
+        transplanted = result["headline"][e]["transplanted"]
+        assert sum(rows[e].values()) == transplanted["n"]
+        assert rows[e][e] == round(transplanted["logit_acc"] * transplanted["n"])
+        low, high = result["measurability"][e]["transplanted"]
+        assert low <= transplanted["logit_acc"] <= high
+        assert isinstance(result["measurability"][e]["measurable"], bool)
     for stem in ("fig2a_accuracy_vs_alpha", "fig2b_pca_before_after", "fig5_accuracy_vs_examples",
                  "fig7_8_hidden_states_2d"):
         for suffix in (".png", ".pdf"):
