@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from contrans_tl.metrics import wilson_interval
+from contrans_tl.metrics import accuracy_interval
 
 __all__ = ["headline", "confusion", "measurability", "summary_markdown", "hidden_state_panels", "plot"]
 
@@ -54,7 +54,7 @@ def confusion(results: dict[str, Any], alpha: float) -> dict[str, Any]:
 
 
 def _ci(metrics: dict[str, Any], n: int) -> tuple[float, float]:
-    return wilson_interval(round(metrics["logit_acc"] * n), n)
+    return accuracy_interval([(metrics["logit_acc"], n)])
 
 
 def measurability(result: dict[str, Any]) -> dict[str, Any]:

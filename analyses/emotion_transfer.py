@@ -136,6 +136,8 @@ class _Run:
     """Per model (by ``id``): resid_post of every refinement prompt, captured once."""
     baseline: Answers | None = None
     """The target's unsteered answers to every held-out scenario, computed once for all emotions."""
+    reference: torch.Tensor | None = None
+    """:meth:`reference_norms`, once read or measured."""
 
     def score(self, vector: ConceptVector | None, emotion: str, layers: Sequence[int], alpha: float,
               scenarios: list[str]) -> dict[str, Any]:
@@ -184,13 +186,15 @@ class _Run:
     def reference_norms(self) -> torch.Tensor:
         """Alpha's one norm unit per target layer, for mapped, native and random vectors alike: the
         target's mean resid_post norm at the last token of every refinement prompt (kept in artifacts/)."""
-        path = self.art / "reference_norms.json"
-        if path.is_file():
-            return torch.tensor(json.loads(path.read_text())["norms"])
-        states = torch.stack(list(self.refinement_states(self.target).values()))
-        norms = states.norm(dim=-1).mean(0)
-        write_json(path, {"norms": norms.tolist(), "what": NORM_REFERENCE, "n_prompts": len(states)})
-        return norms
+        if self.reference is None:
+            path = self.art / "reference_norms.json"
+            if path.is_file():
+                self.reference = torch.tensor(json.loads(path.read_text())["norms"])
+            else:
+                states = torch.stack(list(self.refinement_states(self.target).values()))
+                self.reference = states.norm(dim=-1).mean(0)
+                write_json(path, {"norms": self.reference.tolist(), "what": NORM_REFERENCE, "n_prompts": len(states)})
+        return self.reference
 
 
 def _layers_key(layers: Sequence[int]) -> str:

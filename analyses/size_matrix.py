@@ -48,7 +48,7 @@ from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import neutral_sentences
 from contrans_tl.files import write_json
 from contrans_tl.handle import ModelHandle
-from contrans_tl.metrics import wilson_interval
+from contrans_tl.metrics import accuracy_interval
 from contrans_tl.pairing import PairedStates
 from contrans_tl.sweep import CellStore, settings_fingerprint
 from contrans_tl.tasks.emotion import EmotionTask, emotion_task
@@ -304,7 +304,8 @@ def _assemble(cfg: Config, store: CellStore, maps: dict[tuple[str, str], AffineM
             for j, t in enumerate(models):
                 cells = {e: store.get(_steer_key(s, t, e, alpha)) for e in emotions}
                 steered[i, j] = np.mean([cells[e][cfg.metric] for e in emotions])
-                interval[i][j] = _pooled_interval(cells.values(), cfg.metric)
+                # 95% interval, the emotions' negatives pooled (equal counts: around the mean)
+                interval[i][j] = list(accuracy_interval((c[cfg.metric], c["n"]) for c in cells.values()))
                 per_cell[f"{s} -> {t}"] = cells
         base_row = np.array([baseline[t][f"mean_{cfg.metric}"] for t in models])
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -336,13 +337,6 @@ def _assemble(cfg: Config, store: CellStore, maps: dict[tuple[str, str], AffineM
         "improvement_ratio": "mean transplanted accuracy / mean baseline accuracy of the target (null if the baseline is 0)",
         "absolute_improvement": "mean transplanted accuracy - mean baseline accuracy of the target",
     }
-
-
-def _pooled_interval(cells: Any, metric: str) -> list[float]:
-    """95% Wilson interval of a cell's accuracy, its emotions' negatives pooled (equal counts: the mean)."""
-    hits = sum(round(c[metric] * c["n"]) for c in cells)
-    total = sum(int(c["n"]) for c in cells)
-    return list(wilson_interval(hits, total))
 
 
 def _short(name: str) -> str:

@@ -35,7 +35,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from contrans_tl import validate
 from contrans_tl.capture import model_device, pad_batch, pad_token_id
+from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
+from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.ledger import Ledger
 
@@ -104,7 +107,7 @@ def run_demo(flags: Sequence[str], *, threads: int | None = None, log: Log = pri
 
 
 @torch.inference_mode()
-def _floor_group(model: ModelHandle, setting_prefix: tuple[int, ...], kind: str, rows: list[tuple[int, ...]],
+def _floor_group(model: ModelHandle, prefix: tuple[int, ...], kind: str, rows: list[tuple[int, ...]],
                  batch_size: int) -> None:
     """Plain HF forwards of one group: its prefix once (KV cache kept), then its rows in sorted batches."""
     hf = model.original_model
@@ -112,8 +115,8 @@ def _floor_group(model: ModelHandle, setting_prefix: tuple[int, ...], kind: str,
     pad = pad_token_id(model)
     rows = sorted(rows, key=len)
     prefix_cache = None
-    if setting_prefix:
-        prefix_cache = hf(input_ids=torch.tensor([setting_prefix], device=device), use_cache=True,
+    if prefix:
+        prefix_cache = hf(input_ids=torch.tensor([prefix], device=device), use_cache=True,
                           logits_to_keep=1).past_key_values
     decoder = getattr(hf, hf.base_model_prefix)
     for start in range(0, len(rows), batch_size):
@@ -126,7 +129,7 @@ def _floor_group(model: ModelHandle, setting_prefix: tuple[int, ...], kind: str,
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(ids.shape[0])
-            mask = torch.cat([torch.ones(ids.shape[0], len(setting_prefix), dtype=mask.dtype, device=device), mask], 1)
+            mask = torch.cat([torch.ones(ids.shape[0], len(prefix), dtype=mask.dtype, device=device), mask], 1)
             extra["past_key_values"] = cache
         hf(input_ids=ids, attention_mask=mask, logits_to_keep=1, **extra)
 
@@ -174,7 +177,8 @@ def bench_demo(names: Sequence[str], *, quick: bool, device: str | None = None, 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(demo_out).resolve() if demo_out is not None else Path(tmp) / "demo"
         if (out / "cells").exists():
-            raise FileExistsError(f"{out} holds an earlier demo run: the benchmark needs a fresh folder")
+            raise InvalidArgumentError("demo_out", str(out), "a folder without an earlier demo run: the benchmark "
+                                       "times a fresh run, and the demo would resume this one")
         flags = ["--source", str(names[0]), "--target", str(names[1]), "--out", str(out),
                  *(["--device", device] if device else []), *(["--quick"] if quick else [])]
         demo = run_demo(flags, threads=threads, log=log)
@@ -209,18 +213,25 @@ def bench_demo(names: Sequence[str], *, quick: bool, device: str | None = None, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.demo [--quick]``: item 7 alone (``--child`` is the measured process)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.splitlines()[0])
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
+    p = CommandParser(prog="python -m bench.demo", description=__doc__.splitlines()[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=validate.positive_int_flag)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", nargs=2, default=["smollm2-135m-instruct", "gemma-3-270m"])
     p.add_argument("--out", help="folder for demo_bench.json")
     p.add_argument("--demo-out", help="keep the demo's own output here (a fresh folder; default: a temporary one)")
     p.add_argument("rest", nargs="*")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad flag already reported in one line
+        return int(stop.code or 0)
     if args.child:
         return _child(args.child, args.threads, args.rest)
+    return run_reporting_errors(lambda: _run(args), debug=debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     from contrans_tl.files import write_json
 
     if args.threads:

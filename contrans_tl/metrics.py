@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval"]
+__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval", "accuracy_interval"]
 
 
 def token_accuracy(logits: Float[Tensor, "batch d_vocab"], target_token: int) -> float:
@@ -54,3 +56,9 @@ def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[flo
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     return (low, 1.0 if successes == n else min(1.0, centre + half))
+
+
+def accuracy_interval(scores: Iterable[tuple[float, int]]) -> tuple[float, float]:
+    """Wilson interval of accuracies measured on ``n`` items each, pooled: (accuracy, n) pairs → hits = round(acc · n)."""
+    pairs = [(float(acc), int(n)) for acc, n in scores]
+    return wilson_interval(sum(round(acc * n) for acc, n in pairs), sum(n for _, n in pairs))

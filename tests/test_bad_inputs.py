@@ -255,3 +255,11 @@ def test_bench_and_analysis_scripts_report_one_line(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("contrans: error:"), done.stderr
         assert ("--threads" if "bench" in argv else "--alphas") in lines[0]
+    # the demo benchmark alone: a bad flag, and a folder holding an earlier run (it would be resumed, not timed)
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "old" / "cells").mkdir(parents=True)
+    for argv, named in (([sys.executable, "-m", "bench.demo", "--threads", "0"], "--threads"),
+                        ([sys.executable, "-m", "bench.demo", "--demo-out", str(tmp_path / "old")], "demo_out")):
+        done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+        lines = [line for line in done.stderr.strip().splitlines() if line.startswith("contrans:")]
+        assert done.returncode == 2 and len(lines) == 1 and named in lines[0] and "Traceback" not in done.stderr, done.stderr

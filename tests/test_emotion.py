@@ -122,3 +122,10 @@ def test_wilson_interval_known_values():
     assert high == 1.0 and low == pytest.approx(0.9286, abs=5e-4)
     with pytest.raises(ValueError):
         wilson_interval(51, 50)
+
+
+def test_accuracy_interval_pools_hits_over_cells():
+    from contrans_tl.metrics import accuracy_interval, wilson_interval
+
+    assert accuracy_interval([(0.5, 50)]) == wilson_interval(25, 50)
+    assert accuracy_interval([(0.2, 50), (1.0, 50), (0.1, 10)]) == wilson_interval(10 + 50 + 1, 110)
