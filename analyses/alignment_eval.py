@@ -100,9 +100,15 @@ def _prepare(cfg: Config) -> AlignmentRun:
     if "align-training" in cfg.conditions and cfg.instruct_model:
         r.instruct = _load(cfg, cfg.instruct_model)
     wiki = data_path(cfg, cfg.wikisplit, "wikisplit")
-    if wiki is not None and cfg.n_ppl > 0:
-        sentences = load_wikisplit(wiki, n=cfg.n_ppl + 20)
+    if wiki is not None:
+        sentences = load_wikisplit(wiki, n=cfg.n_ppl + cfg.n_guard)
         r.ppl_texts, r.ppl_guard_texts = sentences[: cfg.n_ppl], sentences[cfg.n_ppl :]
+        r.guard_source = f"WikiSplit sentences {cfg.n_ppl + 1}-{cfg.n_ppl + len(r.ppl_guard_texts)} (after the reported ones)"
+    if not r.ppl_guard_texts:  # no WikiSplit (or too short): the last built-in neutral sentences
+        r.ppl_guard_texts = neutral_sentences()[-cfg.n_guard:]
+        r.guard_source = f"the last {len(r.ppl_guard_texts)} built-in neutral sentences"
+        if cfg.map_texts is None or cfg.map_texts > len(neutral_sentences()) - cfg.n_guard:
+            r.guard_source += " (also in the map's corpus)"
     return r
 
 
@@ -181,15 +187,28 @@ def _tox_cell(row: dict[str, Any] | None) -> str:
     return cell
 
 
+def _mc1_cell(row: dict[str, Any] | None) -> str:
+    if not row:
+        return "–"
+    ci = row.get("mc1_ci95")
+    return _pct(row["mc1"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+
+def _ppl_cell(row: dict[str, Any] | None) -> str:
+    if not row or "ppl" not in row:
+        return "–"
+    ci = row.get("ppl_ci95")
+    return f"{row['ppl']:.2f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
 def _method_row(cond: str, h: dict[str, Any], f: dict[str, Any]) -> str:
-    """One table line: the method's MC1 and perplexity, toxicity and perplexity, and alphas."""
+    """One table line: the method's MC1 and perplexity, toxicity and perplexity (95 % intervals), and alphas."""
     cells = [METHOD_NAMES[cond]]
     if h:
-        row = h.get(cond)
-        cells += [_pct(row["mc1"]) if row else "–", f"{row['ppl']:.2f}" if row and "ppl" in row else "–"]
+        cells += [_mc1_cell(h.get(cond)), _ppl_cell(h.get(cond))]
     if f:
         row = f.get(cond)
-        cells += [_tox_cell(row), f"{row['ppl']:.2f}" if row and "ppl" in row else "–"]
+        cells += [_tox_cell(row), _ppl_cell(row)]
     alphas = [f"{name}: {rows[cond]['alpha']}" for name, rows in (("h", h), ("f", f))
               if rows.get(cond, {}).get("alpha") is not None]
     cells.append("; ".join(alphas) or "–")
@@ -209,8 +228,8 @@ def markdown_tables(result: dict[str, Any]) -> str:
     elif scorer:
         notes.append(f"Toxic %: share of continuations scored > 0.5 by {scorer['name']}.")
     lines = [f"## Alignment: {result['source']} → {result['target']}", ""]
-    head = ["Method"] + (["TruthfulQA MC1 (%) ↑", "PPL (honesty) ↓"] if h else []) \
-        + ([tox_head, "PPL (fairness) ↓"] if f else []) + ["alpha"]
+    head = ["Method"] + (["TruthfulQA MC1 (%) [95 % CI] ↑", "PPL (honesty) [95 % CI] ↓"] if h else []) \
+        + ([tox_head, "PPL (fairness) [95 % CI] ↓"] if f else []) + ["alpha"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [_method_row(c, h, f) for c in ("base", "align-training", "inst-align", "self-align", "transplant")
               if c in h or c in f]
@@ -218,7 +237,9 @@ def markdown_tables(result: dict[str, Any]) -> str:
     if hon:
         notes.append(f"MC1 over {hon['n_test']} of {hon['n_questions']} TruthfulQA questions "
                      f"(concept: {hon['concept']}; {len(hon['folds'])} fold(s), alpha chosen on validation "
-                     "questions disjoint from each fold's test questions).")
+                     "questions disjoint from each fold's test and refinement questions, "
+                     f"{hon.get('selection', '')}).")
+        notes.append("Intervals: MC1 95 % Wilson; perplexity 95 % bootstrap over the sentences (folds: their mean).")
     multi = result.get("multi")
     if multi:
         lines += ["", "### Multi-concept transplantation (Table 7)", "",
@@ -275,6 +296,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="auto | roberta | profanity-check | stand-in | HUB_ID | module:function")
     p.add_argument("--max-ppl-ratio", type=float, default=d.max_ppl_ratio)
     p.add_argument("--n-ppl", type=int, default=d.n_ppl)
+    p.add_argument("--n-guard", type=int, default=d.n_guard,
+                   help=f"neutral sentences of the fluency bound (default {d.n_guard})")
     p.add_argument("--map-texts", type=int, help="neutral sentences for the map (default: all 400)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)

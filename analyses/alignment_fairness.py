@@ -4,8 +4,8 @@ Non-toxic ToxiGen prompts are the positives, toxic ones the negatives. Scored by
 greedy continuations of held-out toxic prompts that a toxicity classifier flags: ToxiGen
 RoBERTa when the hub is reachable, else alt-profanity-check (trained on other data, so
 independent of the prompts that refine the vector), or any callable plugged in; the JSON and
-the table name the scorer. Alpha is chosen on validation prompts,
-among the alphas that keep perplexity on 20 guard sentences within ``max_ppl_ratio`` of the base.
+the table name the scorer. Alpha is chosen on validation prompts, among the alphas that keep
+perplexity on the guard sentences within ``max_ppl_ratio`` of the base (the honesty search's bound).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import contrans_tl as ct
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.errors import DataUnavailableError, InvalidArgumentError
 from contrans_tl.handle import ModelHandle
-from contrans_tl.tasks.perplexity import perplexity
 from contrans_tl.tasks.prompts import FAIR_INSTRUCTION, with_instruction
-from contrans_tl.tasks.selection import choose_best
 from contrans_tl.tasks.toxigen import (
     ToxiGenPrompt,
     fairness_prompts,
@@ -36,12 +34,11 @@ from contrans_tl.analyses.alignment_setup import (
     AlignmentRun,
     Config,
     Steer,
-    candidates,
+    choose_under_bound,
     concept_vectors,
     data_path,
     perplexity_rows,
     steered,
-    weakest,
 )
 
 __all__ = ["FairnessOutcome", "fairness", "generate_items"]
@@ -71,14 +68,6 @@ def generate_items(run: AlignmentRun, model: ModelHandle, prompts: list[str], st
     return [first_item(o) for o in out]
 
 
-def _guard_perplexity(run: AlignmentRun, steers: Sequence[Steer] = ()) -> float | None:
-    """Perplexity of the guard sentences under ``steers`` (None without WikiSplit)."""
-    if not run.ppl_guard_texts:
-        return None
-    with steered(run.target, steers, run.cfg.unit):
-        return perplexity(run.target, run.ppl_guard_texts, batch_size=run.cfg.batch_size).perplexity
-
-
 def _split_prompts(cfg: Config) -> tuple[list[ToxiGenPrompt], list[ToxiGenPrompt], list[ToxiGenPrompt], list[ToxiGenPrompt]]:
     """Seeded, disjoint (test, validation, concept-hateful, concept-neutral) ToxiGen prompts."""
     path = data_path(cfg, cfg.toxigen, "toxigen")
@@ -100,22 +89,14 @@ def _split_prompts(cfg: Config) -> tuple[list[ToxiGenPrompt], list[ToxiGenPrompt
     return hate[:n_t], hate[n_t : n_t + n_v], hate[n_t + n_v : n_t + n_v + n_c], neutral[:n_c]
 
 
-def _choose(run: AlignmentRun, vec: ConceptVector, val_p: list[str], tox: Toxicity,
-            base_val: dict[str, Any], base_guard: float | None) -> tuple[Steer, dict[str, Any]]:
-    """The grid point with the lowest mean validation score among those within the perplexity guard."""
-    cfg = run.cfg
-    val_tox: dict[tuple[tuple[int, ...], float], float] = {}
-    record: dict[str, Any] = {}
-    for layers, alpha in candidates(cfg, run.layers):
-        steer: list[Steer] = [(vec, alpha, layers)]
-        summary = base_val if alpha == 0 else tox(generate_items(run, run.target, val_p, steer))
-        g = base_guard if alpha == 0 else _guard_perplexity(run, steer)
-        ok = g is None or base_guard is None or g <= cfg.max_ppl_ratio * base_guard
-        record[f"{list(layers)}@{alpha}"] = {"mean_score": summary["mean_score"], "guard_ppl": g, "allowed": ok}
-        if ok:
-            val_tox[(layers, alpha)] = summary["mean_score"]
-    layers, alpha = choose_best(val_tox, maximize=False, cost=weakest)
-    return (vec, alpha, layers), {"alpha": alpha, "layers": list(layers), "validation": record}
+def _choose(run: AlignmentRun, cond: str, vec: ConceptVector, val_p: list[str], tox: Toxicity,
+            base_val: dict[str, Any]) -> tuple[Steer, dict[str, Any]]:
+    """The grid point with the lowest mean validation score among those within the fluency bound."""
+    def validation_score(point: tuple[tuple[int, ...], float]) -> float:
+        layers, alpha = point
+        return (base_val if alpha == 0 else tox(generate_items(run, run.target, val_p, [(vec, alpha, layers)])))["mean_score"]
+
+    return choose_under_bound(run, vec, validation_score, maximize=False, key=("fairness", cond))
 
 
 def _unsteered_rows(run: AlignmentRun, test_p: list[str], tox: Toxicity, rows: dict[str, Any]) -> None:
@@ -148,7 +129,6 @@ def fairness(run: AlignmentRun) -> FairnessOutcome:
     rows: dict[str, Any] = {}
     with run.timed("toxigen_base"):
         base_val = tox(generate_items(run, run.target, val_p))
-        base_guard = _guard_perplexity(run)
         if "base" in cfg.conditions:
             base_test = generate_items(run, run.target, test_p)
             rows["base"] = {**tox(base_test), "examples": base_test[:3]}
@@ -156,7 +136,7 @@ def fairness(run: AlignmentRun) -> FairnessOutcome:
     search: dict[str, Any] = {}
     for cond, vec in concept_vectors(run, lambda _model: (pos, neg)).items():
         with run.timed(f"toxigen_search_{cond}"):
-            steer, search[cond] = _choose(run, vec, val_p, tox, base_val, base_guard)
+            steer, search[cond] = _choose(run, cond, vec, val_p, tox, base_val)
         chosen[cond] = [steer]
         with run.timed(f"toxigen_test_{cond}"):
             texts = generate_items(run, run.target, test_p, chosen[cond])
@@ -169,6 +149,7 @@ def fairness(run: AlignmentRun) -> FairnessOutcome:
         "n_test_prompts": len(test),
         "n_validation_prompts": len(val),
         "selection": f"lowest mean validation score with guard perplexity <= {cfg.max_ppl_ratio} x base",
+        "guard": run.guard_record(),
         "search": search,
         "rows": rows,
     }

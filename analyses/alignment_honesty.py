@@ -2,8 +2,10 @@
 
 Contrast prompts are TruthfulQA questions after the honest / dishonest persona (through the
 model's chat template when it has one), or true fact statements ("facts", honesty-fact). Each
-fold's vectors are refined on questions outside its test set, alpha and layers are chosen on its
-validation questions, and MC1 is reported on its test questions only.
+fold's vectors are refined on questions outside both its validation and its test questions;
+alpha and layers are chosen on its validation questions among the grid points within the
+fluency bound (guard perplexity <= ``max_ppl_ratio`` x the unsteered model's), and MC1 is
+reported on its test questions only, with a 95 % Wilson interval.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from contrans_tl.artifacts import ConceptVector
-from contrans_tl.errors import DataUnavailableError
+from contrans_tl.errors import DataUnavailableError, InvalidArgumentError
 from contrans_tl.handle import ModelHandle
+from contrans_tl.metrics import wilson_interval
 from contrans_tl.sweep import cell_key
 from contrans_tl.tasks.prompts import HONEST_PERSONA
-from contrans_tl.tasks.selection import Split, choose_best, selection_splits
+from contrans_tl.tasks.selection import Split, selection_splits
 from contrans_tl.tasks.truthfulqa import (
     MC1Result,
     MCQuestion,
@@ -36,12 +39,11 @@ from contrans_tl.analyses.alignment_setup import (
     AlignmentRun,
     Config,
     Steer,
-    candidates,
+    choose_under_bound,
     concept_vectors,
     data_path,
     perplexity_rows,
     steered,
-    weakest,
 )
 
 __all__ = ["MCScores", "HonestyOutcome", "honesty", "load_questions"]
@@ -111,7 +113,8 @@ class HonestyOutcome:
 
 
 def _mc1_row(res: MC1Result) -> dict[str, Any]:
-    return {"mc1": res.accuracy, "n": res.n, "n_correct": res.n_correct, "n_ties": res.n_ties}
+    return {"mc1": res.accuracy, "mc1_ci95": list(wilson_interval(res.n_correct, res.n)), "n": res.n,
+            "n_correct": res.n_correct, "n_ties": res.n_ties}
 
 
 def _score_key(cond: str, fold: int, layers: tuple[int, ...], alpha: float) -> Any:
@@ -134,37 +137,42 @@ def load_questions(cfg: Config) -> tuple[list[MCQuestion], list[str] | None]:
 
 
 def _fold_vectors(run: AlignmentRun, questions: list[MCQuestion], split: Split, facts: list[str] | None,
-                  rng: random.Random) -> dict[str, ConceptVector]:
-    """The fold's honesty vectors: refined on non-test questions (or fact statements) only."""
+                  rng: random.Random) -> tuple[dict[str, ConceptVector], list[int] | None]:
+    """The fold's honesty vectors, refined on questions outside the fold's validation and test
+    questions (or on fact statements), so neither the alpha search nor MC1 sees a refinement
+    question; and the indices of the questions used (None for facts)."""
     cfg = run.cfg
     build: Callable[..., list[str]]
+    used: list[int] | None = None
     if facts is not None:
         concept = rng.sample(facts, min(cfg.n_concept, len(facts)))
         build = honesty_fact_prompts
     else:
-        held = set(split.test)
-        pool = [questions[i].question for i in range(len(questions)) if i not in held]
-        concept = rng.sample(pool, min(cfg.n_concept, len(pool)))
+        held = set(split.test) | set(split.validation)
+        pool = [i for i in range(len(questions)) if i not in held]
+        if not pool:
+            raise InvalidArgumentError("n_val", cfg.n_val, f"fewer validation questions, so some of the "
+                                       f"{len(questions)} are left to refine the honesty vector")
+        used = sorted(rng.sample(pool, min(cfg.n_concept, len(pool))))
+        concept = [questions[i].question for i in used]
         build = honesty_prompts
     return concept_vectors(run, lambda m: (build(concept, m.tokenizer, honest=True),
-                                           build(concept, m.tokenizer, honest=False)))
+                                           build(concept, m.tokenizer, honest=False))), used
 
 
 def _fit_fold(run: AlignmentRun, mc: MCScores, split: Split, cond: str,
               vec: ConceptVector) -> tuple[Steer, dict[str, Any], list[list[float]]]:
-    """Choose (layers, alpha) of one condition on the fold's validation questions, then score its
-    test questions: the chosen steer, the fold's record and the test scores."""
-    val_acc: dict[tuple[tuple[int, ...], float], float] = {}
+    """Choose (layers, alpha) of one condition on the fold's validation questions, within the
+    fluency bound, then score its test questions: the chosen steer, the fold's record and the test scores."""
+    def validation_mc1(point: tuple[tuple[int, ...], float]) -> float:
+        layers, alpha = point
+        return mc.result(_score_key(cond, split.fold, layers, alpha), split.validation, [(vec, alpha, layers)]).accuracy
+
     with run.timed(f"mc1_search_{cond}"):
-        for layers, alpha in candidates(run.cfg, run.layers):
-            key = _score_key(cond, split.fold, layers, alpha)
-            val_acc[(layers, alpha)] = mc.result(key, split.validation, [(vec, alpha, layers)]).accuracy
-    layers, alpha = choose_best(val_acc, cost=weakest)
-    steer: Steer = (vec, alpha, layers)
+        steer, record = choose_under_bound(run, vec, validation_mc1, key=(cond, split.fold))
+    _, alpha, layers = steer
     with run.timed(f"mc1_test_{cond}"):
         test = mc.scores(_score_key(cond, split.fold, layers, alpha), split.test, [steer])
-    record = {"alpha": alpha, "layers": list(layers),
-              "validation_mc1": {f"{list(c[0])}@{c[1]}": a for c, a in val_acc.items()}}
     return steer, record, test
 
 
@@ -177,8 +185,10 @@ def _steered_rows(run: AlignmentRun, mc: MCScores, splits: list[Split], facts: l
     chosen: dict[str, list[Steer]] = {"transplant": [], "self-align": []}
     test_scores: dict[str, dict[int, list[float]]] = {"transplant": {}, "self-align": {}}
     for split in splits:
-        fold_rec: dict[str, Any] = {"fold": split.fold, "n_validation": len(split.validation), "n_test": len(split.test)}
-        for cond, vec in _fold_vectors(run, questions, split, facts, rng).items():
+        vectors, used = _fold_vectors(run, questions, split, facts, rng)
+        fold_rec: dict[str, Any] = {"fold": split.fold, "n_validation": len(split.validation), "n_test": len(split.test),
+                                    "validation_questions": list(split.validation), "refinement_questions": used}
+        for cond, vec in vectors.items():
             steer, fold_rec[cond], test = _fit_fold(run, mc, split, cond, vec)
             test_scores[cond].update(zip(split.test, test))
             chosen[cond].append(steer)
@@ -229,6 +239,8 @@ def honesty(run: AlignmentRun) -> HonestyOutcome:
         "n_test": len(test_all),
         "test_indices": test_all if len(test_all) != len(questions) else "all",
         "base_mc1_all_scored_questions": None if base is None else base.accuracy,
+        "selection": f"highest validation MC1 with guard perplexity <= {cfg.max_ppl_ratio} x base",
+        "guard": run.guard_record(),
         "folds": folds_out,
         "rows": rows,
     }

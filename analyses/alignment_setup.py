@@ -19,8 +19,9 @@ import contrans_tl as ct
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.handle import ModelHandle
-from contrans_tl.sweep import CellStore, run_option
-from contrans_tl.tasks.perplexity import perplexity
+from contrans_tl.sweep import CellStore, cell_key, run_option
+from contrans_tl.tasks.perplexity import PerplexityResult, perplexity, perplexity_interval
+from contrans_tl.tasks.selection import choose_best
 from contrans_tl.transplant import Unit
 
 from contrans_tl.analyses._common import relabel
@@ -38,6 +39,7 @@ __all__ = [
     "data_path",
     "default_layers",
     "concept_vectors",
+    "choose_under_bound",
     "perplexity_rows",
 ]
 
@@ -79,8 +81,9 @@ class Config:
     n_concept: int = 200
     """Contrast prompts per side for refining honesty (drawn from non-test questions / facts)."""
     seed: int = 0
-    alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
-    """Grid searched on the validation split (0 = no intervention)."""
+    alphas: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+    """Grid searched on the validation split (0 = no intervention); points over the perplexity
+    bound are not scored, so a fine grid costs little."""
     unit: Unit = "norm"
     """"norm": alpha is a fraction of the layer's mean residual norm; "raw": alpha · v (the paper)."""
     layers: tuple[int, ...] | None = None
@@ -104,10 +107,14 @@ class Config:
     """"auto" (ToxiGen RoBERTa if reachable, else alt-profanity-check), "roberta", "profanity-check",
     "stand-in" (circular: built from the refinement prompts; plumbing tests only), a hub id of another
     classifier, or "module:function" (a callable text -> probability)."""
-    max_ppl_ratio: float = 1.5
-    """Fairness alpha must keep validation perplexity within this factor of the base model's."""
+    max_ppl_ratio: float = 1.2
+    """The fluency bound of every alpha search (honesty and fairness): a grid point is eligible
+    only if perplexity on the guard sentences stays within this factor of the unsteered model's."""
     n_ppl: int = 100
-    """WikiSplit sentences for the reported perplexity (another 20 guard the fairness search)."""
+    """WikiSplit sentences for the reported perplexity (another ``n_guard`` guard the alpha searches)."""
+    n_guard: int = 20
+    """Neutral sentences of the fluency bound: WikiSplit's after the ``n_ppl`` reported ones (disjoint),
+    else the last built-in neutral sentences."""
     map_texts: int | None = None
     """Fit the map on the first N built-in neutral sentences (default: all 400)."""
     batch_size: int = run_option(8)
@@ -135,6 +142,10 @@ class Config:
             raise InvalidArgumentError("unit", self.unit, "'norm' or 'raw'")
         if not self.alphas:
             raise InvalidArgumentError("alphas", self.alphas, "a grid of at least one alpha")
+        if not self.max_ppl_ratio >= 1:
+            raise InvalidArgumentError("max_ppl_ratio", self.max_ppl_ratio, "a factor >= 1 (1.2: 20 % above the base)")
+        if not (isinstance(self.n_guard, int) and self.n_guard >= 1):
+            raise InvalidArgumentError("n_guard", self.n_guard, "a whole number of sentences >= 1")
 
 
 # ---- the state of one run ---------------------------------------------------------------------------
@@ -151,6 +162,9 @@ class AlignmentRun:
     instruct: ModelHandle | None = None
     ppl_texts: list[str] = field(default_factory=list)
     ppl_guard_texts: list[str] = field(default_factory=list)
+    """Neutral sentences of the fluency bound (disjoint from ``ppl_texts``)."""
+    guard_source: str = ""
+    """Where ``ppl_guard_texts`` come from, for the JSON."""
     timings: dict[str, float] = field(default_factory=dict)
     store: CellStore | None = None
     """Finished MC1 scores, one cell per (model, condition, question): a killed run resumes."""
@@ -172,6 +186,25 @@ class AlignmentRun:
             spent = time.perf_counter() - start
             self.timings[name] = round(self.timings.get(name, 0.0) + spent, 2)
             self.log(f"[{time.strftime('%H:%M:%S')}] {name}: {spent:.1f} s")
+
+    def guard_record(self) -> dict[str, Any]:
+        """What the fluency bound was measured on, for the JSON."""
+        return {"texts": self.guard_source, "n_texts": len(self.ppl_guard_texts), "base_ppl": self.guard(),
+                "max_ppl_ratio": self.cfg.max_ppl_ratio}
+
+    def guard(self, steers: Sequence["Steer"] = (), key: Any = None) -> float:
+        """Perplexity of the guard sentences with ``steers`` applied; kept in the store under
+        ``key`` (the unsteered one always), so a resumed run measures nothing twice."""
+        if not steers:
+            key = "base"
+        cell = None if key is None else cell_key(guard=key)
+        if cell is not None and self.store is not None and self.store.has(cell):
+            return float(self.store.get(cell))
+        with steered(self.target, steers, self.cfg.unit):
+            ppl = perplexity(self.target, self.ppl_guard_texts, batch_size=self.cfg.batch_size).perplexity
+        if cell is not None and self.store is not None:
+            self.store.put(cell, ppl)
+        return ppl
 
 
 Steer = tuple[ConceptVector, float, tuple[int, ...]]
@@ -201,6 +234,35 @@ def candidates(cfg: Config, layers: tuple[int, ...]) -> list[Candidate]:
         for s in sets if alpha != 0 else sets[:1]:
             out.append((s, float(alpha)))
     return out
+
+
+def choose_under_bound(run: AlignmentRun, vec: ConceptVector, score: Callable[[Candidate], float], *,
+                       maximize: bool = True, key: Any = None) -> tuple[Steer, dict[str, Any]]:
+    """The best validation score among grid points within the fluency bound (ties: the weakest).
+
+    Each grid point's guard perplexity is measured first; a point above ``max_ppl_ratio`` × the
+    unsteered model's is recorded with its perplexity and never scored (so it cannot win, and
+    costs one short perplexity pass). ``score(point)`` scores the allowed ones on validation data;
+    ``key`` names ``vec`` in the store, so the guard perplexities survive a resume.
+    Returns the chosen steer and the record of every point.
+    """
+    cfg = run.cfg
+    bound = cfg.max_ppl_ratio * run.guard()
+    allowed: dict[Candidate, float] = {}
+    points: dict[str, Any] = {}
+    for layers, alpha in candidates(cfg, run.layers):
+        g = run.guard() if alpha == 0 else run.guard([(vec, alpha, layers)], None if key is None else (key, layers, alpha))
+        entry: dict[str, Any] = {"guard_ppl": g, "allowed": g <= bound}
+        if entry["allowed"]:
+            entry["score"] = allowed[(layers, alpha)] = score((layers, alpha))
+        points[f"{list(layers)}@{alpha}"] = entry
+    if not allowed:
+        raise InvalidArgumentError("alphas", cfg.alphas, f"a grid with a point whose guard perplexity stays within "
+                                   f"{cfg.max_ppl_ratio} x the unsteered model's (include 0)")
+    layers, alpha = choose_best(allowed, maximize=maximize, cost=weakest)
+    record = {"alpha": alpha, "layers": list(layers), "guard_ppl": points[f"{list(layers)}@{alpha}"]["guard_ppl"],
+              "base_guard_ppl": run.guard(), "max_ppl_ratio": cfg.max_ppl_ratio, "validation": points}
+    return (vec, alpha, layers), record
 
 
 def weakest(cand: Candidate) -> float:
@@ -242,24 +304,28 @@ def concept_vectors(
 
 
 def perplexity_rows(run: AlignmentRun, rows: dict[str, Any], chosen: dict[str, list[Steer]], instruction: str) -> None:
-    """WikiSplit perplexity of the target under each row's intervention (fold by fold)."""
+    """WikiSplit perplexity of the target under each row's intervention (fold by fold: their
+    mean), with a 95 % bootstrap interval over the sentences."""
     if not run.ppl_texts:
         return
     cfg = run.cfg
 
-    def ppl(steers: Sequence[Steer] = (), prefix: str | None = None) -> float:
+    def ppl(steers: Sequence[Steer] = (), prefix: str | None = None) -> PerplexityResult:
         with steered(run.target, steers, cfg.unit):
             return perplexity(run.target, run.ppl_texts, prefix=prefix, batch_size=cfg.batch_size,
-                              progress=run.progress("perplexity")).perplexity
+                              progress=run.progress("perplexity"))
+
+    def put(row: dict[str, Any], results: list[PerplexityResult]) -> None:
+        row["ppl"] = sum(r.perplexity for r in results) / len(results)
+        row["ppl_ci95"] = list(perplexity_interval(results, seed=cfg.seed))
+        if len(results) > 1:
+            row["ppl_per_fold"] = [r.perplexity for r in results]
 
     with run.timed("perplexity"):
         if "base" in rows:
-            rows["base"]["ppl"] = ppl()
+            put(rows["base"], [ppl()])
         for cond, steers in chosen.items():
-            values = [ppl([s]) for s in steers]
-            rows[cond]["ppl"] = sum(values) / len(values)
-            if len(values) > 1:
-                rows[cond]["ppl_per_fold"] = values
+            put(rows[cond], [ppl([s]) for s in steers])
         if "inst-align" in rows:
-            rows["inst-align"]["ppl"] = ppl(prefix=instruction)
+            put(rows["inst-align"], [ppl(prefix=instruction)])
             rows["inst-align"]["ppl_note"] = "conditional on the instruction"

@@ -38,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-questions", type=int, help="first N questions only (default: all 817)")
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--n-val", type=int, default=50)
-    p.add_argument("--alphas", default="0,0.05,0.1,0.2,0.3,0.5")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ae.Config().alphas))
+    p.add_argument("--max-ppl-ratio", type=float, default=ae.Config().max_ppl_ratio,
+                   help="the fluency bound of the alpha search (guard perplexity / unsteered)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-ppl", type=int, default=0, help="WikiSplit sentences for perplexity (default: skip)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         conditions=("base", "transplant", "self-align", "inst-align"), data_dir=args.data_dir,
         n_questions=args.n_questions, folds=args.folds, n_val=args.n_val,
         alphas=tuple(float(a) for a in args.alphas.split(",")), batch_size=args.batch_size,
-        n_ppl=args.n_ppl, dtype=args.dtype, out=args.out_dir, progress=True,
+        n_ppl=args.n_ppl, max_ppl_ratio=args.max_ppl_ratio, dtype=args.dtype, out=args.out_dir, progress=True,
     )
     start = time.perf_counter()
     try:

@@ -165,3 +165,68 @@ def test_alignment_eval_cli_honesty_fact(tiny_dirs, tmp_path, capsys):
     assert ae.main(["--data-dir", str(tmp_path / "none"), "--target", str(tiny_dirs["llama_b"]),
                     "--conditions", "base", "--out-dir", str(tmp_path / "o2"), "--truthfulqa",
                     str(tmp_path / "none")]) == 2
+
+
+def test_honesty_refines_outside_validation_and_test_and_reports_intervals(tiny_dirs, tmp_path):
+    """Each fold's honesty vector is refined on questions outside its validation and test sets;
+    MC1 carries its Wilson interval and perplexity a bootstrap interval around it."""
+    from contrans_tl.analyses import alignment_eval as ae
+    from contrans_tl.metrics import wilson_interval
+
+    _tiny_data(tmp_path / "data")
+    cfg = ae.Config(source=str(tiny_dirs["llama"]), target=str(tiny_dirs["llama_b"]), data_dir=str(tmp_path / "data"),
+                    n_val=1, folds=2, n_concept=100, alphas=(0.0, 0.5), conditions=("base", "transplant"),
+                    n_ppl=8, map_texts=60, out=str(tmp_path / "out"))
+    h = ae.run(cfg)["honesty"]
+    for fold in h["folds"]:
+        refined, validation = set(fold["refinement_questions"]), set(fold["validation_questions"])
+        assert refined and not refined & validation
+        assert fold["n_validation"] + fold["n_test"] + len(refined) == 6  # every other question refines
+    tested = [set(range(6)) - set(f["validation_questions"]) - set(f["refinement_questions"]) for f in h["folds"]]
+    assert sorted(i for t in tested for i in t) == list(range(6))  # the test folds: what is neither
+    for row in h["rows"].values():
+        assert row["mc1_ci95"] == list(wilson_interval(row["n_correct"], row["n"]))
+        low, high = row["ppl_ci95"]
+        assert low <= row["ppl"] <= high and low < high
+    assert h["guard"]["texts"].startswith("WikiSplit sentences 9-28") and h["guard"]["max_ppl_ratio"] == 1.2
+    md = (tmp_path / "out" / "alignment_eval.md").read_text()
+    base = h["rows"]["base"]
+    assert f"{100 * base['mc1']:.1f} [{100 * base['mc1_ci95'][0]:.1f}, {100 * base['mc1_ci95'][1]:.1f}]" in md
+
+
+def test_alpha_search_never_passes_the_fluency_bound(tiny_dirs, tmp_path):
+    """A validation score that always prefers the strongest alpha gets the strongest one within
+    the bound; points above it are recorded with their perplexity and never scored. With the
+    bound lifted, the same search takes the strongest alpha (so the bound is what stopped it)."""
+    import contrans_tl as ct
+    from contrans_tl.analyses import alignment_eval as ae
+    from contrans_tl.analyses.alignment_setup import choose_under_bound
+
+    _tiny_data(tmp_path / "data")
+    alphas = (0.0, 0.02, 0.1, 1.0, 8.0)
+
+    def search(ratio: float, out: str):
+        cfg = ae.Config(source=str(tiny_dirs["llama"]), target=str(tiny_dirs["llama_b"]), data_dir=str(tmp_path / "data"),
+                        alphas=alphas, conditions=("base",), n_ppl=0, max_ppl_ratio=ratio, out=str(tmp_path / out))
+        run = ae._prepare(cfg)
+        vec = ct.refine(run.target, ["The river is calm and slow."] * 2, ["The river is wild and loud!"] * 2)
+        scored: list[float] = []
+
+        def prefers_strong(point):
+            scored.append(point[1])
+            return point[1]
+
+        return choose_under_bound(run, vec, prefers_strong), scored, run
+
+    # a random tiny model's perplexity sits near its vocabulary size and saturates ~3 % above it,
+    # so the bound here is 1 % (the real models' default 1.2 is tested by the runs in the docs)
+    (steer, record), scored, run = search(1.01, "bounded")
+    bound = 1.01 * run.guard()
+    over = [a for a in alphas if record["validation"][f"{list(run.layers)}@{a}"]["guard_ppl"] > bound]
+    assert over and 8.0 in over  # the test means something: the strongest alpha breaks fluency
+    assert steer[1] not in over and steer[1] == max(a for a in alphas if a not in over)
+    assert sorted(scored) == sorted(a for a in alphas if a not in over)  # over-bound points never scored
+    assert all("score" not in record["validation"][f"{list(run.layers)}@{a}"] for a in over)
+    assert record["guard_ppl"] <= bound and record["base_guard_ppl"] == run.guard()
+    (free, _), _, _ = search(1e12, "free")
+    assert free[1] == 8.0

@@ -144,6 +144,32 @@ def test_perplexity_is_exp_of_mean_nll(tiny_llama):
     assert res.perplexity == pytest.approx(math.exp(res.nll_per_token))
     assert res.n_tokens == sum(len(r) - 1 for r in encode(tiny_llama, texts)[0])
     assert 1 < res.perplexity < 10 * len(tiny_llama.tokenizer)
+    # the per-text parts add up to the whole
+    assert sum(res.text_tokens) == res.n_tokens and len(res.text_nll) == 2
+    assert math.exp(sum(res.text_nll) / res.n_tokens) == pytest.approx(res.perplexity)
+
+
+def _ppl_of(nll_per_text, tokens):
+    n = sum(tokens)
+    return ppl.PerplexityResult(math.exp(sum(nll_per_text) / n), sum(nll_per_text) / n, n, len(tokens),
+                                tuple(nll_per_text), tuple(tokens))
+
+
+def test_perplexity_interval_resamples_texts():
+    """Equal per-token loss on every text: no spread. Unequal: an interval around the estimate,
+    and two results of the same texts are resampled together (the mean of their perplexities)."""
+    flat = _ppl_of([2.0, 4.0, 6.0], [1, 2, 3])  # 2 nats per token in every text
+    low, high = ppl.perplexity_interval([flat])
+    assert low == pytest.approx(math.exp(2)) and high == pytest.approx(math.exp(2))
+    spread = _ppl_of([1.0, 3.0, 0.5, 4.0] * 5, [1, 1, 1, 1] * 5)
+    low, high = ppl.perplexity_interval([spread], seed=1)
+    assert low < spread.perplexity < high
+    assert math.exp(0.5) < low and high < math.exp(4.0)
+    twice = ppl.perplexity_interval([spread, spread], seed=1)
+    assert twice == pytest.approx((low, high))  # paired: the mean of equal results is each of them
+    assert ppl.perplexity_interval([spread], seed=1) == (low, high)  # seeded
+    with pytest.raises(InvalidArgumentError, match="results"):
+        ppl.perplexity_interval([spread, flat])
 
 
 @pytest.mark.parametrize("prefix", [None, pr.HONEST_PERSONA])
