@@ -10,7 +10,7 @@ import torch
 
 from contrans_tl.metrics import accuracy_interval
 
-__all__ = ["headline", "confusion", "measurability", "summary_markdown", "hidden_state_panels", "plot"]
+__all__ = ["headline", "confusion", "measurability", "goals", "summary_markdown", "hidden_state_panels", "plot"]
 
 
 def headline(results: dict[str, Any], alpha: float) -> dict[str, Any]:
@@ -76,6 +76,38 @@ def measurability(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def goals(result: dict[str, Any], targets: dict[str, float]) -> dict[str, Any]:
+    """The transfer against its targets at the chosen alpha: per emotion, how far the transplanted
+    Token and Logit Acc lie above the larger of the baseline and the random control; the causal
+    ratio (transplanted − baseline) / (native − baseline) of the mean accuracies; mean Token Acc."""
+    per: dict[str, Any] = {}
+    for e, h in result["headline"].items():
+        row = {}
+        for m in ("token_acc", "logit_acc"):
+            floor = max(h["baseline"][m], h["random"][m] if h["random"] is not None else 0.0)
+            row[f"{m}_margin"] = h["transplanted"][m] - floor
+        per[e] = row
+    n = len(per)
+
+    def mean(cond: str, m: str) -> float:
+        return sum(h[cond][m] for h in result["headline"].values()) / n
+
+    ratios = {}
+    for m in ("token_acc", "logit_acc"):
+        gain = mean("native", m) - mean("baseline", m)
+        ratios[m] = (mean("transplanted", m) - mean("baseline", m)) / gain if abs(gain) > 1e-9 else float("nan")
+    return {
+        "targets": targets,
+        "per_emotion": per,
+        "emotions_above_margin": {m: sum(r[f"{m}_margin"] >= targets["margin"] - 1e-9 for r in per.values())
+                                  for m in ("token_acc", "logit_acc")},
+        "n_emotions": n,
+        "causal_ratio": ratios,
+        "mean_token_acc": mean("transplanted", "token_acc"),
+        "mean_logit_acc": mean("transplanted", "logit_acc"),
+    }
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
     """A short markdown report: the headline table and how layer/alpha were chosen."""
     lines = [
@@ -130,6 +162,40 @@ def summary_markdown(result: dict[str, Any]) -> str:
                   "| transplanted \\ answered | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for e, counts in conf["transplanted"]["counts"].items():
             lines.append(f"| {e} | " + " | ".join(f"**{counts[x]}**" if x == e else str(counts[x]) for x in labels) + " |")
+    g = result.get("goals")
+    if g:
+        t = g["targets"]
+        lines += ["", f"Against the targets at alpha {result['alpha']:g}: emotions at least {t['margin']:.2f} above both "
+                  f"the baseline and the random control: Token Acc {g['emotions_above_margin']['token_acc']} of "
+                  f"{g['n_emotions']}, Logit Acc {g['emotions_above_margin']['logit_acc']} of {g['n_emotions']}; causal "
+                  f"ratio (transplanted − baseline) / (native − baseline): Token {g['causal_ratio']['token_acc']:.2f}, "
+                  f"Logit {g['causal_ratio']['logit_acc']:.2f} (target {t['causal_ratio']}); mean Token Acc "
+                  f"{g['mean_token_acc']:.2f} (target {t['mean_token_acc']})."]
+    flu = result.get("fluency")
+    if flu:
+        alphas = list(next(iter(flu["mapped"].values())))
+        lines += ["", f"Fluency: {flu['what']} (unsteered {flu['base_ppl']:.1f}; bound {flu['max_ppl_ratio']}×), "
+                  f"at layer(s) {result['layers']}:", "",
+                  "| emotion | " + " | ".join(f"mapped α={a}" for a in alphas) + f" | native α={result['alpha']:g} "
+                  f"| random α={result['alpha']:g} |", "|---|" + "---|" * (len(alphas) + 2)]
+        for e, row in flu["mapped"].items():
+            lines.append(f"| {e} | " + " | ".join(f"{row[a]:.2f}" for a in alphas)
+                         + f" | {flu['native'][e]:.2f} | {flu['random'][e]:.2f} |")
+    samples = result.get("samples")
+    if samples:
+        lines += ["", f"Sample continuations (greedy, {samples['max_new_tokens']} tokens) at the chosen setting: after "
+                  f"the evaluation prompt of one held-out negative, and after \"{samples['opener']}\":", "",
+                  "| emotion | scenario | unsteered answer | transplanted answer | transplanted, neutral opener |",
+                  "|---|---|---|---|---|"]
+
+        def q(text: str) -> str:
+            return "`" + text.replace("\n", " ⏎ ").replace("|", "/").replace("`", "'").strip() + "`"
+
+        for e, row in samples["emotions"].items():
+            lines.append(f"| {e} | {row['scenario'][:60]}… | {q(row['unsteered']['answer'])} | "
+                         f"{q(row['transplanted']['answer'])} | {q(row['transplanted']['opener'])} |")
+        first = next(iter(samples["emotions"].values()))
+        lines += ["", f"Unsteered, neutral opener: {q(first['unsteered']['opener'])}"]
     lines += ["", "On **positives** (the emotion's own scenarios), Token / Logit Acc baseline → transplanted:", ""]
     for e, h in result["headline"].items():
         lines.append(f"- {e}: {cell(h['positives_baseline'])} → {cell(h['positives_transplanted'])}")

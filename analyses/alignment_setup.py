@@ -21,7 +21,7 @@ from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.sweep import CellStore, cell_key, run_option
 from contrans_tl.tasks.perplexity import PerplexityResult, perplexity, perplexity_interval
-from contrans_tl.tasks.selection import choose_best
+from contrans_tl.tasks.selection import choose_within_bound
 from contrans_tl.transplant import Unit
 
 from contrans_tl.analyses._common import relabel
@@ -240,28 +240,22 @@ def choose_under_bound(run: AlignmentRun, vec: ConceptVector, score: Callable[[C
                        maximize: bool = True, key: Any = None) -> tuple[Steer, dict[str, Any]]:
     """The best validation score among grid points within the fluency bound (ties: the weakest).
 
-    Each grid point's guard perplexity is measured first; a point above ``max_ppl_ratio`` × the
-    unsteered model's is recorded with its perplexity and never scored (so it cannot win, and
-    costs one short perplexity pass). ``score(point)`` scores the allowed ones on validation data;
-    ``key`` names ``vec`` in the store, so the guard perplexities survive a resume.
-    Returns the chosen steer and the record of every point.
+    A point whose guard perplexity exceeds ``max_ppl_ratio`` × the unsteered model's is recorded
+    with its perplexity and never scored (:func:`~contrans_tl.tasks.selection.choose_within_bound`).
+    ``score(point)`` scores the allowed ones on validation data; ``key`` names ``vec`` in the
+    store, so the guard perplexities survive a resume. Returns the chosen steer and the record.
     """
     cfg = run.cfg
-    bound = cfg.max_ppl_ratio * run.guard()
-    allowed: dict[Candidate, float] = {}
-    points: dict[str, Any] = {}
-    for layers, alpha in candidates(cfg, run.layers):
-        g = run.guard() if alpha == 0 else run.guard([(vec, alpha, layers)], None if key is None else (key, layers, alpha))
-        entry: dict[str, Any] = {"guard_ppl": g, "allowed": g <= bound}
-        if entry["allowed"]:
-            entry["score"] = allowed[(layers, alpha)] = score((layers, alpha))
-        points[f"{list(layers)}@{alpha}"] = entry
-    if not allowed:
-        raise InvalidArgumentError("alphas", cfg.alphas, f"a grid with a point whose guard perplexity stays within "
-                                   f"{cfg.max_ppl_ratio} x the unsteered model's (include 0)")
-    layers, alpha = choose_best(allowed, maximize=maximize, cost=weakest)
-    record = {"alpha": alpha, "layers": list(layers), "guard_ppl": points[f"{list(layers)}@{alpha}"]["guard_ppl"],
-              "base_guard_ppl": run.guard(), "max_ppl_ratio": cfg.max_ppl_ratio, "validation": points}
+
+    def guard(point: Candidate) -> float:
+        layers, alpha = point
+        return run.guard() if alpha == 0 else run.guard([(vec, alpha, layers)], None if key is None else (key, layers, alpha))
+
+    (layers, alpha), points = choose_within_bound(candidates(cfg, run.layers), guard, score, maximize=maximize,
+                                                  limit=cfg.max_ppl_ratio * run.guard(), cost=weakest)
+    validation = {f"{list(ls)}@{a}": {"guard_ppl": p.pop("guard"), **p} for (ls, a), p in points.items()}
+    record = {"alpha": alpha, "layers": list(layers), "guard_ppl": validation[f"{list(layers)}@{alpha}"]["guard_ppl"],
+              "base_guard_ppl": run.guard(), "max_ppl_ratio": cfg.max_ppl_ratio, "validation": validation}
     return (vec, alpha, layers), record
 
 

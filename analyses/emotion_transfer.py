@@ -29,23 +29,26 @@ import torch
 import contrans_tl as ct
 from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
-from contrans_tl.analyses._emotion_outputs import confusion, headline, measurability, plot, summary_markdown
+from contrans_tl.analyses._emotion_outputs import confusion, goals, headline, measurability, plot, summary_markdown
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import capture, check_layers
 from contrans_tl.datasets import neutral_sentences
+from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.files import atomic_path, atomic_write_text, write_json
 from contrans_tl.handle import ModelHandle
 from contrans_tl.metrics import layer_cosine
 from contrans_tl.reformulate import capture_pair, default_layer_pairs, fit_map_from_states
 from contrans_tl.sweep import CellStore, cell_key, run_option, settings_fingerprint
 from contrans_tl.tasks.emotion import EMOTIONS, QUERY, Answers, EmotionTask, emotion_task
+from contrans_tl.tasks.perplexity import perplexity
+from contrans_tl.tasks.selection import choose_within_bound
 from contrans_tl.transplant import Unit
 
 __all__ = ["Config", "QUICK", "run", "plot", "add_args", "config_from_args", "run_cli", "main"]
 
-QUICK: dict[str, Any] = {"alphas": (0.0, 0.3), "candidate_depths": (0.67, 0.9), "n_negatives": 2, "n_positives": 4,
-                         "n_validation": 1, "n_refine": 8, "n_examples": (5, 0), "random_seeds": 1, "n_alignment": 120}
-"""``--quick``: 2 alphas, 2 candidate layers, few scenarios, 1 random seed (replaces the flags' values)."""
+QUICK: dict[str, Any] = {"alphas": (0.0, 0.05, 0.3), "candidate_depths": (0.67, 0.9), "n_negatives": 2, "n_positives": 4,
+                         "n_validation": 1, "n_refine": 8, "n_examples": (5, 0), "random_seeds": 1, "n_alignment": 120, "n_guard": 4}
+"""``--quick``: alphas 0 / 0.05 / 0.3, 2 candidate layers, few scenarios, 4 guard sentences, 1 random seed (replaces the flags' values)."""
 
 
 @dataclass
@@ -62,8 +65,8 @@ class Config:
     """Directory of {emotion}.json scenario lists (default: the built-in set)."""
     emotions: tuple[str, ...] = EMOTIONS
     """Emotions steered (negatives always come from all the other five)."""
-    alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
-    """Strength grid (includes 0, the baseline), in ``unit``s."""
+    alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+    """Strength grid (includes 0, the baseline), in ``unit``s; fine below 0.2, where the fluency bound falls."""
     unit: Unit = "norm"
     """"norm": alpha is a fraction of the target layer's mean residual norm; "raw": alpha·v."""
     layers: tuple[int, ...] | None = None
@@ -82,8 +85,18 @@ class Config:
     """Refinement sizes for Fig 5 (0 = all available; sizes above the half are capped)."""
     random_seeds: int = 3
     """Random controls per emotion (mapped vector's per-layer norm) at the chosen alpha; one also at every alpha."""
-    n_alignment: int = 400
-    """Neutral sentences used to fit the affine map."""
+    n_alignment: int = 380
+    """Neutral sentences used to fit the affine map (the first ones; the last ``n_guard`` are kept out)."""
+    n_guard: int = 10
+    """Built-in neutral sentences held out of the map: the fluency bound's perplexity is measured on them
+    (each pass scores Gemma's 262k-word vocabulary at every position, so they are few)."""
+    max_ppl_ratio: float = 1.2
+    """Fluency bound: a (layer, alpha) is eligible only if every mapped vector keeps the guard
+    sentences' perplexity within this factor of the unsteered target's."""
+    select_on: str = "both"
+    """Validation score of the layer/alpha choice: "both" (mean of Token and Logit Acc), "token" or "logit"."""
+    outlier_factor: float = 10.0
+    """Samples whose norm passes this factor x the layer median are left out of the map fit (0 keeps all)."""
     batch_size: int = run_option(16)
     """Prompts per forward batch."""
     seed: int = 0
@@ -99,6 +112,14 @@ class Config:
 
     def __post_init__(self) -> None:
         validate.choice("unit", self.unit, ("norm", "raw"))
+        validate.choice("select_on", self.select_on, SELECT_ON)
+        if not self.max_ppl_ratio >= 1:
+            raise InvalidArgumentError("max_ppl_ratio", self.max_ppl_ratio, "a factor >= 1 (1.2: 20 % above the base)")
+        n = len(neutral_sentences())
+        if self.n_guard < 1 or self.n_alignment + self.n_guard > n:
+            raise InvalidArgumentError("n_alignment, n_guard", (self.n_alignment, self.n_guard),
+                                       f"n_guard >= 1 and n_alignment + n_guard <= the {n} built-in neutral sentences "
+                                       "(the guard sentences are held out of the map)")
 
     def effective(self) -> Config:
         """The config with ``quick`` applied to the size fields the user left at their defaults."""
@@ -113,11 +134,19 @@ def _log(msg: str) -> None:
     print(f"[emotion {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+SELECT_ON = ("both", "token", "logit")
+"""What the validation grid maximizes: mean of Token and Logit Acc, or one of them."""
+
+GOALS = {"margin": 0.10, "causal_ratio": 0.8, "mean_token_acc": 0.5}
+"""The transfer targets the demo reports against (issue #14 item 5): every emotion >= ``margin``
+above both the baseline and the random control, causal ratio and mean Token Acc at the chosen alpha."""
+
 NORM_REFERENCE = "target's mean resid_post norm at the last token of every refinement prompt"
 """Where the demo's alpha unit comes from (one value per target layer, shared by every condition)."""
 
 
-PROTOCOL = "2: one alpha unit for every condition; map at the candidate layers; label counts per cell"
+PROTOCOL = ("3: one alpha unit for every condition; map at the candidate layers without outlier samples, guard "
+            "sentences held out; label counts per cell; Token and Logit Acc in validation cells")
 """The evaluation protocol of the cells: part of their settings, so a folder from another protocol is refused."""
 
 
@@ -138,6 +167,8 @@ class _Run:
     """The target's unsteered answers to every held-out scenario, computed once for all emotions."""
     reference: torch.Tensor | None = None
     """:meth:`reference_norms`, once read or measured."""
+    guard_ppl: float | None = None
+    """:meth:`guard_base`, once read or measured."""
 
     def score(self, vector: ConceptVector | None, emotion: str, layers: Sequence[int], alpha: float,
               scenarios: list[str]) -> dict[str, Any]:
@@ -183,6 +214,28 @@ class _Run:
             self.states[id(model)] = dict(zip(prompts, capture(model, prompts, batch_size=self.cfg.batch_size)))
         return self.states[id(model)]
 
+    def guard_ratios(self, items: dict[str, tuple[ConceptVector, Sequence[int], float]]) -> dict[str, float]:
+        """Perplexity of the guard sentences (held out of the map) with each item's vector transplanted,
+        over the unsteered target's: the fluency cost of a setting, kept as cells."""
+        texts = neutral_sentences()[-self.cfg.n_guard:]
+
+        def ppl(item: tuple[ConceptVector, Sequence[int], float]) -> float:
+            vector, layers, alpha = item
+            with ct.transplant(self.target, vector, alpha=alpha, layers=list(layers), unit=self.cfg.unit):
+                return perplexity(self.target, texts, batch_size=self.cfg.batch_size).perplexity
+
+        base = self.guard_base()
+        return {k: v / base for k, v in self.store.run(items, ppl).items()}
+
+    def guard_base(self) -> float:
+        """The unsteered target's perplexity on the guard sentences (a cell, read once)."""
+        if self.guard_ppl is None:
+            texts = neutral_sentences()[-self.cfg.n_guard:]
+            self.guard_ppl = float(self.store.run(
+                {"guard__base": None},
+                lambda _: perplexity(self.target, texts, batch_size=self.cfg.batch_size).perplexity)["guard__base"])
+        return self.guard_ppl
+
     def reference_norms(self) -> torch.Tensor:
         """Alpha's one norm unit per target layer, for mapped, native and random vectors alike: the
         target's mean resid_post norm at the last token of every refinement prompt (kept in artifacts/)."""
@@ -227,7 +280,7 @@ def _fit_or_load_map(r: _Run) -> AffineMap:
             with r.phases.phase(f"map: {part}"):
                 r.store.reused(f"artifact-map-{part}")
         return AffineMap.load(map_path)
-    texts = neutral_sentences()[: r.cfg.n_alignment]
+    texts = neutral_sentences()[: r.cfg.n_alignment]  # the guard sentences (the last n_guard) stay out
     steerable = set(_candidate_layers(r))  # the layers the run may transplant into: no other pair is used
     pairs = [(s, t) for s, t in default_layer_pairs(int(r.source.cfg.n_layers), int(r.target.cfg.n_layers))
              if t in steerable]
@@ -236,7 +289,7 @@ def _fit_or_load_map(r: _Run) -> AffineMap:
         xs, ys = capture_pair(r.source, r.target, texts, sorted({s for s, _ in pairs}), sorted({t for _, t in pairs}),
                               batch_size=r.cfg.batch_size, progress=True)
     with r.phases.phase("map: fit"), r.phases.record("artifact-map-fit"):
-        amap = fit_map_from_states(xs, ys, layers=pairs, seed=r.cfg.seed)
+        amap = fit_map_from_states(xs, ys, layers=pairs, seed=r.cfg.seed, outlier_factor=r.cfg.outlier_factor)
     amap.save(map_path)
     return amap
 
@@ -254,42 +307,121 @@ def _refine_vectors(r: _Run, amap: AffineMap) -> tuple[dict[str, ConceptVector],
     return mapped_vecs, native_vecs
 
 
+def _guard_key(e: str, cond: str, layers: Sequence[int], alpha: float) -> str:
+    return cell_key(phase="guard", emotion=e, cond=cond, layers=_layers_key(layers), alpha=alpha)
+
+
 def _choose_layer_and_alpha(r: _Run, mapped: dict[str, ConceptVector]) -> tuple[list[int], float, dict[str, Any]]:
-    """Layer and alpha with the best Logit Acc of the mapped vectors on refinement-half negatives."""
+    """Layer and alpha with the best validation score of the mapped vectors on refinement-half
+    negatives, among the points where every mapped vector stays within the fluency bound."""
     cfg, emotions = r.cfg, list(r.cfg.emotions)
+    layer_sets = [tuple(cfg.layers)] if cfg.layers is not None else [(layer,) for layer in _candidate_layers(r)]
+    points = [(ls, float(a)) for ls in layer_sets for a in sorted(cfg.alphas) if a > 0]
+    metrics = {"both": ("token_acc", "logit_acc"), "token": ("token_acc",), "logit": ("logit_acc",)}[cfg.select_on]
+    _log(f"choosing the layer among {[list(ls) for ls in layer_sets]} and alpha among {cfg.alphas} on validation "
+         f"scenarios, within perplexity {cfg.max_ppl_ratio} x the unsteered target's")
 
-    def validate(layers: Sequence[int], alpha: float) -> dict[str, float]:
-        """Logit Acc of every mapped vector on refinement-half negatives (never the test half)."""
-        return {e: r.score(mapped[e], e, layers, alpha, r.task.negatives(e, held_out=False, k=cfg.n_validation))
-                ["logit_acc"] for e in emotions}
+    def validate(point: tuple[tuple[int, ...], float]) -> dict[str, dict[str, float]]:
+        """Token and Logit Acc of every mapped vector on refinement-half negatives (never the test half)."""
+        layers, alpha = point
+        return {e: {m: acc[m] for m in ("token_acc", "logit_acc")}
+                for e in emotions
+                for acc in [r.score(mapped[e], e, layers, alpha, r.task.negatives(e, held_out=False, k=cfg.n_validation))]}
 
-    if cfg.layers is not None:
-        layers = list(cfg.layers)
-        alpha_cells = {cell_key(phase="val", layer=_layers_key(layers), alpha=a): a for a in cfg.alphas if a > 0}
-        val_done = r.store.run(alpha_cells, lambda a: validate(layers, a), desc="validation")
-        val = {a: val_done[key] for key, a in alpha_cells.items()}
-        alpha = max(val, key=lambda a: sum(val[a].values()))
-        selection: dict[str, Any] = {"how": "given by the user", "layers": layers,
-                                     "validation_logit_acc": {str(a): v for a, v in val.items()}}
-    else:
-        candidates = _candidate_layers(r)
-        _log(f"choosing the layer among {candidates} and alpha among {cfg.alphas} on validation scenarios")
-        grid_cells = {cell_key(phase="val", layer=layer, alpha=a): (layer, a)
-                      for layer in candidates for a in cfg.alphas if a > 0}
-        val_done = r.store.run(grid_cells, lambda arg: validate([arg[0]], arg[1]), desc="validation")
-        grid = {f"{layer}:{a:g}": val_done[key] for key, (layer, a) in grid_cells.items()}
-        best = max(grid, key=lambda k: sum(grid[k].values()) / len(emotions))
-        layers = [int(best.split(":")[0])]
-        alpha = float(best.split(":")[1])
-        selection = {
-            "how": "mean Logit Acc of mapped vectors on refinement-half negatives "
-                   f"({cfg.n_validation} per other emotion), over candidate layers x alphas",
-            "grid_mean_logit_acc": {k: sum(v.values()) / len(v) for k, v in grid.items()},
-            "layers": layers,
-        }
-    selection["alpha"] = alpha
+    broken: dict[tuple[int, ...], float] = {}
+    """Per layer set, the weakest alpha over the bound: stronger ones are not measured (perplexity
+    grows with alpha), recorded as skipped."""
+
+    def guard(point: tuple[tuple[int, ...], float]) -> float:
+        layers, alpha = point
+        if alpha > broken.get(layers, float("inf")):
+            return float("inf")
+        worst = max(r.guard_ratios({_guard_key(e, "mapped", layers, alpha): (mapped[e], layers, alpha)
+                                    for e in emotions}).values())
+        if worst > cfg.max_ppl_ratio:
+            broken[layers] = min(alpha, broken.get(layers, float("inf")))
+        return worst
+
+    def score(point: tuple[tuple[int, ...], float]) -> float:
+        layers, alpha = point
+        val = r.store.run({cell_key(phase="val", layer=_layers_key(layers), alpha=alpha): point}, validate)
+        return sum(v[m] for v in next(iter(val.values())).values() for m in metrics) / (len(emotions) * len(metrics))
+
+    (layers_t, alpha), record = choose_within_bound(points, guard, score, limit=cfg.max_ppl_ratio, cost=lambda p: p[1])
+    layers = list(layers_t)
+    grid: dict[str, Any] = {}
+    for (ls, a), rec in record.items():
+        skipped = rec["guard"] == float("inf")
+        row: dict[str, Any] = {"max_ppl_ratio": None if skipped else rec["guard"], "allowed": rec["allowed"]}
+        if skipped:
+            row["skipped"] = "not measured: a weaker alpha at these layers already passed the bound"
+        if rec["allowed"]:
+            val = r.store.get(cell_key(phase="val", layer=_layers_key(ls), alpha=a))
+            row.update(score=rec["score"], **{m: sum(v[m] for v in val.values()) / len(val) for m in ("token_acc", "logit_acc")})
+        grid[f"{_layers_key(ls)}:{a:g}"] = row
+    selection: dict[str, Any] = {
+        "how": ("given layers; " if cfg.layers is not None else "") +
+               f"best mean {' + '.join(metrics)} of mapped vectors on refinement-half negatives ({cfg.n_validation} "
+               f"per other emotion), among (layer, alpha) points where every mapped vector keeps the guard "
+               f"sentences' perplexity within {cfg.max_ppl_ratio} x the unsteered target's",
+        "select_on": cfg.select_on, "max_ppl_ratio": cfg.max_ppl_ratio, "grid": grid, "layers": layers, "alpha": alpha,
+    }
     _log(f"transplanting at target layer(s) {layers}, validation-chosen alpha {alpha:g} ({cfg.unit})")
     return layers, alpha, selection
+
+
+def _fluency(r: _Run, mapped: dict[str, ConceptVector], native: dict[str, ConceptVector], layers: list[int],
+             alpha: float) -> dict[str, Any]:
+    """Guard perplexity ratios: the mapped vectors at every alpha of the chosen layers, the native
+    vector and a random control at the chosen alpha; and greedy sample continuations there."""
+    items = {}
+    for e in r.cfg.emotions:
+        for a in r.cfg.alphas:
+            if a > 0:
+                items[_guard_key(e, "mapped", layers, a)] = (mapped[e], layers, float(a))
+        items[_guard_key(e, "native", layers, alpha)] = (native[e], layers, alpha)
+        items[_guard_key(e, "random", layers, alpha)] = (_random_like(mapped[e], 1000), layers, alpha)
+    ratios = r.guard_ratios(items)
+    return {
+        "what": f"perplexity of the last {r.cfg.n_guard} built-in neutral sentences (held out of the map) "
+                "over the unsteered target's",
+        "base_ppl": r.guard_base(),
+        "max_ppl_ratio": r.cfg.max_ppl_ratio,
+        "mapped": {e: {f"{a:g}": ratios[_guard_key(e, "mapped", layers, a)] for a in r.cfg.alphas if a > 0}
+                   for e in r.cfg.emotions},
+        "native": {e: ratios[_guard_key(e, "native", layers, alpha)] for e in r.cfg.emotions},
+        "random": {e: ratios[_guard_key(e, "random", layers, alpha)] for e in r.cfg.emotions},
+    }
+
+
+SAMPLE_TOKENS = 12
+"""New tokens of each sample continuation."""
+
+
+def _samples(r: _Run, mapped: dict[str, ConceptVector], layers: list[int], alpha: float) -> dict[str, Any]:
+    """Greedy continuations at the chosen setting, unsteered and with each emotion transplanted: the
+    first held-out negative's evaluation prompt (what the model says, not only which label wins) and
+    the start of a guard sentence (does it still write ordinary text)."""
+    opener = " ".join(neutral_sentences()[-r.cfg.n_guard].split()[:6])
+
+    def prompts(e: str) -> list[str]:
+        return [r.task.prefix + QUERY.format(r.task.negatives(e, held_out=True, k=1)[0]), opener]
+
+    def write(arg: tuple[str, str | None]) -> list[str]:
+        e, steer = arg
+        if steer is None:
+            return ct.generate(r.target, prompts(e), max_new_tokens=SAMPLE_TOKENS)
+        with ct.transplant(r.target, mapped[e], alpha=alpha, layers=layers, unit=r.cfg.unit):
+            return ct.generate(r.target, prompts(e), max_new_tokens=SAMPLE_TOKENS)
+
+    cells = {cell_key(phase="samples", emotion=e, cond=c, layers=_layers_key(layers), alpha=alpha if c else 0):
+             (e, c) for e in r.cfg.emotions for c in (None, "mapped")}
+    done = r.store.run(cells, write, desc="sample continuations")
+    out: dict[str, Any] = {"opener": opener, "max_new_tokens": SAMPLE_TOKENS, "emotions": {}}
+    for key, (e, c) in cells.items():
+        row = out["emotions"].setdefault(e, {"scenario": r.task.negatives(e, held_out=True, k=1)[0]})
+        row["unsteered" if c is None else "transplanted"] = {"answer": done[key][0], "opener": done[key][1]}
+    return out
 
 
 def _condition_cells(r: _Run, e: str, mapped: ConceptVector, native: ConceptVector, layers: list[int],
@@ -424,6 +556,9 @@ def run(cfg: Config) -> dict[str, Any]:
         n_examples = _refinement_sizes(r, amap, results, layers, alpha)
     with phases.phase("hidden states (Fig 2b, 7/8)"):
         _save_states(r, amap, mapped, results, layers, alpha, out / "states.pt")
+    with phases.phase("fluency and samples"):
+        fluency = _fluency(r, mapped, native, layers, alpha)
+        samples = _samples(r, mapped, layers, alpha)
 
     result = {
         "config": asdict(cfg),
@@ -446,10 +581,13 @@ def run(cfg: Config) -> dict[str, Any]:
         "headline": headline(results, alpha),
         "confusion": confusion(results, alpha),
         "n_examples": n_examples,
+        "fluency": fluency,
+        "samples": samples,
         "seconds": round(time.time() - t0, 1),
         "phases": phases.as_dict(),
     }
     result["measurability"] = measurability(result)
+    result["goals"] = goals(result, GOALS)
     write_json(out / "results.json", result)
     atomic_write_text(out / "summary.md", summary_markdown(result))
     _log(f"wrote {out / 'results.json'} ({result['seconds']}s)")
@@ -473,9 +611,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
                        ("n_positives", "evaluation scenarios of the emotion itself"),
                        ("n_refine", "refinement scenarios per side (0 = all)"),
                        ("random_seeds", "random controls per emotion"),
-                       ("n_alignment", "neutral sentences for the map")):
+                       ("n_alignment", "neutral sentences for the map"),
+                       ("n_guard", "held-out neutral sentences of the fluency bound")):
         p.add_argument(f"--{name.replace('_', '-')}", type=validate.nonnegative_int_flag,
                        help=f"{what} (default {getattr(d, name)})")
+    p.add_argument("--max-ppl-ratio", type=float, help=f"fluency bound of the alpha choice (default {d.max_ppl_ratio})")
+    p.add_argument("--select-on", choices=list(SELECT_ON), help=f"validation score of the choice (default {d.select_on})")
+    p.add_argument("--outlier-factor", type=float,
+                   help=f"leave samples above this x the median norm out of the map (default {d.outlier_factor}; 0 keeps all)")
     p.add_argument("--batch-size", type=validate.positive_int_flag, help=f"default {d.batch_size}")
     p.add_argument("--seed", type=validate.nonnegative_int_flag, help=f"default {d.seed}")
     p.add_argument("--device", default=None)

@@ -9,6 +9,7 @@ split of the training texts; R² is reported on held-out texts that neither saw.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from contrans_tl.errors import InvalidArgumentError, WidthMismatchError
 from contrans_tl.handle import ModelHandle
 
 __all__ = [
+    "drop_outlier_samples",
     "default_layer_pairs",
     "Moments",
     "NormalEquations",
@@ -224,6 +226,41 @@ def _ridge_arg(ridge: object) -> float | Literal["auto"]:
     return validate.real("ridge", ridge, low=0.0)
 
 
+def drop_outlier_samples(
+    source: PairedStates, target: PairedStates, *, factor: float = 10.0
+) -> tuple[PairedStates, PairedStates, int]:
+    """Both captures without the samples whose norm exceeds ``factor`` × the layer's median.
+
+    A sample is dropped from both sides when, at any captured layer of either model, its
+    resid_post norm is more than ``factor`` times that layer's median norm. Massive
+    activations do this: on the default pair one token ("Snow" opening a sentence) reaches
+    ~140× the median norm at SmolLM2 layers 11–29, and when its text is held out the maps
+    of all those layers score a held-out R² far below zero although they fit the rest well.
+    Returns the filtered captures and the number of samples dropped.
+    """
+    if factor <= 0:
+        return source, target, 0
+    if not torch.equal(source.text_index, target.text_index):
+        raise InvalidArgumentError(
+            "target", f"<capture of {target.model.name}, {len(target.text_index)} samples>",
+            "a capture aligned with source sample by sample (same texts, same pairing scheme)",
+        )
+
+    def bad(states: PairedStates) -> Tensor:
+        norms = states.states.norm(dim=-1)  # [samples, layers]
+        return (norms > factor * norms.median(dim=0).values).any(dim=1)
+
+    keep = ~(bad(source) | bad(target))
+    n_dropped = int((~keep).sum())
+    if n_dropped == 0:
+        return source, target, 0
+
+    def subset(states: PairedStates) -> PairedStates:
+        return dataclasses.replace(states, states=states.states[keep], text_index=states.text_index[keep])
+
+    return subset(source), subset(target), n_dropped
+
+
 def fit_map_from_states(
     source: PairedStates,
     target: PairedStates,
@@ -233,13 +270,16 @@ def fit_map_from_states(
     holdout: float = 0.2,
     bias: bool = True,
     seed: int = 0,
+    outlier_factor: float = 10.0,
 ) -> AffineMap:
     """Fit the per-pair affine maps from two models' aligned captures of the same corpus.
 
     ``layers`` lists (source layer, target layer) pairs (default: :func:`default_layer_pairs`).
     ``holdout`` of the texts is set aside for the reported R²; with ``ridge="auto"`` another
     fifth of the remaining texts picks each pair's ridge from :data:`RIDGE_GRID`, and the
-    final maps are refitted on all training texts.
+    final maps are refitted on all training texts. Samples with massive activations (norm above
+    ``outlier_factor`` × the layer's median, :func:`drop_outlier_samples`; 0 keeps all) are left
+    out first: one such token can dominate a least-squares fit.
     """
     if not isinstance(source, PairedStates) or not isinstance(target, PairedStates):
         raise InvalidArgumentError("source/target", (type(source).__name__, type(target).__name__),
@@ -258,6 +298,9 @@ def fit_map_from_states(
         )
     pairs = (validate.layer_pairs("layers", layers) if layers is not None
              else default_layer_pairs(source.model.n_layers, target.model.n_layers))
+    if not outlier_factor >= 0:
+        raise InvalidArgumentError("outlier_factor", outlier_factor, "a factor >= 0 (0 keeps every sample)")
+    source, target, n_dropped = drop_outlier_samples(source, target, factor=outlier_factor)
     x = torch.stack([source.layer(s) for s, _ in pairs])  # [pair, n, d_src]
     y = torch.stack([target.layer(t) for _, t in pairs])  # [pair, n, d_tgt]
     n_texts = int(source.text_index.max()) + 1
@@ -315,6 +358,8 @@ def fit_map_from_states(
             "n_heldout_samples": len(held_idx),
             "holdout": holdout,
             "seed": seed,
+            "outlier_factor": outlier_factor,
+            "outliers_dropped": n_dropped,
         },
     )
 
@@ -366,6 +411,7 @@ def fit_map(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    outlier_factor: float = 10.0,
 ) -> AffineMap:
     """Reformulate: capture both models on ``texts`` and fit per-layer-pair affine maps.
 
@@ -384,4 +430,5 @@ def fit_map(
     tgt_layers = check_layers(target, sorted({t for _, t in pairs}))
     xs, ys = capture_pair(source, target, texts, src_layers, tgt_layers,
                           alignment=alignment, batch_size=batch_size, progress=progress)
-    return fit_map_from_states(xs, ys, layers=pairs, ridge=ridge, holdout=holdout, bias=bias, seed=seed)
+    return fit_map_from_states(xs, ys, layers=pairs, ridge=ridge, holdout=holdout, bias=bias, seed=seed,
+                               outlier_factor=outlier_factor)

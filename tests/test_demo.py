@@ -35,7 +35,7 @@ def test_quick_demo_writes_results_figures_and_summary(quick_demo):
         assert len(headline_random["seeds"]) == result["config"]["random_seeds"]
         assert "negatives" in headline_random
     # the map is fitted at the layers the run may transplant into (the validation grid's candidates), no others
-    candidates = {int(k.split(":")[0]) for k in result["selection"]["grid_mean_logit_acc"]}
+    candidates = {int(k.split(":")[0]) for k in result["selection"]["grid"]}
     assert {t for _, t in result["map"]["pairs"]} == candidates and len(result["map"]["r2_heldout"]) == len(candidates)
     assert set(result["norm_reference"]["layers"]) == {str(t) for t in candidates}
     # the transplant matrix: one row per emotion, every negative counted once, the diagonal = Logit Acc
@@ -53,6 +53,38 @@ def test_quick_demo_writes_results_figures_and_summary(quick_demo):
             assert (quick_demo / "figures" / f"{stem}{suffix}").stat().st_size > 1000
     summary = (quick_demo / "summary.md").read_text()
     assert "smollm2-135m-instruct → gemma-3-270m" in summary and "| fear |" in summary
+    assert "Fluency:" in summary and "Sample continuations" in summary and "causal ratio" in summary
+
+
+def test_demo_chooses_within_the_fluency_bound_and_reports_it(quick_demo):
+    """The chosen (layer, alpha) is the best validation score among points within the perplexity
+    bound; the fluency table, the samples and the goals are computed from the run's own cells."""
+    result = json.loads((quick_demo / "results.json").read_text())
+    sel, flu = result["selection"], result["fluency"]
+    chosen = sel["grid"][f"{'-'.join(map(str, result['layers']))}:{result['alpha']:g}"]
+    assert chosen["allowed"] and chosen["max_ppl_ratio"] <= sel["max_ppl_ratio"]
+    allowed = [row for row in sel["grid"].values() if row["allowed"]]
+    assert chosen["score"] == max(row["score"] for row in allowed)
+    assert all("score" not in row for row in sel["grid"].values() if not row["allowed"])
+    assert chosen["score"] == pytest.approx((chosen["token_acc"] + chosen["logit_acc"]) / 2)  # select_on="both"
+    # the fluency table's mapped column at the chosen alpha is what the grid's guard read (its maximum)
+    a = f"{result['alpha']:g}"
+    assert max(flu["mapped"][e][a] for e in EMOTIONS) == pytest.approx(chosen["max_ppl_ratio"])
+    assert flu["base_ppl"] > 1 and all(r > 0 for r in flu["native"].values())
+    # samples: the transplanted answers are the steered model's own words, not a copy of the unsteered ones
+    rows = result["samples"]["emotions"]
+    assert set(rows) == set(EMOTIONS)
+    assert any(rows[e]["transplanted"]["answer"] != rows[e]["unsteered"]["answer"] for e in EMOTIONS)
+    # goals: margins over the larger of baseline and random, from the headline rows
+    for e in EMOTIONS:
+        h = result["headline"][e]
+        want = h["transplanted"]["token_acc"] - max(h["baseline"]["token_acc"], h["random"]["token_acc"])
+        assert result["goals"]["per_emotion"][e]["token_acc_margin"] == pytest.approx(want)
+    mean = lambda c, m: sum(result["headline"][e][c][m] for e in EMOTIONS) / len(EMOTIONS)  # noqa: E731
+    gain = mean("native", "logit_acc") - mean("baseline", "logit_acc")
+    assert result["goals"]["causal_ratio"]["logit_acc"] == pytest.approx(
+        (mean("transplanted", "logit_acc") - mean("baseline", "logit_acc")) / gain)
+    assert result["map"]["outlier_factor"] == 10.0 and result["map"]["outliers_dropped"] >= 0
 
 
 def test_native_and_mapped_vectors_share_one_alpha_unit(quick_demo, smollm, gemma):

@@ -228,6 +228,24 @@ def test_choose_best_prefers_weakest_intervention_on_ties():
 
 
 # ---- toxicity scorers -----------------------------------------------------------------------------
+def test_choose_within_bound_never_scores_or_picks_a_point_over_the_bound():
+    from contrans_tl.tasks.selection import choose_within_bound
+
+    guard = {0.0: 1.0, 0.1: 1.05, 0.3: 1.19, 0.5: 1.4, 1.0: 3.0}
+    scored: list[float] = []
+
+    def score(a: float) -> float:
+        scored.append(a)
+        return a  # the stronger, the better: only the bound stops it
+
+    best, record = choose_within_bound(list(guard), guard.__getitem__, score, limit=1.2)
+    assert best == 0.3 and sorted(scored) == [0.0, 0.1, 0.3]
+    assert record[0.5] == {"guard": 1.4, "allowed": False} and record[0.3]["score"] == 0.3
+    assert choose_within_bound(list(guard), guard.__getitem__, score, limit=10)[0] == 1.0
+    with pytest.raises(InvalidArgumentError, match="points"):
+        choose_within_bound([0.5, 1.0], guard.__getitem__, score, limit=1.2)
+
+
 def test_stand_in_scorer_is_labelled_not_toxicity():
     scorer = tg.StandInScorer(["groupx are vermin vermin vermin"] * 3, ["groupx are people who cook"] * 3)
     assert not scorer.is_toxicity_classifier and "NOT a toxicity classifier" in scorer.name

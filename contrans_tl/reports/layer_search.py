@@ -30,7 +30,7 @@ from contrans_tl.errors import ContransError, InvalidArgumentError, ModelMismatc
 from contrans_tl.files import write_json
 from contrans_tl.handle import ModelHandle
 from contrans_tl.pairing import PairedStates
-from contrans_tl.reformulate import capture_pair, fit_map_from_states
+from contrans_tl.reformulate import capture_pair, drop_outlier_samples, fit_map_from_states
 from contrans_tl.metrics import cosine
 
 __all__ = [
@@ -112,41 +112,6 @@ class LayerPairSearch:
     def save(self, path: str | Path, top_k: int = 5) -> Path:
         """Write :meth:`to_dict` as strict JSON (NaN → null), atomically."""
         return write_json(path, self.to_dict(top_k))
-
-
-def drop_outlier_samples(
-    source: PairedStates, target: PairedStates, *, factor: float = 10.0
-) -> tuple[PairedStates, PairedStates, int]:
-    """Both captures without the samples whose norm exceeds ``factor`` × the layer's median.
-
-    A sample is dropped from both sides when, at any captured layer of either model, its
-    resid_post norm is more than ``factor`` times that layer's median norm. Massive
-    activations do this: on the default pair one token ("Snow" opening a sentence) reaches
-    ~140× the median norm at SmolLM2 layers 11–29, and when its text is held out the maps
-    of all those layers score a held-out R² far below zero although they fit the rest well.
-    Returns the filtered captures and the number of samples dropped.
-    """
-    if factor <= 0:
-        return source, target, 0
-    if not torch.equal(source.text_index, target.text_index):
-        raise InvalidArgumentError(
-            "target", f"<capture of {target.model.name}, {len(target.text_index)} samples>",
-            "a capture aligned with source sample by sample (same texts, same pairing scheme)",
-        )
-
-    def bad(states: PairedStates) -> Tensor:
-        norms = states.states.norm(dim=-1)  # [samples, layers]
-        return (norms > factor * norms.median(dim=0).values).any(dim=1)
-
-    keep = ~(bad(source) | bad(target))
-    n_dropped = int((~keep).sum())
-    if n_dropped == 0:
-        return source, target, 0
-
-    def subset(states: PairedStates) -> PairedStates:
-        return dataclasses.replace(states, states=states.states[keep], text_index=states.text_index[keep])
-
-    return subset(source), subset(target), n_dropped
 
 
 def strided_layers(n: int, stride: int) -> list[int]:

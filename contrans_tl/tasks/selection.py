@@ -1,20 +1,22 @@
 """Choosing settings (alpha, layers) on validation data, never on the items reported.
 
-:func:`selection_splits` makes seeded validation/test splits (or cross-fitted folds) and
-:func:`choose_best` picks the grid point with the best validation score. Numbers only: the
-scorers that fill the grid live in the task modules.
+:func:`selection_splits` makes seeded validation/test splits (or cross-fitted folds),
+:func:`choose_best` picks the grid point with the best validation score and
+:func:`choose_within_bound` the best among those whose fluency cost (perplexity on neutral text
+relative to the unsteered model) stays within a bound. Numbers only: the scorers that fill the
+grid live in the task modules.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from contrans_tl import validate
 from contrans_tl.errors import InvalidArgumentError
 
-__all__ = ["Split", "selection_splits", "choose_best"]
+__all__ = ["Split", "selection_splits", "choose_best", "choose_within_bound"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +70,32 @@ def choose_best(scores: Mapping[K, float], *, maximize: bool = True, cost: Calla
     keys = list(scores)
     sign = -1.0 if maximize else 1.0
     return min(keys, key=lambda k: (sign * float(scores[k]), cost(k) if cost else 0.0, keys.index(k)))
+
+
+def choose_within_bound(
+    points: Sequence[K],
+    guard: Callable[[K], float],
+    score: Callable[[K], float],
+    *,
+    limit: float,
+    maximize: bool = True,
+    cost: Callable[[K], float] | None = None,
+) -> tuple[K, dict[K, dict[str, Any]]]:
+    """The best-scoring point among those with ``guard(point) <= limit`` (ties as :func:`choose_best`).
+
+    ``guard`` is measured for every point first (a perplexity ratio, say); a point over ``limit``
+    is never scored, so it cannot win and its validation cost is not paid. Returns the point and
+    a record per point: ``guard``, ``allowed`` and, for allowed points, ``score``.
+    """
+    record: dict[K, dict[str, Any]] = {}
+    allowed: dict[K, float] = {}
+    for point in points:
+        g = float(guard(point))
+        record[point] = {"guard": g, "allowed": g <= limit}
+        if record[point]["allowed"]:
+            record[point]["score"] = allowed[point] = float(score(point))
+    if not allowed:
+        seen = ", ".join(f"{p}: {r['guard']:.3g}" for p, r in record.items())
+        raise InvalidArgumentError("points", list(points), f"a grid with a point whose guard value stays within "
+                                   f"{limit:g} (include a weaker alpha, or 0; guard values: {seen})")
+    return choose_best(allowed, maximize=maximize, cost=cost), record
