@@ -340,12 +340,15 @@ def _choose_layer_and_alpha(r: _Run, mapped: dict[str, ConceptVector]) -> tuple[
                                     for e in emotions}).values())
         if worst > cfg.max_ppl_ratio:
             broken[layers] = min(alpha, broken.get(layers, float("inf")))
+            _log(f"  layers {list(layers)} alpha {alpha:g}: perplexity x{worst:.2f}, over the bound (stronger alphas skipped)")
         return worst
 
     def score(point: tuple[tuple[int, ...], float]) -> float:
         layers, alpha = point
         val = r.store.run({cell_key(phase="val", layer=_layers_key(layers), alpha=alpha): point}, validate)
-        return sum(v[m] for v in next(iter(val.values())).values() for m in metrics) / (len(emotions) * len(metrics))
+        mean = sum(v[m] for v in next(iter(val.values())).values() for m in metrics) / (len(emotions) * len(metrics))
+        _log(f"  layers {list(layers)} alpha {alpha:g}: validation {cfg.select_on} {mean:.3f}")
+        return mean
 
     (layers_t, alpha), record = choose_within_bound(points, guard, score, limit=cfg.max_ppl_ratio, cost=lambda p: p[1])
     layers = list(layers_t)
