@@ -8,6 +8,7 @@ alpha/layer grid, refining the ConTrans and Self-Align vectors, and the perplexi
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import contrans_tl as ct
 from contrans_tl.artifacts import AffineMap, ConceptVector
-from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.errors import InvalidArgumentError, NonFiniteError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.sweep import CellStore, cell_key, run_option
 from contrans_tl.tasks.perplexity import PerplexityResult, perplexity, perplexity_interval
@@ -197,11 +198,16 @@ class AlignmentRun:
         ``key`` (the unsteered one always), so a resumed run measures nothing twice."""
         if not steers:
             key = "base"
-        cell = None if key is None else cell_key(guard=key)
+        texts = hashlib.sha256("\n".join(self.ppl_guard_texts).encode()).hexdigest()[:12]
+        cell = None if key is None else cell_key(guard=key, texts=texts)  # other sentences, other cells
         if cell is not None and self.store is not None and self.store.has(cell):
-            return float(self.store.get(cell))
+            stored = self.store.get(cell)
+            return float("inf") if stored is None else float(stored)
         with steered(self.target, steers, self.cfg.unit):
-            ppl = perplexity(self.target, self.ppl_guard_texts, batch_size=self.cfg.batch_size).perplexity
+            try:
+                ppl = perplexity(self.target, self.ppl_guard_texts, batch_size=self.cfg.batch_size).perplexity
+            except NonFiniteError:  # the model broke down: infinitely over the bound (stored as null)
+                ppl = float("inf")
         if cell is not None and self.store is not None:
             self.store.put(cell, ppl)
         return ppl

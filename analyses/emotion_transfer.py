@@ -33,7 +33,7 @@ from contrans_tl.analyses._emotion_outputs import confusion, goals, headline, me
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import capture, check_layers
 from contrans_tl.datasets import neutral_sentences
-from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.errors import InvalidArgumentError, NonFiniteError
 from contrans_tl.files import atomic_path, atomic_write_text, write_json
 from contrans_tl.handle import ModelHandle
 from contrans_tl.metrics import layer_cosine
@@ -113,6 +113,8 @@ class Config:
     def __post_init__(self) -> None:
         validate.choice("unit", self.unit, ("norm", "raw"))
         validate.choice("select_on", self.select_on, SELECT_ON)
+        if not any(a > 0 for a in self.alphas):
+            raise InvalidArgumentError("alphas", self.alphas, "a grid with at least one alpha > 0 (0 is the baseline)")
         if not self.max_ppl_ratio >= 1:
             raise InvalidArgumentError("max_ppl_ratio", self.max_ppl_ratio, "a factor >= 1 (1.2: 20 % above the base)")
         n = len(neutral_sentences())
@@ -219,13 +221,16 @@ class _Run:
         over the unsteered target's: the fluency cost of a setting, kept as cells."""
         texts = neutral_sentences()[-self.cfg.n_guard:]
 
-        def ppl(item: tuple[ConceptVector, Sequence[int], float]) -> float:
+        def ppl(item: tuple[ConceptVector, Sequence[int], float]) -> float | None:
             vector, layers, alpha = item
             with ct.transplant(self.target, vector, alpha=alpha, layers=list(layers), unit=self.cfg.unit):
-                return perplexity(self.target, texts, batch_size=self.cfg.batch_size).perplexity
+                try:
+                    return perplexity(self.target, texts, batch_size=self.cfg.batch_size).perplexity
+                except NonFiniteError:  # the model broke down: stored as null, read as infinitely over the bound
+                    return None
 
         base = self.guard_base()
-        return {k: v / base for k, v in self.store.run(items, ppl).items()}
+        return {k: float("inf") if v is None else v / base for k, v in self.store.run(items, ppl).items()}
 
     def guard_base(self) -> float:
         """The unsteered target's perplexity on the guard sentences (a cell, read once)."""
@@ -350,14 +355,19 @@ def _choose_layer_and_alpha(r: _Run, mapped: dict[str, ConceptVector]) -> tuple[
         _log(f"  layers {list(layers)} alpha {alpha:g}: validation {cfg.select_on} {mean:.3f}")
         return mean
 
-    (layers_t, alpha), record = choose_within_bound(points, guard, score, limit=cfg.max_ppl_ratio, cost=lambda p: p[1])
+    try:
+        (layers_t, alpha), record = choose_within_bound(points, guard, score, limit=cfg.max_ppl_ratio, cost=lambda p: p[1])
+    except InvalidArgumentError:
+        raise InvalidArgumentError("alphas", cfg.alphas, f"a grid with an alpha weak enough to keep every mapped vector "
+                                   f"within perplexity {cfg.max_ppl_ratio} x the unsteered target's at some candidate "
+                                   "layer (add a smaller alpha, or raise --max-ppl-ratio)") from None
     layers = list(layers_t)
     grid: dict[str, Any] = {}
     for (ls, a), rec in record.items():
         skipped = rec["guard"] == float("inf")
         row: dict[str, Any] = {"max_ppl_ratio": None if skipped else rec["guard"], "allowed": rec["allowed"]}
         if skipped:
-            row["skipped"] = "not measured: a weaker alpha at these layers already passed the bound"
+            row["skipped"] = "not measured: a weaker alpha at these layers already exceeded the bound"
         if rec["allowed"]:
             val = r.store.get(cell_key(phase="val", layer=_layers_key(ls), alpha=a))
             row.update(score=rec["score"], **{m: sum(v[m] for v in val.values()) / len(val) for m in ("token_acc", "logit_acc")})

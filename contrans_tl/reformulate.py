@@ -270,16 +270,17 @@ def fit_map_from_states(
     holdout: float = 0.2,
     bias: bool = True,
     seed: int = 0,
-    outlier_factor: float = 10.0,
+    outlier_factor: float = 0.0,
 ) -> AffineMap:
     """Fit the per-pair affine maps from two models' aligned captures of the same corpus.
 
     ``layers`` lists (source layer, target layer) pairs (default: :func:`default_layer_pairs`).
     ``holdout`` of the texts is set aside for the reported R²; with ``ridge="auto"`` another
     fifth of the remaining texts picks each pair's ridge from :data:`RIDGE_GRID`, and the
-    final maps are refitted on all training texts. Samples with massive activations (norm above
-    ``outlier_factor`` × the layer's median, :func:`drop_outlier_samples`; 0 keeps all) are left
-    out first: one such token can dominate a least-squares fit.
+    final maps are refitted on all training texts. With ``outlier_factor > 0`` samples with massive
+    activations (norm above ``outlier_factor`` × the layer's median, :func:`drop_outlier_samples`)
+    are left out first: one such token can dominate a least-squares fit (the demo uses 10; the
+    default 0 keeps every sample).
     """
     if not isinstance(source, PairedStates) or not isinstance(target, PairedStates):
         raise InvalidArgumentError("source/target", (type(source).__name__, type(target).__name__),
@@ -301,6 +302,8 @@ def fit_map_from_states(
     if not outlier_factor >= 0:
         raise InvalidArgumentError("outlier_factor", outlier_factor, "a factor >= 0 (0 keeps every sample)")
     source, target, n_dropped = drop_outlier_samples(source, target, factor=outlier_factor)
+    if len(source.text_index) == 0:
+        raise InvalidArgumentError("outlier_factor", outlier_factor, "a factor that leaves some samples (or 0)")
     x = torch.stack([source.layer(s) for s, _ in pairs])  # [pair, n, d_src]
     y = torch.stack([target.layer(t) for _, t in pairs])  # [pair, n, d_tgt]
     n_texts = int(source.text_index.max()) + 1
@@ -411,7 +414,7 @@ def fit_map(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
-    outlier_factor: float = 10.0,
+    outlier_factor: float = 0.0,
 ) -> AffineMap:
     """Reformulate: capture both models on ``texts`` and fit per-layer-pair affine maps.
 

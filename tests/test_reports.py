@@ -77,6 +77,10 @@ def test_drop_outlier_samples(states):
     # the spike wrecks held-out R² only when its text is held out; filtered, the fit is the clean one
     clean = ct.fit_map_from_states(a, b, layers=[(1, 1)])
     assert float(clean.r2_heldout[0]) > 0
+    # fit_map_from_states filters itself when asked (the demo's outlier-robust map), and only then
+    robust = ct.fit_map_from_states(spiked, ys, layers=[(1, 1)], outlier_factor=10.0)
+    assert robust.provenance["outliers_dropped"] == 1 and torch.equal(robust.weight, clean.weight)
+    assert ct.fit_map_from_states(spiked, ys, layers=[(1, 1)]).provenance["outliers_dropped"] == 0
 
 
 def test_strided_layers():

@@ -83,8 +83,8 @@ def choose_within_bound(
 ) -> tuple[K, dict[K, dict[str, Any]]]:
     """The best-scoring point among those with ``guard(point) <= limit`` (ties as :func:`choose_best`).
 
-    ``guard`` is measured for every point first (a perplexity ratio, say); a point over ``limit``
-    is never scored, so it cannot win and its validation cost is not paid. Returns the point and
+    Each point's ``guard`` (a perplexity ratio, say) is measured before its score; a point over
+    ``limit`` is never scored, so it cannot win and its validation cost is not paid. Returns the point and
     a record per point: ``guard``, ``allowed`` and, for allowed points, ``score``.
     """
     record: dict[K, dict[str, Any]] = {}
