@@ -117,6 +117,8 @@ class Config:
             raise InvalidArgumentError("alphas", self.alphas, "a grid with at least one alpha > 0 (0 is the baseline)")
         if not self.max_ppl_ratio >= 1:
             raise InvalidArgumentError("max_ppl_ratio", self.max_ppl_ratio, "a factor >= 1 (1.2: 20 % above the base)")
+        if not self.outlier_factor >= 0:  # checked here too, so no model is loaded for a bad flag
+            raise InvalidArgumentError("outlier_factor", self.outlier_factor, "a factor >= 0 (0 keeps every sample)")
         n = len(neutral_sentences())
         if self.n_guard < 1 or self.n_alignment + self.n_guard > n:
             raise InvalidArgumentError("n_alignment, n_guard", (self.n_alignment, self.n_guard),
@@ -219,27 +221,27 @@ class _Run:
     def guard_ratios(self, items: dict[str, tuple[ConceptVector, Sequence[int], float]]) -> dict[str, float]:
         """Perplexity of the guard sentences (held out of the map) with each item's vector transplanted,
         over the unsteered target's: the fluency cost of a setting, kept as cells."""
-        texts = neutral_sentences()[-self.cfg.n_guard:]
-
-        def ppl(item: tuple[ConceptVector, Sequence[int], float]) -> float | None:
-            vector, layers, alpha = item
-            with ct.transplant(self.target, vector, alpha=alpha, layers=list(layers), unit=self.cfg.unit):
-                try:
-                    return perplexity(self.target, texts, batch_size=self.cfg.batch_size).perplexity
-                except NonFiniteError:  # the model broke down: stored as null, read as infinitely over the bound
-                    return None
-
         base = self.guard_base()
-        return {k: float("inf") if v is None else v / base for k, v in self.store.run(items, ppl).items()}
+        return {k: float("inf") if v is None else v / base for k, v in self.store.run(items, self._guard_ppl).items()}
 
     def guard_base(self) -> float:
         """The unsteered target's perplexity on the guard sentences (a cell, read once)."""
         if self.guard_ppl is None:
-            texts = neutral_sentences()[-self.cfg.n_guard:]
-            self.guard_ppl = float(self.store.run(
-                {"guard__base": None},
-                lambda _: perplexity(self.target, texts, batch_size=self.cfg.batch_size).perplexity)["guard__base"])
+            self.guard_ppl = float(self.store.run({"guard__base": None}, self._guard_ppl)["guard__base"])
         return self.guard_ppl
+
+    def _guard_ppl(self, item: tuple[ConceptVector, Sequence[int], float] | None) -> float | None:
+        """Perplexity of the last ``n_guard`` built-in neutral sentences, unsteered (None) or with the
+        item's vector transplanted; None when the steered model breaks down (non-finite scores)."""
+        texts = neutral_sentences()[-self.cfg.n_guard:]
+        if item is None:
+            return perplexity(self.target, texts, batch_size=self.cfg.batch_size).perplexity
+        vector, layers, alpha = item
+        with ct.transplant(self.target, vector, alpha=alpha, layers=list(layers), unit=self.cfg.unit):
+            try:
+                return perplexity(self.target, texts, batch_size=self.cfg.batch_size).perplexity
+            except NonFiniteError:  # stored as null, read as infinitely over the bound
+                return None
 
     def reference_norms(self) -> torch.Tensor:
         """Alpha's one norm unit per target layer, for mapped, native and random vectors alike: the
@@ -336,10 +338,14 @@ def _choose_layer_and_alpha(r: _Run, mapped: dict[str, ConceptVector]) -> tuple[
     broken: dict[tuple[int, ...], float] = {}
     """Per layer set, the weakest alpha over the bound: stronger ones are not measured (perplexity
     grows with alpha), recorded as skipped."""
+    skipped: set[tuple[tuple[int, ...], float]] = set()
+    means: dict[tuple[tuple[int, ...], float], dict[str, float]] = {}
+    """Per scored point, the mean Token and Logit Acc over emotions (for the grid record)."""
 
     def guard(point: tuple[tuple[int, ...], float]) -> float:
         layers, alpha = point
         if alpha > broken.get(layers, float("inf")):
+            skipped.add(point)
             return float("inf")
         worst = max(r.guard_ratios({_guard_key(e, "mapped", layers, alpha): (mapped[e], layers, alpha)
                                     for e in emotions}).values())
@@ -350,8 +356,10 @@ def _choose_layer_and_alpha(r: _Run, mapped: dict[str, ConceptVector]) -> tuple[
 
     def score(point: tuple[tuple[int, ...], float]) -> float:
         layers, alpha = point
-        val = r.store.run({cell_key(phase="val", layer=_layers_key(layers), alpha=alpha): point}, validate)
-        mean = sum(v[m] for v in next(iter(val.values())).values() for m in metrics) / (len(emotions) * len(metrics))
+        val = next(iter(r.store.run({cell_key(phase="val", layer=_layers_key(layers), alpha=alpha): point},
+                                    validate).values()))
+        means[point] = {m: sum(v[m] for v in val.values()) / len(val) for m in ("token_acc", "logit_acc")}
+        mean = sum(means[point][m] for m in metrics) / len(metrics)
         _log(f"  layers {list(layers)} alpha {alpha:g}: validation {cfg.select_on} {mean:.3f}")
         return mean
 
@@ -364,13 +372,11 @@ def _choose_layer_and_alpha(r: _Run, mapped: dict[str, ConceptVector]) -> tuple[
     layers = list(layers_t)
     grid: dict[str, Any] = {}
     for (ls, a), rec in record.items():
-        skipped = rec["guard"] == float("inf")
-        row: dict[str, Any] = {"max_ppl_ratio": None if skipped else rec["guard"], "allowed": rec["allowed"]}
-        if skipped:
-            row["skipped"] = "not measured: a weaker alpha at these layers already exceeded the bound"
+        row: dict[str, Any] = {"max_ppl_ratio": rec["guard"], "allowed": rec["allowed"]}  # inf: broke down (null)
+        if (ls, a) in skipped:
+            row.update(max_ppl_ratio=None, skipped="not measured: a weaker alpha at these layers already exceeded the bound")
         if rec["allowed"]:
-            val = r.store.get(cell_key(phase="val", layer=_layers_key(ls), alpha=a))
-            row.update(score=rec["score"], **{m: sum(v[m] for v in val.values()) / len(val) for m in ("token_acc", "logit_acc")})
+            row.update(score=rec["score"], **means[(ls, a)])
         grid[f"{_layers_key(ls)}:{a:g}"] = row
     selection: dict[str, Any] = {
         "how": ("given layers; " if cfg.layers is not None else "") +
