@@ -1,0 +1,264 @@
+"""One transfer run's settings and state, shared by ``contrans transfer`` (a concept file) and ``contrans demo``.
+
+The three steps, in order: step 1 refines each concept's vector in the source (its contrast
+prompts, captured once per model) and natively in the target (the skyline); step 2 fits one
+map source → target at the candidate target layers, on a text corpus that holds no evaluation
+item; the mapped vector is ``map.apply(source vector)``. Every vector transplanted into the
+target — mapped, native, random — reads alpha in one norm unit (the target's mean residual norm
+at the last token of every contrast prompt), so at one alpha all are pushed equally hard, and
+the frontier (:mod:`._frontier_run`) compares them at equal KL, not at equal alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import contrans_tl as ct
+from contrans_tl import validate
+from contrans_tl.analyses import _common as cm
+from contrans_tl.artifacts import AffineMap, ConceptVector
+from contrans_tl.capture import capture, check_layers
+from contrans_tl.datasets import generic_texts, neutral_sentences
+from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.files import write_json
+from contrans_tl.handle import ModelHandle
+from contrans_tl.reformulate import capture_pair, default_layer_pairs, fit_map_from_states
+from contrans_tl.sweep import CellStore, run_option
+from contrans_tl.tasks.concept import Concept, ConceptSplit
+from contrans_tl.tasks.frontier import METRICS, geometric_grid
+
+__all__ = ["ALPHAS", "TransferSettings", "ConceptRun", "TransferRun", "NORM_REFERENCE", "start_run", "random_vector",
+           "log"]
+
+ALPHAS = geometric_grid(0.02, 1.5, 8)
+"""Default strengths of the concept vectors (norm units): 0.02 × 1.5^k, k = 0..7, i.e. 0.02 to 0.34 —
+from where the default pair's vectors barely move the model to where its fluency breaks."""
+
+NORM_REFERENCE = "target's mean resid_post norm at the last token of every contrast prompt"
+"""Where alpha's unit comes from (one value per target layer, shared by every condition)."""
+
+
+def log(msg: str) -> None:
+    print(f"[transfer {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass
+class TransferSettings:
+    """The settings every transfer run shares (each a command-line flag of ``transfer`` and ``demo``)."""
+
+    source: str = "smollm2-135m-instruct"
+    """Source model (where the concept is refined): built-in offline name, hub id, local dir or .gguf."""
+    target: str = "gemma-3-270m"
+    """Target model (where it is transplanted)."""
+    out: str = run_option("out/transfer")
+    """Output folder: results.json, summary.md, figures/, artifacts/, cells/ (resumable)."""
+    alphas: tuple[float, ...] = ALPHAS
+    """Strengths of the mapped and native vectors (norm units), a geometric grid (see :data:`ALPHAS`)."""
+    layers: tuple[int, ...] | None = None
+    """Target layer(s) steered together; None chooses one layer among ``candidate_depths`` on validation items."""
+    candidate_depths: tuple[float, ...] = (0.83, 0.9)
+    """Relative depths of the target layers tried when ``layers`` is None."""
+    kl_bound: float = 0.1
+    """Fluency bound of the operating point, nats/token of KL on generic text: the low end of the mild
+    regime in ITI's reports (0.1–0.15), fixed before any tuning."""
+    te_kl_range: tuple[float, float] = (0.01, 0.1)
+    """KL range (nats/token) over which transfer efficiency averages mapped ÷ native gains."""
+    select_on: str = "both"
+    """What validation maximizes: "both" (mean of Token and Logit outcome per item), "logit" or "token"."""
+    n_random: int = 8
+    """Random directions per concept (seeded by concept and seed), each with its own KL."""
+    random_points: int = 2
+    """Alphas of the random grid each random direction is scored at (staggered, so the grid is covered)."""
+    n_fluency_texts: int = 19
+    """Paragraphs of the built-in generic text the fluency instrument scores (19: about 2,050 Gemma tokens)."""
+    n_alignment: int = 400
+    """Built-in neutral sentences the map is fitted on (none is an evaluation item)."""
+    outlier_factor: float = 10.0
+    """Samples whose norm passes this factor × the layer median are left out of the map fit (0 keeps all)."""
+    batch_size: int = run_option(16)
+    """Prompts per forward batch."""
+    seed: int = 0
+    """Seed of the item split, the map's held-out split and the random directions."""
+    device: str | None = run_option(None)
+    """Device of both models (None: the library's default)."""
+    quick: bool = False
+    """Smoke-test sizes (the analysis's QUICK presets) for every field the user did not set."""
+    explicit: tuple[str, ...] = run_option(())
+    """Fields the user set on the command line: ``quick`` never replaces them."""
+
+    def __post_init__(self) -> None:
+        validate.choice("select_on", self.select_on, METRICS)
+        alphas = [validate.real(f"alphas[{i}]", a, low=0.0, low_open=True) for i, a in enumerate(self.alphas)]
+        if len(alphas) < 2 or len(set(alphas)) != len(alphas):
+            raise InvalidArgumentError("alphas", self.alphas, "two or more distinct strengths > 0 (0, the baseline, is always run)")
+        validate.real("kl_bound", self.kl_bound, low=0.0, low_open=True)
+        lo, hi = (validate.real(f"te_kl_range[{i}]", x, low=0.0, low_open=True) for i, x in enumerate(self.te_kl_range))
+        if not lo < hi:
+            raise InvalidArgumentError("te_kl_range", self.te_kl_range, "low < high (nats/token)")
+        for name in ("n_random", "random_points", "n_fluency_texts", "n_alignment"):
+            validate.integer(name, getattr(self, name), low=1)
+        validate.integer("random_points", self.random_points, low=1, high=len(alphas))
+        n_generic, n_neutral = len(generic_texts()), len(neutral_sentences())
+        validate.integer("n_fluency_texts", self.n_fluency_texts, low=1, high=n_generic)
+        validate.integer("n_alignment", self.n_alignment, low=2, high=n_neutral)
+        validate.real("outlier_factor", self.outlier_factor, low=0.0)
+        for i, d in enumerate(self.candidate_depths):
+            validate.real(f"candidate_depths[{i}]", d, low=0.0, high=1.0, low_open=True)
+        if self.layers is None and not self.candidate_depths:
+            raise InvalidArgumentError("candidate_depths", self.candidate_depths, "at least one depth (or give layers)")
+
+    def effective(self, quick: dict[str, Any]) -> "TransferSettings":
+        """This config with the ``quick`` presets for every field still at its default and not in ``explicit``."""
+        if not self.quick:
+            return self
+        defaults = type(self)()
+        keep = set(self.explicit) | {k for k in quick if getattr(self, k) != getattr(defaults, k)}
+        return dataclasses.replace(self, **{k: v for k, v in quick.items() if k not in keep})
+
+
+@dataclass(frozen=True)
+class ConceptRun:
+    """One concept of a run: its contrast prompts (and prefix, instruction) and the items it is chosen and reported on."""
+
+    concept: Concept
+    split: ConceptSplit
+
+    @property
+    def name(self) -> str:
+        return self.concept.name
+
+
+def random_vector(like: ConceptVector, concept: str, seed: int) -> ConceptVector:
+    """A random direction for ``concept`` (Gaussian, one per layer), seeded by concept and seed: in norm units
+    only its direction counts, so every concept's controls are different directions."""
+    digest = int(hashlib.sha256(f"random-{concept}-{seed}".encode()).hexdigest()[:15], 16)
+    noise = torch.randn(like.vectors.shape, generator=torch.Generator().manual_seed(digest))
+    return ConceptVector(noise, like.model, like.layers, "random", like.layer_norms, n_prompts=0,
+                         provenance={"seed": seed, "concept": concept, "norm_reference": NORM_REFERENCE})
+
+
+@dataclass
+class TransferRun:
+    """What the steps of one run share: settings, concepts, both models, the cells, artifacts and timings."""
+
+    cfg: TransferSettings
+    concepts: list[ConceptRun]
+    source: ModelHandle
+    target: ModelHandle
+    store: CellStore
+    art: Path
+    phases: cm.PhaseTimes
+    states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per model (by ``id``): resid_post of every contrast prompt at every layer, captured once."""
+    reference: torch.Tensor | None = None
+
+    @property
+    def fluency_texts(self) -> list[str]:
+        return generic_texts()[: self.cfg.n_fluency_texts]
+
+    def contrast_states(self, model: ModelHandle) -> dict[str, torch.Tensor]:
+        """resid_post of every concept's contrast prompts in ``model``, captured once."""
+        if id(model) not in self.states:
+            prompts = list(dict.fromkeys(p for c in self.concepts for p in (*c.concept.positive, *c.concept.negative)))
+            self.states[id(model)] = dict(zip(prompts, capture(model, prompts, batch_size=self.cfg.batch_size)))
+        return self.states[id(model)]
+
+    def vector(self, model: ModelHandle, kind: str, concept: Concept, n: int | None = None) -> ConceptVector:
+        """``concept``'s mean-difference vector in ``model`` from its first ``n`` pairs (None: all), kept in artifacts/."""
+        path = self.art / f"{kind}_{concept.name}{'' if n is None else f'_n{n}'}.safetensors"
+        if path.is_file():
+            self.store.reused(f"artifact-{path.stem}")
+            return ConceptVector.load(path)
+        with self.phases.record(f"artifact-{path.stem}"):
+            cached = self.contrast_states(model)
+            pos, neg = concept.positive[:n], concept.negative[:n]
+            v = ct.concept_from_states(model, torch.stack([cached[p] for p in pos]), torch.stack([cached[p] for p in neg]))
+            v.save(path)
+        return v
+
+    def reference_norms(self) -> torch.Tensor:
+        """Alpha's one norm unit per target layer (kept in artifacts/)."""
+        if self.reference is None:
+            path = self.art / "reference_norms.json"
+            if path.is_file():
+                self.reference = torch.tensor(json.loads(path.read_text())["norms"])
+            else:
+                states = torch.stack(list(self.contrast_states(self.target).values()))
+                self.reference = states.norm(dim=-1).mean(0)
+                write_json(path, {"norms": self.reference.tolist(), "what": NORM_REFERENCE, "n_prompts": len(states)})
+        return self.reference
+
+    def in_reference_unit(self, vector: ConceptVector) -> ConceptVector:
+        return cm.with_norms(vector, self.reference_norms(), NORM_REFERENCE)
+
+    def candidate_layers(self) -> list[int]:
+        """Target layers the run may steer: ``layers`` if given (steered together), else one per candidate depth."""
+        if self.cfg.layers is not None:
+            return sorted(set(check_layers(self.target, self.cfg.layers)))
+        n_tgt = int(self.target.cfg.n_layers)
+        return sorted({cm.layer_at_depth(n_tgt, d) for d in self.cfg.candidate_depths})
+
+    def layer_sets(self) -> list[tuple[int, ...]]:
+        """The steering choices the validation stage compares: the given layers together, or each candidate alone."""
+        if self.cfg.layers is not None:
+            return [tuple(self.candidate_layers())]
+        return [(layer,) for layer in self.candidate_layers()]
+
+    def fit_or_load_map(self) -> AffineMap:
+        """Step 2: one map source → target at the candidate layers, on the neutral corpus (kept in artifacts/)."""
+        path = self.art / "map.safetensors"
+        if path.is_file():
+            for part in ("corpus", "fit"):
+                with self.phases.phase(f"map: {part}"):
+                    self.store.reused(f"artifact-map-{part}")
+            return AffineMap.load(path)
+        texts = neutral_sentences()[: self.cfg.n_alignment]
+        steerable = set(self.candidate_layers())
+        pairs = [(s, t) for s, t in default_layer_pairs(int(self.source.cfg.n_layers), int(self.target.cfg.n_layers))
+                 if t in steerable]
+        log(f"fitting the map on {len(texts)} neutral sentences, target layers {sorted(steerable)}")
+        with self.phases.phase("map: corpus"), self.phases.record("artifact-map-corpus"):
+            xs, ys = capture_pair(self.source, self.target, texts, sorted({s for s, _ in pairs}),
+                                  sorted({t for _, t in pairs}), batch_size=self.cfg.batch_size, progress=True)
+        with self.phases.phase("map: fit"), self.phases.record("artifact-map-fit"):
+            amap = fit_map_from_states(xs, ys, layers=pairs, seed=self.cfg.seed, outlier_factor=self.cfg.outlier_factor)
+        amap.save(path)
+        return amap
+
+    def refine_vectors(self, amap: AffineMap) -> tuple[dict[str, ConceptVector], dict[str, ConceptVector]]:
+        """Step 1 and the mapping: per concept, the mapped source vector and the target's native one, in one unit."""
+        mapped, native = {}, {}
+        for c in self.concepts:
+            source_vec = self.vector(self.source, "source", c.concept)
+            mapped[c.name] = self.in_reference_unit(amap.apply(source_vec))
+            native[c.name] = self.in_reference_unit(self.vector(self.target, "native", c.concept))
+        return mapped, native
+
+
+def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) -> TransferRun:
+    """Load both models, then claim the output folder's cells with the run's settings (a mistyped model
+    name leaves the folder unclaimed)."""
+    from contrans_tl.sweep import settings_fingerprint
+
+    names = [c.name for c in concepts]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError("concepts", names, "concepts with distinct names")
+    phases = cm.PhaseTimes()
+    log(f"loading {cfg.source} and {cfg.target}")
+    with phases.phase("load models"):
+        source = ct.load_model(cfg.source, device=cfg.device)
+        target = ct.load_model(cfg.target, device=cfg.device)
+    out = Path(cfg.out)
+    concept_digest = hashlib.sha256(json.dumps([dataclasses.asdict(c) for c in concepts], sort_keys=True,
+                                               default=str).encode()).hexdigest()[:16]
+    phases.store = CellStore(out / "cells", settings={**settings_fingerprint(cfg), "protocol": protocol,
+                                                      "concepts": concept_digest})
+    return TransferRun(cfg, concepts, source, target, phases.store, out / "artifacts", phases)
