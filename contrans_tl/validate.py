@@ -24,6 +24,9 @@ __all__ = [
     "fraction",
     "layer_list",
     "layer_pairs",
+    "MAP_ESTIMATORS",
+    "CORPUS_KINDS",
+    "corpus_spec",
     "int_list_flag",
     "float_list_flag",
     "name_list_flag",
@@ -34,6 +37,8 @@ __all__ = [
     "nonnegative_int_flag",
     "ridge_flag",
     "text_file_flag",
+    "estimator_flag",
+    "corpus_flag",
 ]
 
 T = TypeVar("T")
@@ -125,6 +130,62 @@ def layer_pairs(name: str, value: Any) -> list[tuple[int, int]]:
     return out
 
 
+MAP_ESTIMATORS: tuple[str, ...] = ("lstsq", "ridge", "procrustes", "rrr", "whitened")
+"""The map estimators of :func:`contrans_tl.reformulate.fit_map_from_states` (named here, below
+reformulate, so command-line flags can check them without importing the solver)."""
+
+CORPUS_KINDS: tuple[str, ...] = ("neutral", "file", "wikisplit", "concept")
+"""The kinds of text a map-corpus spec joins with '+' (resolved by :mod:`contrans_tl.corpus`)."""
+
+_CORPUS_ACCEPTED = ("'neutral' or 'neutral:N', 'file:PATH', 'wikisplit:PATH' or 'wikisplit:PATH:N', 'concept', "
+                    "or a union of these joined by '+' (e.g. 'concept+neutral')")
+
+CorpusPart = tuple[str, "str | None", "int | None"]
+"""One part of a corpus spec: (kind, path or None, first N or None)."""
+
+
+def corpus_spec(name: str, value: Any) -> list[CorpusPart]:
+    """The parts of a map-corpus spec, each (kind, path, first N); the syntax only, no file is read.
+
+    Parts are joined by '+'; a '+' followed by something that is not a kind stays inside a path
+    (``file:a+b.txt``), so only a path containing '+neutral', '+file:', ... cannot be written.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgumentError(name, value, "a corpus spec: " + _CORPUS_ACCEPTED)
+    pieces: list[str] = []
+    for piece in value.split("+"):
+        if pieces and piece.partition(":")[0] not in CORPUS_KINDS:
+            pieces[-1] += "+" + piece  # a '+' inside a path
+        else:
+            pieces.append(piece)
+    return [_corpus_part(name, value, piece) for piece in pieces]
+
+
+def _corpus_part(name: str, spec: str, piece: str) -> CorpusPart:
+    kind, colon, arg = piece.partition(":")
+    if kind == "concept" and not colon:
+        return ("concept", None, None)
+    if kind == "neutral":
+        if not colon:
+            return ("neutral", None, None)
+        if arg.isdigit() and int(arg) >= 1:
+            return ("neutral", None, int(arg))
+        raise InvalidArgumentError(name, spec, f"'neutral:N' with N an integer >= 1 (got {piece!r}); "
+                                   "'neutral' alone is every built-in sentence")
+    if kind == "file" and arg.strip():
+        return ("file", arg, None)
+    if kind == "wikisplit" and arg.strip():
+        path, _, last = arg.rpartition(":")
+        if path and last.isdigit():
+            if int(last) < 1:
+                raise InvalidArgumentError(name, spec, f"'wikisplit:PATH:N' with N >= 1 (got {piece!r})")
+            return ("wikisplit", path, int(last))
+        return ("wikisplit", arg, None)
+    if kind in ("file", "wikisplit"):
+        raise InvalidArgumentError(name, spec, f"'{kind}:PATH' with a path after the colon (got {piece!r})")
+    raise InvalidArgumentError(name, spec, f"a corpus spec ({piece!r} is not a part of one): {_CORPUS_ACCEPTED}")
+
+
 def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if low is None and high is None:
         return ""
@@ -198,6 +259,16 @@ def text_file_flag(text: str) -> str:
     except (OSError, UnicodeDecodeError) as err:
         raise argparse.ArgumentTypeError(f"cannot read {text} as UTF-8 text: {err}") from None
     return text
+
+
+def estimator_flag(text: str) -> str:
+    """One of :data:`MAP_ESTIMATORS` (``--map-estimator``, ``contrans fit --estimator``)."""
+    return _flag(lambda: choice("estimator", text, MAP_ESTIMATORS))
+
+
+def corpus_flag(text: str) -> str:
+    """A map-corpus spec whose syntax is valid (``--map-corpus``); files are read when it is resolved."""
+    return _flag(lambda: (corpus_spec("corpus", text), text)[1])
 
 
 def _items(text: str) -> list[str]:
