@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -116,7 +117,7 @@ class Frontier:
             rows: dict[Key, Any] = {}
             for prefix in dict.fromkeys(k[0] for k in keys):
                 group = [k for k in keys if k[0] == prefix]
-                ctx = steering.apply(self.run.target, check_model=False) if steering is not None else _null()
+                ctx = steering.apply(self.run.target, check_model=False) if steering is not None else nullcontext()
                 with ctx:
                     got = choice_logprobs(self.run.target, [k[1] for k in group], [list(k[2]) for k in group],
                                           prefix=prefix or None, batch_size=self.run.cfg.batch_size)
@@ -139,22 +140,27 @@ class Frontier:
         return item_scores([it for _, it in entries], scored)
 
     # ---- measuring directions -------------------------------------------------------------------
-    def points(self, direction: Direction, alphas: Sequence[float], split: str, *,
-               item_set: str | None = None) -> dict[str, list[Point]]:
-        """Per concept, ``direction``'s points at ``alphas`` on ``split`` items: KL and outcomes.
+    def measure(self, plan: Sequence[tuple[Direction, Sequence[float]]], split: str, *,
+                item_set: str | None = None) -> list[dict[str, list[Point]]]:
+        """Per direction and concept, the direction's points at its alphas on ``split`` items: KL and outcomes.
 
         Mapped and native directions are scored on their own concept's items; random ones
-        (``item_set="all"``) on every concept's validation and test items at once.
+        (``item_set="all"``) on every concept's validation and test items at once. The fluency of
+        every steering is measured first, in shared calls (one unsteered pass per group).
         """
-        flu = self.fluency({cell_key(fl=direction.name, alpha=a): direction.steering(a) for a in alphas})
-        concepts = [direction.concept] if item_set is None else list(self.concepts)
-        entries = self.all_items if item_set == "all" else _entries(self.concepts[direction.concept], split)
-        out: dict[str, list[Point]] = {c: [] for c in concepts}
-        for a in alphas:
-            table = self.scores(direction.steering(a), cell_key(d=direction.name, alpha=a, items=item_set or split), entries)
-            for c in concepts:
-                out[c].append(Point(float(a), flu[cell_key(fl=direction.name, alpha=a)].kl,
-                                    self.outcomes(table, _entries(self.concepts[c], split))))
+        flu = self.fluency({cell_key(fl=d.name, alpha=a): d.steering(a) for d, alphas in plan for a in alphas})
+        out = []
+        for direction, alphas in plan:
+            concepts = [direction.concept] if item_set is None else list(self.concepts)
+            entries = self.all_items if item_set == "all" else _entries(self.concepts[direction.concept], split)
+            got: dict[str, list[Point]] = {c: [] for c in concepts}
+            for a in alphas:
+                table = self.scores(direction.steering(a), cell_key(d=direction.name, alpha=a, items=item_set or split),
+                                    entries)
+                for c in concepts:
+                    got[c].append(Point(float(a), flu[cell_key(fl=direction.name, alpha=a)].kl,
+                                        self.outcomes(table, _entries(self.concepts[c], split))))
+            out.append(got)
         return out
 
     def baseline(self, split: str) -> dict[str, ItemScores]:
@@ -174,9 +180,9 @@ class Frontier:
         per_layer: dict[str, Any] = {}
         for layers in self.run.layer_sets():
             ops = {}
-            for c in self.concepts:
-                pts = self.points(self.direction("mapped", c, layers), cfg.alphas, "validation")[c]
-                ops[c] = choose_operating_point(pts, base[c], kl_bound=cfg.kl_bound, metric=self.metric)
+            measured = self.measure([(self.direction("mapped", c, layers), cfg.alphas) for c in self.concepts], "validation")
+            for c, got in zip(self.concepts, measured):
+                ops[c] = choose_operating_point(got[c], base[c], kl_bound=cfg.kl_bound, metric=self.metric)
             mean = sum(op["validation_score"] for op in ops.values()) / len(ops)
             per_layer["-".join(map(str, layers))] = {"layers": list(layers), "mean_validation_score": mean, "concepts": ops}
             log(f"  layers {list(layers)}: mean validation {self.metric} {mean:.3f} within KL {cfg.kl_bound}")
@@ -205,13 +211,13 @@ class Frontier:
         cfg = self.run.cfg
         pooled: dict[str, list[Point]] = {c: [] for c in self.concepts}
         rows: list[dict[str, Any]] = []
-        for c in self.concepts:
-            for s in range(cfg.n_random):
-                alphas = [grid[(s + j * len(grid) // cfg.random_points) % len(grid)] for j in range(cfg.random_points)]
-                d = self.direction("random", c, layers, s)
-                for target, pts in self.points(d, alphas, split, item_set="all").items():
-                    pooled[target] += pts
-                    rows += [{"direction": f"{c}/{s}", "seed": s, "target": target, "point": p} for p in pts]
+        plan = [(self.direction("random", c, layers, s),
+                 [grid[(s + j * len(grid) // cfg.random_points) % len(grid)] for j in range(cfg.random_points)])
+                for c in self.concepts for s in range(cfg.n_random)]
+        for (d, _), got in zip(plan, self.measure(plan, split, item_set="all")):
+            for target, pts in got.items():
+                pooled[target] += pts
+                rows += [{"direction": f"{d.concept}/{d.seed}", "seed": d.seed, "target": target, "point": p} for p in pts]
         return pooled, rows
 
     def prompting(self) -> dict[str, ItemScores]:
@@ -223,14 +229,6 @@ class Frontier:
             entries = [(cr.concept.prefix, it) for it in prompted_items(cr.split.test, cr.concept.instruction)]
             out[c] = self.outcomes(self.scores(None, cell_key(prompting=c, items="test"), entries), entries)
         return out
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ---- stage 3: numbers ---------------------------------------------------------------------------

@@ -117,12 +117,14 @@ def run_job(cfg: TransferSettings, concepts: list[ConceptRun], *, protocol: str)
         selection = fr.choose()
     layers = tuple(selection["layers"])
     op = selection["per_layer"]["-".join(map(str, layers))]["concepts"]
-    log(f"operating point: layers {list(layers)}, alphas {{{', '.join(f'{c}: {o['alpha']:g}' for c, o in op.items())}}}")
+    chosen = ", ".join(f"{c}: {o['alpha']:g}" for c, o in op.items())
+    log(f"operating point: layers {list(layers)}, alphas {{{chosen}}}")
     curves: dict[str, dict[str, dict[str, list[Point]]]] = {"mapped": {}, "native": {}}
     for cond in ("mapped", "native"):
         with run.phases.phase(f"test: {cond} frontier"):
             for split in ("validation", "test"):
-                curves[cond][split] = {c: fr.points(fr.direction(cond, c, layers), cfg.alphas, split)[c] for c in fr.concepts}
+                measured = fr.measure([(fr.direction(cond, c, layers), cfg.alphas) for c in fr.concepts], split)
+                curves[cond][split] = {c: got[c] for c, got in zip(fr.concepts, measured)}
     with run.phases.phase("test: random directions"):
         grid = fr.random_grid(layers)
         pooled, random_rows = {}, {}

@@ -26,13 +26,14 @@ from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import capture, check_layers
-from contrans_tl.datasets import generic_texts, neutral_sentences
+from contrans_tl.corpus import resolve_corpus
+from contrans_tl.datasets import generic_texts
 from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.files import write_json
 from contrans_tl.handle import ModelHandle
 from contrans_tl.reformulate import capture_pair, default_layer_pairs, fit_map_from_states
 from contrans_tl.sweep import CellStore, run_option
-from contrans_tl.tasks.concept import Concept, ConceptSplit
+from contrans_tl.tasks.concept import Concept, ConceptSplit, check_held_out
 from contrans_tl.tasks.frontier import METRICS, geometric_grid
 
 __all__ = ["ALPHAS", "TransferSettings", "ConceptRun", "TransferRun", "NORM_REFERENCE", "start_run", "random_vector",
@@ -79,8 +80,14 @@ class TransferSettings:
     """Alphas of the random grid each random direction is scored at (staggered, so the grid is covered)."""
     n_fluency_texts: int = 19
     """Paragraphs of the built-in generic text the fluency instrument scores (19: about 2,050 Gemma tokens)."""
-    n_alignment: int = 400
-    """Built-in neutral sentences the map is fitted on (none is an evaluation item)."""
+    map_corpus: str = "neutral"
+    """What the map is fitted on (:func:`contrans_tl.corpus.resolve_corpus`): ``neutral`` (the 400 built-in
+    sentences), ``neutral:N``, ``file:PATH``, ``wikisplit:PATH[:N]``, ``concept`` (the concepts' own contrast
+    prompts and domain text, never evaluation items) or a union such as ``concept+neutral``."""
+    map_estimator: str = "ridge"
+    """How the map is fitted: lstsq, ridge (validation-chosen, the default), procrustes, rrr, whitened."""
+    map_rank: int | None = None
+    """Rank of the map for ``rrr`` (required) and ``whitened`` (optional)."""
     outlier_factor: float = 10.0
     """Samples whose norm passes this factor × the layer median are left out of the map fit (0 keeps all)."""
     batch_size: int = run_option(16)
@@ -103,12 +110,14 @@ class TransferSettings:
         lo, hi = (validate.real(f"te_kl_range[{i}]", x, low=0.0, low_open=True) for i, x in enumerate(self.te_kl_range))
         if not lo < hi:
             raise InvalidArgumentError("te_kl_range", self.te_kl_range, "low < high (nats/token)")
-        for name in ("n_random", "random_points", "n_fluency_texts", "n_alignment"):
+        for name in ("n_random", "random_points", "n_fluency_texts"):
             validate.integer(name, getattr(self, name), low=1)
         validate.integer("random_points", self.random_points, low=1, high=len(alphas))
-        n_generic, n_neutral = len(generic_texts()), len(neutral_sentences())
-        validate.integer("n_fluency_texts", self.n_fluency_texts, low=1, high=n_generic)
-        validate.integer("n_alignment", self.n_alignment, low=2, high=n_neutral)
+        validate.integer("n_fluency_texts", self.n_fluency_texts, low=1, high=len(generic_texts()))
+        validate.corpus_spec("map_corpus", self.map_corpus)
+        validate.choice("map_estimator", self.map_estimator, validate.MAP_ESTIMATORS)
+        if self.map_rank is not None:
+            validate.integer("map_rank", self.map_rank, low=1)
         validate.real("outlier_factor", self.outlier_factor, low=0.0)
         for i, d in enumerate(self.candidate_depths):
             validate.real(f"candidate_depths[{i}]", d, low=0.0, high=1.0, low_open=True)
@@ -119,8 +128,8 @@ class TransferSettings:
         """This config with the ``quick`` presets for every field still at its default and not in ``explicit``."""
         if not self.quick:
             return self
-        defaults = type(self)()
-        keep = set(self.explicit) | {k for k in quick if getattr(self, k) != getattr(defaults, k)}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        keep = set(self.explicit) | {k for k in quick if getattr(self, k) != defaults[k]}
         return dataclasses.replace(self, **{k: v for k, v in quick.items() if k not in keep})
 
 
@@ -220,16 +229,19 @@ class TransferRun:
                 with self.phases.phase(f"map: {part}"):
                     self.store.reused(f"artifact-map-{part}")
             return AffineMap.load(path)
-        texts = neutral_sentences()[: self.cfg.n_alignment]
+        corpus = resolve_corpus(self.cfg.map_corpus, concept_texts=[t for c in self.concepts for t in c.concept.contrast_texts])
+        texts = list(corpus.texts)
         steerable = set(self.candidate_layers())
         pairs = [(s, t) for s, t in default_layer_pairs(int(self.source.cfg.n_layers), int(self.target.cfg.n_layers))
                  if t in steerable]
-        log(f"fitting the map on {len(texts)} neutral sentences, target layers {sorted(steerable)}")
+        log(f"fitting the map ({self.cfg.map_estimator}) on {len(texts)} texts of {self.cfg.map_corpus!r}, "
+            f"target layers {sorted(steerable)}")
         with self.phases.phase("map: corpus"), self.phases.record("artifact-map-corpus"):
             xs, ys = capture_pair(self.source, self.target, texts, sorted({s for s, _ in pairs}),
                                   sorted({t for _, t in pairs}), batch_size=self.cfg.batch_size, progress=True)
         with self.phases.phase("map: fit"), self.phases.record("artifact-map-fit"):
-            amap = fit_map_from_states(xs, ys, layers=pairs, seed=self.cfg.seed, outlier_factor=self.cfg.outlier_factor)
+            amap = fit_map_from_states(xs, ys, layers=pairs, seed=self.cfg.seed, outlier_factor=self.cfg.outlier_factor,
+                                       estimator=self.cfg.map_estimator, rank=self.cfg.map_rank, corpus=corpus)
         amap.save(path)
         return amap
 
@@ -251,6 +263,8 @@ def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) 
     names = [c.name for c in concepts]
     if len(set(names)) != len(names):
         raise InvalidArgumentError("concepts", names, "concepts with distinct names")
+    for c in concepts:  # no validation or test item is a contrast prompt or a few-shot example
+        check_held_out(c.concept, c.split)
     phases = cm.PhaseTimes()
     log(f"loading {cfg.source} and {cfg.target}")
     with phases.phase("load models"):
@@ -262,3 +276,47 @@ def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) 
     phases.store = CellStore(out / "cells", settings={**settings_fingerprint(cfg), "protocol": protocol,
                                                       "concepts": concept_digest})
     return TransferRun(cfg, concepts, source, target, phases.store, out / "artifacts", phases)
+
+
+# ---- command line -------------------------------------------------------------------------------
+def add_transfer_args(p: Any, defaults: TransferSettings) -> None:
+    """The flags of every :class:`TransferSettings` field (unset flags stay None, so ``--quick`` fills only those)."""
+    d = defaults
+    p.add_argument("--source", help=f"source model: built-in name, hub id, local folder or .gguf (default {d.source})")
+    p.add_argument("--target", help=f"target model (default {d.target})")
+    p.add_argument("--out", help=f"output folder (default {d.out})")
+    p.add_argument("--alphas", type=validate.float_list_flag,
+                   help=f"comma-separated strengths > 0 in norm units (default {','.join(f'{a:g}' for a in d.alphas)})")
+    p.add_argument("--layers", type=validate.int_list_flag, help="target layers steered together (default: chosen on validation)")
+    p.add_argument("--candidate-depths", type=validate.float_list_flag,
+                   help=f"relative depths of the candidate layers (default {','.join(map(str, d.candidate_depths))})")
+    p.add_argument("--kl-bound", type=validate.nonnegative_float_flag,
+                   help=f"fluency bound of the operating point, nats/token of KL on generic text (default {d.kl_bound})")
+    p.add_argument("--te-kl-range", type=validate.float_list_flag,
+                   help=f"LOW,HIGH: KL range of transfer efficiency (default {d.te_kl_range[0]},{d.te_kl_range[1]})")
+    p.add_argument("--select-on", choices=list(METRICS), help=f"validation score (default {d.select_on})")
+    for name, what in (("n_random", "random directions per concept"),
+                       ("random_points", "alphas each random direction is scored at"),
+                       ("n_fluency_texts", "paragraphs of generic text the fluency instrument scores"),
+                       ("map_rank", "rank of an rrr / whitened map")):
+        p.add_argument(f"--{name.replace('_', '-')}", type=validate.positive_int_flag,
+                       help=f"{what} (default {getattr(d, name)})")
+    p.add_argument("--map-corpus", type=validate.corpus_flag, help=f"what the map is fitted on (default {d.map_corpus})")
+    p.add_argument("--map-estimator", type=validate.estimator_flag, help=f"how the map is fitted (default {d.map_estimator})")
+    p.add_argument("--outlier-factor", type=validate.nonnegative_float_flag,
+                   help=f"leave samples above this x the median norm out of the map (default {d.outlier_factor}; 0 keeps all)")
+    p.add_argument("--batch-size", type=validate.positive_int_flag, help=f"default {d.batch_size}")
+    p.add_argument("--seed", type=validate.nonnegative_int_flag, help=f"default {d.seed}")
+    p.add_argument("--device", default=None, help="device of both models (default: the library's)")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes for every size flag not given")
+    p.add_argument("--no-plots", action="store_true", help="write no figures")
+
+
+def settings_from_args(config_cls: Any, args: Any) -> Any:
+    """A Config of ``config_cls`` from the flags the user gave (the rest at their defaults; ``explicit`` records them)."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    given = {name: getattr(args, name) for name in fields - {"quick", "explicit"}
+             if getattr(args, name, None) is not None}
+    if "te_kl_range" in given and len(given["te_kl_range"]) != 2:
+        raise InvalidArgumentError("te_kl_range", given["te_kl_range"], "two numbers LOW,HIGH")
+    return config_cls(**given, quick=bool(getattr(args, "quick", False)), explicit=tuple(sorted(given)))

@@ -58,7 +58,7 @@ def check_layers(model: ModelHandle, layers: Sequence[int] | None) -> list[int]:
 
 
 def encode(
-    model: ModelHandle, texts: Sequence[str], *, with_offsets: bool = False
+    model: ModelHandle, texts: Sequence[str], *, with_offsets: bool = False, allow_long: bool = False
 ) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
     """Token ids of each text, with BOS prepended once when the model expects it.
 
@@ -83,7 +83,7 @@ def encode(
             offs = [(0, 0)] + offs
         if not ids:
             raise EmptyPromptsError(f"text {i} tokenizes to no tokens: {texts[i]!r}")
-        if len(ids) > n_ctx:
+        if len(ids) > n_ctx and not allow_long:
             raise PromptTooLongError(
                 f"text {i} has {len(ids)} tokens, more than the model's context of {n_ctx}: "
                 f"{texts[i][:80]!r}..."

@@ -31,7 +31,7 @@ from contrans_tl import ledger, validate
 from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id
 from contrans_tl.errors import InvalidArgumentError, NonFiniteError
 from contrans_tl.handle import ModelHandle
-from contrans_tl.transplant import Steering
+from contrans_tl.transplant import Steering, steer
 
 __all__ = ["Fluency", "measure_fluency", "bootstrap_ratio"]
 
@@ -130,6 +130,20 @@ def _chunks(lengths: Sequence[int], max_positions: int) -> list[list[int]]:
     return out
 
 
+def _windows(ids: Sequence[Sequence[int]], width: int) -> tuple[list[list[int]], list[int]]:
+    """Each text's tokens in windows of at most ``width`` (consecutive windows share one token, so every token
+    after a text's first is scored exactly once), and the text each window belongs to."""
+    rows: list[list[int]] = []
+    owner: list[int] = []
+    for i, row in enumerate(ids):
+        start = 0
+        while start < len(row) - 1:
+            rows.append(list(row[start : start + width]))
+            owner.append(i)
+            start += width - 1
+    return rows, owner
+
+
 def _log_probs(model: ModelHandle, ids: Int[Tensor, "b pos"], mask: Int[Tensor, "b pos"]) -> Float[Tensor, "b pos d_vocab"]:
     """Logits of every position (float32); raises NonFiniteError when they are not finite."""
     device = model_device(model)
@@ -151,7 +165,7 @@ def _positions(mask: Int[Tensor, "b pos"]) -> Tensor:
 def measure_fluency(
     model: ModelHandle,
     texts: Sequence[str],
-    settings: Mapping[K, Steering | None],
+    settings: Mapping[K, Steering | Sequence[Steering] | None],
     *,
     max_positions: int = 160,
     n_boot: int = N_BOOT,
@@ -162,7 +176,8 @@ def measure_fluency(
     """KL(unsteered ‖ steered) and ΔCE per token of ``texts`` for every steering in ``settings``.
 
     Every token after a text's first is scored over the whole vocabulary (``kl`` and ``dce`` are
-    means over all scored tokens of all texts). Texts run in chunks of at most ``max_positions``
+    means over all scored tokens of all texts; a text longer than ``max_positions`` or the model's
+    context runs in consecutive windows). Windows run in chunks of at most ``max_positions``
     tokens: each chunk's unsteered log-probabilities are computed once and compared with every
     setting's, so memory holds three vocabulary-wide arrays of one chunk. A ``None`` or all-zero
     setting is the unsteered model (KL 0). Intervals: bootstrap over texts (``n_boot``, ``seed``).
@@ -171,17 +186,24 @@ def measure_fluency(
     validate.integer("max_positions", max_positions, low=2)
     if not settings:
         raise InvalidArgumentError("settings", dict(settings), "at least one steering setting (None: unsteered)")
+    parts: dict[K, list[Steering]] = {}
     for key, setting in settings.items():
-        if setting is not None and not isinstance(setting, Steering):
-            raise InvalidArgumentError(f"settings[{key!r}]", setting, "a Steering (contrans_tl.Steering) or None")
-    ids, _ = encode(model, texts)
-    short = [i for i, row in enumerate(ids) if len(row) < 2]
+        items = [] if setting is None else [setting] if isinstance(setting, Steering) else list(setting)
+        if not all(isinstance(x, Steering) for x in items):
+            raise InvalidArgumentError(f"settings[{key!r}]", setting, "a Steering (contrans_tl.Steering), a sequence of "
+                                       "them, or None")
+        parts[key] = [x for x in items if not x.is_null]
+    whole, _ = encode(model, texts, allow_long=True)
+    short = [i for i, row in enumerate(whole) if len(row) < 2]
     if short:
         raise InvalidArgumentError("texts", [texts[i] for i in short[:3]], "texts of two or more tokens each")
-    steered = {k: s for k, s in settings.items() if s is not None and not s.is_null}
+    ids, owner = _windows(whole, min(int(model.cfg.n_ctx), max_positions))
+    steered = {k: p for k, p in parts.items() if p}
     sums = {k: _Sums([0.0] * len(texts), [0.0] * len(texts)) for k in steered}
     base_nll = [0.0] * len(texts)
-    tokens = [len(row) - 1 for row in ids]
+    tokens = [0] * len(texts)
+    for row, i in zip(ids, owner):
+        tokens[i] += len(row) - 1
     pad = pad_token_id(model)
     chunks = _chunks([len(row) for row in ids], max_positions)
     ledger.note(model, ids, kind="sequence")
@@ -194,8 +216,8 @@ def measure_fluency(
         log_p = torch.log_softmax(_log_probs(model, batch.input_ids, batch.attention_mask), dim=-1)
         nll_p = -log_p.gather(-1, targets[..., None])[..., 0].double()
         p = log_p.exp()
-        for row, i in enumerate(chunk):
-            base_nll[i] = float((nll_p[row] * scored[row]).sum())
+        for row, w in enumerate(chunk):
+            base_nll[owner[w]] += float((nll_p[row] * scored[row]).sum())
         bar.update()
         for key, setting in steered.items():
             acc = sums[key]
@@ -203,7 +225,7 @@ def measure_fluency(
                 bar.update()
                 continue
             try:
-                with setting.apply(model, check_model=check_model):
+                with steer(model, setting, check_model=check_model):
                     z = _log_probs(model, batch.input_ids, batch.attention_mask)
             except NonFiniteError:
                 acc.broken = True
@@ -215,9 +237,9 @@ def measure_fluency(
             torch.sub(log_p, z, out=z)  # log p − log q
             kl = (p[..., None, :] @ z[..., :, None])[..., 0, 0].double().clamp_min(0)
             del z
-            for row, i in enumerate(chunk):
-                acc.kl[i] = float((kl[row] * scored[row]).sum())
-                acc.dce[i] = float(((nll_q[row] - nll_p[row]) * scored[row]).sum())
+            for row, w in enumerate(chunk):
+                acc.kl[owner[w]] += float((kl[row] * scored[row]).sum())
+                acc.dce[owner[w]] += float(((nll_q[row] - nll_p[row]) * scored[row]).sum())
             bar.update()
         del log_p, p
     bar.close()

@@ -8,7 +8,7 @@ added, also when the body raises.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterator, Literal, Sequence
 
@@ -22,7 +22,7 @@ from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id, r
 from contrans_tl.errors import InvalidArgumentError, NonFiniteError
 from contrans_tl.handle import Hook, ModelHandle
 
-__all__ = ["Unit", "UNITS", "Steering", "steering_offsets", "transplant", "generate"]
+__all__ = ["Unit", "UNITS", "Steering", "steer", "steering_offsets", "transplant", "generate"]
 
 Unit = Literal["raw", "norm"]
 """How alpha is read. "raw": the offset is alpha · v[l]. "norm": the offset is
@@ -203,6 +203,19 @@ class Steering:
         return transplant(model, list(self.vectors), alpha=list(self.alphas),
                           layers=None if self.layers is None else list(self.layers), unit=self.unit,
                           check_model=check_model)
+
+
+@contextmanager
+def steer(model: ModelHandle, steerings: "Steering | Sequence[Steering] | None", *,
+          check_model: bool = True) -> Iterator[None]:
+    """Every steering in ``steerings`` applied at once (their offsets add up); None or an empty list steers nothing."""
+    items = [] if steerings is None else [steerings] if isinstance(steerings, Steering) else list(steerings)
+    if not all(isinstance(x, Steering) for x in items):
+        raise InvalidArgumentError("steerings", steerings, "a Steering, a sequence of them, or None")
+    with ExitStack() as stack:
+        for item in items:
+            stack.enter_context(item.apply(model, check_model=check_model))
+        yield
 
 
 @torch.inference_mode()

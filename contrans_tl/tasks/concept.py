@@ -7,7 +7,9 @@ concept a researcher writes in a concept file (docs/concepts.md). A :class:`Conc
 * ``items``: prompts with choices and a target choice. Under a steering, an item counts for
   **Logit Acc** when the target choice scores strictly highest among its choices (each choice
   scored by the sum of its tokens' log-probabilities after the prompt) and for **Token Acc**
-  when the target choice's first token is the argmax over the whole vocabulary;
+  when the target choice's first token is the argmax over the whole vocabulary. A concept whose
+  behaviour is judged on what the model writes (ToxiGen's fairness) holds :class:`GenerationItem`
+  prompts instead, scored by :func:`score_generations` with a text scorer;
 * optionally a shared ``prefix`` before every item (a few-shot block), an ``instruction`` for the
   prompting baseline, and unlabeled ``domain`` text (a map corpus option, never scored).
 
@@ -21,7 +23,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from contrans_tl.errors import ConceptFileError, InvalidArgumentError
 from contrans_tl.files import atomic_write_text
@@ -30,6 +32,7 @@ from contrans_tl.tasks.scoring import ChoiceLogprobs, choice_logprobs
 
 __all__ = [
     "ChoiceItem",
+    "GenerationItem",
     "Concept",
     "CONCEPT_KEYS",
     "concept_from_dict",
@@ -38,10 +41,12 @@ __all__ = [
     "save_concept",
     "ConceptSplit",
     "split_concept",
+    "check_held_out",
     "ItemScores",
     "item_scores",
     "score_items",
     "prompted_items",
+    "continuations",
 ]
 
 CONCEPT_KEYS = {"name": "a non-empty string", "description": "a string", "positive": "a list of prompts",
@@ -74,13 +79,24 @@ class ChoiceItem:
 
 
 @dataclass(frozen=True)
+class GenerationItem:
+    """An item judged on the model's own continuation of ``prompt`` (by a text scorer: a toxicity classifier, say)."""
+
+    prompt: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidArgumentError("prompt", self.prompt, "a non-empty string")
+
+
+@dataclass(frozen=True)
 class Concept:
     """A concept to refine, transplant and score (see the module docstring)."""
 
     name: str
     positive: tuple[str, ...]
     negative: tuple[str, ...]
-    items: tuple[ChoiceItem, ...]
+    items: tuple[ChoiceItem | GenerationItem, ...]
     description: str = ""
     prefix: str = ""
     """Text before every item prompt (a few-shot block), run once and shared."""
@@ -130,7 +146,7 @@ def _check_concept(c: Concept, source: str) -> None:
         raise _fail(source, f"positive[{first}]/negative[{first}]", "a duplicate pair (every pair once)")
     if not c.items:
         raise _fail(source, "eval", "expected a non-empty list of items")
-    keys = [(it.prompt, it.choices) for it in c.items]
+    keys = [(it.prompt, getattr(it, "choices", ())) for it in c.items]
     if len(set(keys)) != len(keys):
         first = next(i for i, k in enumerate(keys) if keys.index(k) != i)
         raise _fail(source, f"eval[{first}]", "a duplicate item (same prompt and choices as an earlier one)")
@@ -245,7 +261,7 @@ def split_concept(concept: Concept, *, validation_fraction: float = 0.3, min_val
     n = len(concept.items)
     n_val = max(min_validation, round(validation_fraction * n))
     if n - n_val < min_test:
-        raise ConceptFileError(f"{concept.name}: eval: {n} items, fewer than the split needs: at least "
+        raise ConceptFileError(f"{concept.source}: eval: {n} items, fewer than the split needs: at least "
                                f"{min_validation + min_test} ({min_validation} validation + {min_test} test at "
                                f"validation fraction {validation_fraction:g})")
     order = list(range(n))
@@ -253,6 +269,19 @@ def split_concept(concept: Concept, *, validation_fraction: float = 0.3, min_val
     val, test = sorted(order[:n_val]), sorted(order[n_val:])
     return ConceptSplit(tuple(concept.items[i] for i in val), tuple(concept.items[i] for i in test),
                         {"seed": seed, "validation_fraction": validation_fraction, "validation": val, "test": test})
+
+
+def check_held_out(concept: Concept, split: ConceptSplit) -> None:
+    """Raise :class:`InvalidArgumentError` when a validation or test item leaks into what makes or frames the
+    vector: its prompt is a contrast prompt, or it appears in the shared prefix (a few-shot example)."""
+    contrast = set(concept.positive) | set(concept.negative) | set(concept.domain)
+    for part, items in (("validation", split.validation), ("test", split.test)):
+        for i, it in enumerate(items):
+            if it.prompt in contrast:
+                raise InvalidArgumentError(f"{part}[{i}]", it.prompt[:60], f"an item held out of {concept.name}'s contrast prompts")
+            if concept.prefix and it.prompt in concept.prefix:
+                raise InvalidArgumentError(f"{part}[{i}]", it.prompt[:60], f"an item held out of {concept.name}'s "
+                                           "shared prefix (few-shot examples)")
 
 
 def prompted_items(items: Sequence[ChoiceItem], instruction: str) -> tuple[ChoiceItem, ...]:
@@ -323,3 +352,17 @@ def score_items(model: ModelHandle, items: Sequence[ChoiceItem], *, prefix: str 
     scored = choice_logprobs(model, [it.prompt for it in items], [list(it.choices) for it in items],
                              prefix=prefix or None, batch_size=batch_size, progress=progress)
     return item_scores(items, scored)
+
+
+def continuations(model: ModelHandle, items: Sequence[GenerationItem], *, max_new_tokens: int = 20, batch_size: int = 4,
+                  postprocess: Callable[[str], str] = str.strip) -> list[str]:
+    """Greedy continuations of ``items`` (under any active steering), post-processed: what a text scorer judges."""
+    from contrans_tl.transplant import generate
+
+    prompts = [it.prompt for it in items]
+    if not prompts:
+        raise InvalidArgumentError("items", list(items), "at least one GenerationItem")
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        texts += [postprocess(t) for t in generate(model, prompts[start : start + batch_size], max_new_tokens=max_new_tokens)]
+    return texts

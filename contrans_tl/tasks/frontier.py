@@ -25,6 +25,7 @@ import numpy as np
 
 from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.tasks.concept import ItemScores
+from contrans_tl.tasks.selection import choose_within_bound
 
 __all__ = ["Metric", "METRICS", "item_values", "Point", "Curve", "curve_at", "transfer_efficiency",
            "choose_operating_point", "random_at", "geometric_grid"]
@@ -165,21 +166,26 @@ def transfer_efficiency(
 
 def choose_operating_point(points: Sequence[Point], baseline: ItemScores, *, kl_bound: float,
                            metric: Metric = "both") -> dict[str, object]:
-    """The alpha with the best validation score among points with KL ≤ ``kl_bound`` (ties: the weaker alpha).
+    """The alpha with the best validation score among points with KL ≤ ``kl_bound`` (ties: the weaker alpha),
+    through :func:`~contrans_tl.tasks.selection.choose_within_bound` (the one bounded choice of the library).
 
     ``points`` carry validation outcomes. When no alpha is within the bound the operating point is
     alpha 0 (the unsteered model), said in ``within_bound``.
     """
-    allowed = [p for p in points if p.kl <= kl_bound]
+    by_alpha = {p.alpha: p for p in points}
     base = float(item_values(baseline, metric).mean())
-    if not allowed:
-        return {"alpha": 0.0, "kl": 0.0, "validation_score": base, "within_bound": False,
-                "grid": [{"alpha": p.alpha, "kl": p.kl, "allowed": False} for p in points]}
-    best = min(allowed, key=lambda p: (-float(item_values(p.scores, metric).mean()), p.alpha))
-    return {"alpha": best.alpha, "kl": best.kl, "validation_score": float(item_values(best.scores, metric).mean()),
-            "validation_baseline": base, "within_bound": True,
-            "grid": [{"alpha": p.alpha, "kl": p.kl, "allowed": p.kl <= kl_bound,
-                      "validation_score": float(item_values(p.scores, metric).mean())} for p in points]}
+    grid = [{"alpha": p.alpha, "kl": p.kl, "allowed": p.kl <= kl_bound,
+             "validation_score": float(item_values(p.scores, metric).mean())} for p in points]
+    try:
+        best, _ = choose_within_bound(list(by_alpha), lambda a: by_alpha[a].kl,
+                                      lambda a: float(item_values(by_alpha[a].scores, metric).mean()),
+                                      limit=kl_bound, cost=abs)
+    except InvalidArgumentError:  # nothing within the bound
+        return {"alpha": 0.0, "kl": 0.0, "validation_score": base, "validation_baseline": base, "within_bound": False,
+                "grid": grid}
+    chosen = by_alpha[best]
+    return {"alpha": chosen.alpha, "kl": chosen.kl, "validation_score": float(item_values(chosen.scores, metric).mean()),
+            "validation_baseline": base, "within_bound": True, "grid": grid}
 
 
 def random_at(points: Sequence[Point], kl: float, *, metric: Metric = "both", window: float = 2.25) -> tuple[np.ndarray, int]:
