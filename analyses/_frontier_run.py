@@ -164,8 +164,8 @@ class Frontier:
         return out
 
     def baseline(self, split: str) -> dict[str, ItemScores]:
-        """The unsteered outcomes of every concept's ``split`` items (one cell for all items)."""
-        table = self.scores(None, "baseline__items=all", self.all_items)
+        """The unsteered outcomes of every concept's ``split`` items (one cell per split for all concepts)."""
+        table = self.scores(None, f"baseline__items={split}", [e for c in self.concepts.values() for e in _entries(c, split)])
         return {c: self.outcomes(table, _entries(self.concepts[c], split)) for c in self.concepts}
 
     def direction(self, condition: str, concept: str, layers: tuple[int, ...], seed: int | None = None) -> Direction:
