@@ -144,8 +144,10 @@ def _windows(ids: Sequence[Sequence[int]], width: int) -> tuple[list[list[int]],
     return rows, owner
 
 
-def _log_probs(model: ModelHandle, ids: Int[Tensor, "b pos"], mask: Int[Tensor, "b pos"]) -> Float[Tensor, "b pos d_vocab"]:
-    """Logits of every position (float32); raises NonFiniteError when they are not finite."""
+def _logits(model: ModelHandle, ids: Int[Tensor, "b pos"], mask: Int[Tensor, "b pos"]) -> Float[Tensor, "b pos d_vocab"]:
+    """Logits of every position (float32), under any active steering (noted in the forward ledger);
+    raises NonFiniteError when they are not finite."""
+    ledger.note(model, [row[m.bool()].tolist() for row, m in zip(ids, mask)], kind="sequence")
     device = model_device(model)
     logits = model(ids.to(device), attention_mask=mask.to(device), logits_to_keep=0).float().cpu()
     if not bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
@@ -206,14 +208,13 @@ def measure_fluency(
         tokens[i] += len(row) - 1
     pad = pad_token_id(model)
     chunks = _chunks([len(row) for row in ids], max_positions)
-    ledger.note(model, ids, kind="sequence")
     bar = tqdm(total=len(chunks) * (1 + len(steered)), desc=progress, disable=progress is None, leave=False)
     for chunk in chunks:
         batch = pad_batch([ids[i] for i in chunk], pad_id=pad, padding_side="left")
         scored = _positions(batch.attention_mask)
         targets = torch.zeros_like(batch.input_ids)
         targets[:, :-1] = batch.input_ids[:, 1:]
-        log_p = torch.log_softmax(_log_probs(model, batch.input_ids, batch.attention_mask), dim=-1)
+        log_p = torch.log_softmax(_logits(model, batch.input_ids, batch.attention_mask), dim=-1)
         nll_p = -log_p.gather(-1, targets[..., None])[..., 0].double()
         p = log_p.exp()
         for row, w in enumerate(chunk):
@@ -226,7 +227,7 @@ def measure_fluency(
                 continue
             try:
                 with steer(model, setting, check_model=check_model):
-                    z = _log_probs(model, batch.input_ids, batch.attention_mask)
+                    z = _logits(model, batch.input_ids, batch.attention_mask)
             except NonFiniteError:
                 acc.broken = True
                 bar.update()
