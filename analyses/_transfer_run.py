@@ -76,8 +76,9 @@ class TransferSettings:
     """What validation maximizes: "both" (mean of Token and Logit outcome per item), "logit" or "token"."""
     n_random: int = 8
     """Random directions per concept (seeded by concept and seed), each with its own KL."""
-    random_points: int = 2
-    """Alphas of the random grid each random direction is scored at (staggered, so the grid is covered)."""
+    random_points: int = 1
+    """Alphas of the random grid each random direction is scored at (staggered, so the grid is covered: with 8
+    directions and 8 grid alphas, each alpha once per concept; every concept's band pools all directions)."""
     n_fluency_texts: int = 19
     """Paragraphs of the built-in generic text the fluency instrument scores (19: about 2,050 Gemma tokens)."""
     map_corpus: str = "neutral"
