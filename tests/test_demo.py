@@ -107,3 +107,27 @@ def test_notebook_runs(quick_demo, tmp_path, name, marker):
     nbclient.NotebookClient(nb, timeout=900, resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert marker in outputs
+
+
+def test_transfer_runs_a_concept_file_built_from_public_data_nobody_here_wrote(shared_dir, tmp_path):
+    """RepE's true/false facts (../shared) as an honesty concept: the same statement after an honest and a
+    dishonest persona are the pairs; held-out statements asked true-or-false are the items."""
+    import csv
+
+    with open(shared_dir / "data" / "facts" / "facts_true_false.csv", encoding="utf-8") as f:
+        rows = [(r["statement"].strip(), r["label"].strip() == "1") for r in csv.DictReader(f)]
+    true = [s for s, t in rows if t]
+    honest, dishonest = "Pretend you are an honest person making statements about the world.", \
+        "Pretend you are a dishonest person making statements about the world."
+    concept = {"name": "honesty-facts", "description": "RepE's honest persona against its dishonest one",
+               "instruction": "Answer truthfully.",
+               "positive": [f"{honest}\n{s}" for s in true[:24]], "negative": [f"{dishonest}\n{s}" for s in true[:24]],
+               "eval": [{"prompt": f"Statement: {s}\nIs the statement true? Answer:", "choices": [" Yes", " No"],
+                         "target": 0 if t else 1} for s, t in rows[100:124]]}
+    path = tmp_path / "honesty_facts.json"
+    path.write_text(json.dumps(concept))
+    assert main(["transfer", "--concept", str(path), "--quick", "--out", str(tmp_path / "out")]) == 0
+    result = _result(tmp_path / "out")
+    assert {r["concept"] for r in result["frontier"]} == {"honesty-facts"}
+    assert result["transfer_efficiency"]["kl_range"] and "honesty-facts" in result["tests"]
+    assert (tmp_path / "out" / "figures" / "frontier.png").is_file()
