@@ -8,6 +8,8 @@ dequantized once by transformers and cached as a safetensors checkpoint under
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import importlib.util
 import json
@@ -421,5 +423,31 @@ def load_model(
             "or set HF_HUB_OFFLINE=1 with a populated HF cache."
         ) from err
     bridge.eval()
+    _release_load_memory(bridge)
     _register(bridge, name, wanted)
     return bridge
+
+
+def _release_load_memory(model: ModelHandle) -> None:
+    """Give back what loading left behind, so a loaded model costs about its weights.
+
+    The weights themselves are the safetensors file memory-mapped (no copy). What remained was
+    the tokenizer's Python-side copy of its vocabulary and merges (transformers' Gemma and Llama
+    tokenizers keep the dict and list they built the Rust tokenizer from: ~200 MB for Gemma's
+    262k vocabulary; nothing reads them after ``__init__``) and the heap freed by parsing
+    ``tokenizer.json``, which glibc keeps until asked to return it.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    for attr in ("_vocab", "_merges"):
+        if isinstance(getattr(tokenizer, attr, None), (dict, list)):
+            setattr(tokenizer, attr, None)
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """``malloc_trim(0)``: return freed heap pages to the OS (glibc only; elsewhere nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
