@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from contrans_tl import validate
 from contrans_tl.capture import encode
+from contrans_tl.datasets import read_text
 from contrans_tl.errors import DataFormatError, DataUnavailableError, EmptyPromptsError, InvalidArgumentError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.tasks import scoring
@@ -114,8 +116,12 @@ def load_wikisplit(path: str | Path, *, n: int | None = None, min_words: int = 8
     """Neutral sentences: the complex-sentence column of a WikiSplit TSV, detokenized.
 
     ``path`` is the TSV or a directory holding ``validation.tsv`` / ``test.tsv`` / ``train.tsv``.
-    Sentences shorter than ``min_words`` and duplicates are dropped; ``n`` keeps the first N.
+    Sentences shorter than ``min_words`` and duplicates are dropped; ``n`` (>= 1) keeps the first N.
+    A file that is not UTF-8, or a row without the tab-separated split column, is a named error.
     """
+    if n is not None:
+        validate.integer("n", n, low=1)
+    validate.integer("min_words", min_words, low=1)
     path = Path(path)
     if path.is_dir():
         for name in ("validation.tsv", "test.tsv", "tune.tsv", "train.tsv"):
@@ -126,15 +132,18 @@ def load_wikisplit(path: str | Path, *, n: int | None = None, min_words: int = 8
         raise DataUnavailableError(f"no WikiSplit TSV at {path}")
     out: list[str] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            sentence = detokenize_wikisplit(line.split("\t", 1)[0])
-            if len(sentence.split()) < min_words or sentence in seen:
-                continue
-            seen.add(sentence)
-            out.append(sentence)
-            if n is not None and len(out) >= n:
-                break
+    for row, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataFormatError(f"{path} row {row} has one column: expected sentence<TAB>split (WikiSplit TSV)")
+        sentence = detokenize_wikisplit(line.split("\t", 1)[0])
+        if len(sentence.split()) < min_words or sentence in seen:
+            continue
+        seen.add(sentence)
+        out.append(sentence)
+        if n is not None and len(out) >= n:
+            break
     if not out:
         raise DataFormatError(f"{path} holds no sentences of {min_words} or more words")
     return out
