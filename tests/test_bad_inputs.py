@@ -126,6 +126,25 @@ API_CASES = {
     "load-wrong-kind": (lambda f: ct.ConceptVector.load(f["map_path"]), ArtifactError, "map.safetensors"),
     "load-map-missing": (lambda f: ct.AffineMap.load(f["tmp"] / "none.safetensors"), ArtifactError, "none.safetensors"),
     "load-not-a-file": (lambda f: ct.ConceptVector.load(f["file"]), ArtifactError, "a_file"),
+    "load-map-layer-the-model-lacks": (lambda f: ct.AffineMap.load(f["header"]("map", target_layers=[0, 1, 99])), LayerIndexError,
+                                       "target_layers: layer(s) [99]"),
+    "load-map-layers-not-ints": (lambda f: ct.AffineMap.load(f["header"]("map", source_layers=["1"])), ArtifactError,
+                                 "source_layers"),
+    "load-vector-n-prompts-many": (lambda f: ct.ConceptVector.load(f["header"]("vector", n_prompts="many")), ArtifactError,
+                                   "n_prompts='many'"),
+    "load-vector-layers-out-of-range": (lambda f: ct.ConceptVector.load(f["header"]("vector", layers=[0, 99])), LayerIndexError,
+                                        "layers"),
+    "load-vector-model-width-text": (lambda f: ct.ConceptVector.load(f["header"]("vector", model={"name": "m", "revision": None,
+                                     "n_layers": "4", "d_model": 64})), ArtifactError, "n_layers='4'"),
+    "load-vector-nan-layer-norms": (lambda f: ct.ConceptVector.load(f["nan_norms"]), ct.NonFiniteError, "layer_norms"),
+    "vector-nan-layer-norms": (lambda f: dataclasses.replace(f["v"], layer_norms=torch.full_like(f["v"].layer_norms, float("nan"))),
+                               ct.NonFiniteError, "layer_norms"),
+    "gguf-alpha-overflow": (lambda f: export_gguf(f["v"], f["tmp"] / "a.gguf", alpha=1e300), ct.NonFiniteError, "alpha=1e+300"),
+    "lm-eval-alpha-overflow": (lambda f: export_lm_eval(f["v"], f["tmp"] / "a.pt", alpha=-1e300), ct.NonFiniteError, "alpha=-1e+300"),
+    "refine-same-prompts-both-sides": (lambda f: ct.refine(f["m"], POS, list(reversed(POS))), InvalidArgumentError, "negative="),
+    "load-model-device-bogus": (lambda f: ct.load_model(f["dirs"]["llama"], device="bogus"), InvalidArgumentError, "device='bogus'"),
+    "load-model-local-with-revision": (lambda f: ct.load_model(f["dirs"]["llama"], revision="step5"), ModelUnavailableError,
+                                       "no revision"),
     "vector-list-not-tensor": (lambda f: ct.ConceptVector([[1.0]], f["v"].model, (0,), "mean_diff"), InvalidArgumentError, "vectors="),
     "vector-model-a-string": (lambda f: ct.ConceptVector(f["v"].vectors, "m", (0,), "mean_diff"), InvalidArgumentError, "model="),
     "vector-layers-out-of-range": (lambda f: dataclasses.replace(f["v"], layers=(99,)), LayerIndexError, "layers"),
@@ -159,6 +178,24 @@ API_CASES = {
 }
 
 
+def _with_header(path: Path, tmp: Path, change: dict[str, Any], tensor: tuple[str, float] | None = None) -> Path:
+    """A copy of an artifact with header fields replaced (or one tensor filled with a value), bypassing the checks of save."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["contrans_tl"])
+    header.update(change)
+    if tensor is not None:
+        tensors[tensor[0]] = torch.full_like(tensors[tensor[0]], tensor[1])
+    out = tmp / f"edited-{len(list(tmp.glob('edited-*')))}-{path.name}"
+    save_file(tensors, str(out), metadata={"contrans_tl": json.dumps(header)})
+    return out
+
+
 @pytest.fixture(scope="module")
 def fx(tiny_llama, tiny_llama_b, tiny_dirs, vec, amap, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_inputs")
@@ -169,7 +206,9 @@ def fx(tiny_llama, tiny_llama_b, tiny_dirs, vec, amap, tmp_path_factory):
     (tmp / "bad_data").mkdir()
     (tmp / "bad_data" / "anger.json").write_text('{"not": "a list"}')
     CellStore(tmp / "cells", settings={"seed": 0})
-    return {"m": tiny_llama, "mb": tiny_llama_b, "v": vec, "amap": amap, "tmp": tmp, "file": tmp / "a_file",
+    vector_path, map_path = vec.save(tmp / "vector.safetensors"), amap.save(tmp / "map.safetensors")
+    return {"header": lambda kind, **change: _with_header(vector_path if kind == "vector" else map_path, tmp, change),
+            "nan_norms": _with_header(vector_path, tmp, {}, tensor=("layer_norms", float("nan"))),"m": tiny_llama, "mb": tiny_llama_b, "v": vec, "amap": amap, "tmp": tmp, "file": tmp / "a_file",
             "truncated": truncated, "map_path": amap.save(tmp / "map.safetensors"), "empty": tmp / "empty_model",
             "bad_data": tmp / "bad_data", "dirs": tiny_dirs}
 
