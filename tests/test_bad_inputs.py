@@ -555,6 +555,19 @@ def test_cli_internal_error_points_at_a_traceback_file(monkeypatch, capsys):
         main(["models", "--debug"])
 
 
+def test_os_errors_about_user_paths_are_one_line(tmp_path, capsys):
+    """The net under commands whose path flags do not validate yet: FileExistsError and friends are a
+    user error in one line (exit 2) naming the path, not an internal error."""
+    from contrans_tl.entry import run_reporting_errors
+
+    (tmp_path / "a_file").write_text("x")
+    assert run_reporting_errors(lambda: (tmp_path / "a_file").mkdir(parents=True, exist_ok=True), debug=False) == 2
+    line = _one_error_line(2, capsys.readouterr().err)
+    assert "FileExistsError" in line and "a_file" in line
+    with pytest.raises(FileExistsError):
+        run_reporting_errors(lambda: (tmp_path / "a_file").mkdir(exist_ok=True), debug=True)
+
+
 def test_bench_and_analysis_scripts_report_one_line(tmp_path):
     """`contrans bench` (its own process) and `python -m contrans_tl.analyses.X` answer a bad flag the same way."""
     import subprocess
