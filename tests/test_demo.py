@@ -1,4 +1,4 @@
-"""The main job end to end in its quick form, on the real offline pair, and the notebook."""
+"""The main job end to end in its quick form, on the real offline pair, and the notebook (marker ``e2e``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import pytest
 
 from contrans_tl.cli import main
 
+E2E = pytest.mark.e2e
+"""The quick demo on the real offline pair runs minutes: its tests are their own CI step (`pytest -m e2e`)."""
+
 EMOTIONS = ["happiness", "sadness", "anger", "fear", "disgust", "surprise"]
 
 
@@ -20,6 +23,7 @@ def quick_demo(tmp_path_factory, smollm, gemma) -> Path:
     return out
 
 
+@E2E
 def test_quick_demo_writes_results_figures_and_summary(quick_demo):
     result = json.loads((quick_demo / "results.json").read_text())
     assert set(result["results"]) == set(EMOTIONS)
@@ -56,6 +60,7 @@ def test_quick_demo_writes_results_figures_and_summary(quick_demo):
     assert "Fluency:" in summary and "Sample continuations" in summary and "causal ratio" in summary
 
 
+@E2E
 def test_demo_chooses_within_the_fluency_bound_and_reports_it(quick_demo):
     """The chosen (layer, alpha) is the best validation score among points within the perplexity
     bound; the fluency table, the samples and the goals are computed from the run's own cells."""
@@ -87,6 +92,7 @@ def test_demo_chooses_within_the_fluency_bound_and_reports_it(quick_demo):
     assert result["map"]["outlier_factor"] == 10.0 and result["map"]["outliers_dropped"] >= 0
 
 
+@E2E
 def test_native_and_mapped_vectors_share_one_alpha_unit(quick_demo, smollm, gemma):
     """At one alpha the native skyline and the transplanted vector get offsets of the same length."""
     import torch
@@ -112,6 +118,7 @@ def test_native_and_mapped_vectors_share_one_alpha_unit(quick_demo, smollm, gemm
             assert float(lengths[0]) == pytest.approx(0.3 * reference[layer], rel=1e-5)
 
 
+@E2E
 def test_rerun_resumes_from_finished_cells(quick_demo):
     cells = {p.name: p.stat().st_mtime_ns for p in (quick_demo / "cells").glob("*.json")}
     before = json.loads((quick_demo / "results.json").read_text())
@@ -129,6 +136,7 @@ def test_rerun_resumes_from_finished_cells(quick_demo):
         assert again[name]["total_wall_s"] >= again[name]["reused_wall_s"]
 
 
+@E2E
 def test_notebook_runs(quick_demo):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
