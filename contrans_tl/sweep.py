@@ -283,6 +283,12 @@ class CellStore:
     def reused(self, key: str) -> None:
         """Count ``key``'s recorded compute time as reused in this run (nothing if it has no record)."""
         record = _read_json(self.root / f"{key}.time")
-        if isinstance(record, dict):
-            self.reused_wall_s += float(record.get("wall_s") or 0.0)
-            self.reused_cpu_s += float(record.get("cpu_s") or 0.0)
+        if isinstance(record, dict):  # a damaged record counts as none: it only feeds the time table
+            self.reused_wall_s += _seconds(record.get("wall_s"))
+            self.reused_cpu_s += _seconds(record.get("cpu_s"))
+
+
+def _seconds(value: Any) -> float:
+    """A recorded duration, or 0 when it is missing or not a finite number >= 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+    return float(value) if ok else 0.0

@@ -90,3 +90,14 @@ def test_incomplete_cell_is_recomputed_when_the_store_checks_cells(tmp_path):
         out = store.run(["a", "b"], lambda key: {"x": 2})
     assert out == {"a": {"x": 2}, "b": {"x": 2}}
     assert CellStore(tmp_path).get("a") == {"x": 2}
+
+
+def test_damaged_time_record_counts_as_none(tmp_path):
+    """A cell's .time record only feeds the time table: a wrong-typed one counts as no record."""
+    store = CellStore(tmp_path)
+    store.run(["a", "b"], lambda key: 1)
+    (tmp_path / "a.time").write_text('{"wall_s": "many", "cpu_s": null}')
+    (tmp_path / "b.time").write_text('{"wall_s": 2.5, "cpu_s": 1.0}')
+    again = CellStore(tmp_path)
+    again.run(["a", "b"], lambda key: 1)
+    assert (again.reused_wall_s, again.reused_cpu_s) == (2.5, 1.0)
