@@ -275,9 +275,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--toxigen", type=validate.existing_dir_flag, help="folder of ToxiGen prompt files")
     p.add_argument("--wikisplit", type=validate.existing_path_flag, help="WikiSplit TSV or its folder")
     p.add_argument("--n-questions", type=validate.positive_int_flag, help="first N TruthfulQA questions only (default: all)")
-    p.add_argument("--n-val", type=validate.positive_int_flag, default=d.n_val)
-    p.add_argument("--folds", type=validate.positive_int_flag, default=d.folds)
-    p.add_argument("--n-concept", type=validate.positive_int_flag, default=d.n_concept)
+    for name in ("n_val", "folds", "n_concept", "n_toxigen_test", "n_toxigen_val", "n_toxigen_concept", "max_new_tokens"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=validate.positive_int_flag, default=getattr(d, name),
+                       help=f"default {getattr(d, name)}")
     p.add_argument("--seed", type=validate.nonnegative_int_flag, default=d.seed)
     p.add_argument("--alphas", type=validate.float_list_flag, default=d.alphas, help="comma-separated grid")
     p.add_argument("--unit", choices=["norm", "raw"], default=d.unit)
@@ -288,10 +288,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-chat", choices=["auto", "chat", "plain"], default=d.target_chat)
     p.add_argument("--self-align-model", type=validate.model_flag, help="the target's instruct sibling (default: the target)")
     p.add_argument("--instruct-model", type=validate.model_flag, help="instruct model scored as Align-Training")
-    p.add_argument("--n-toxigen-test", type=validate.positive_int_flag, default=d.n_toxigen_test)
-    p.add_argument("--n-toxigen-val", type=validate.positive_int_flag, default=d.n_toxigen_val)
-    p.add_argument("--n-toxigen-concept", type=validate.positive_int_flag, default=d.n_toxigen_concept)
-    p.add_argument("--max-new-tokens", type=validate.positive_int_flag, default=d.max_new_tokens)
     p.add_argument("--toxicity-scorer", type=validate.text_flag, default=d.toxicity_scorer,
                    help="auto | roberta | profanity-check | stand-in | HUB_ID | module:function")
     p.add_argument("--max-ppl-ratio", type=validate.ratio_flag, default=d.max_ppl_ratio)

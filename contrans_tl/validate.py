@@ -376,16 +376,7 @@ def device_flag(text: str) -> str:
 
 def existing_file_flag(text: str) -> str:
     """The path of an existing, non-empty, readable file (an artifact: a vector, a map)."""
-    path = Path(text)
-    if not text.strip() or not path.exists():
-        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
-    if path.stat().st_size == 0:
-        raise argparse.ArgumentTypeError(f"{text} is empty")
-    if not os.access(path, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{text} is not readable")
-    return text
+    return _existing(text, folder=False)
 
 
 def text_file_flag(text: str) -> str:
@@ -402,22 +393,28 @@ def text_file_flag(text: str) -> str:
 
 def existing_dir_flag(text: str) -> str:
     """The path of an existing, readable folder."""
-    path = Path(text)
-    if not text.strip() or not path.exists():
-        raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{text} is not readable")
-    return text
+    return _existing(text, folder=True)
 
 
 def existing_path_flag(text: str) -> str:
-    """An existing data file or folder (loaders take either)."""
+    """An existing data file (non-empty) or folder, readable (loaders take either)."""
+    return _existing(text, folder=None)
+
+
+def _existing(text: str, *, folder: bool | None) -> str:
+    """``text`` if it names an existing, readable file (``folder=False``: non-empty), folder, or either (None)."""
+    noun = {True: "folder", False: "file", None: "file or folder"}[folder]
     path = Path(text)
     if not text.strip() or not path.exists():
-        raise argparse.ArgumentTypeError(f"no such file or folder: {text!r}")
-    return existing_dir_flag(text) if path.is_dir() else existing_file_flag(text)
+        raise argparse.ArgumentTypeError(f"no such {noun}: {text!r}")
+    is_dir = path.is_dir()
+    if folder is not None and is_dir != folder:
+        raise argparse.ArgumentTypeError(f"{text} is a {'file' if folder else 'folder'}, not a {noun}")
+    if not is_dir and path.stat().st_size == 0:
+        raise argparse.ArgumentTypeError(f"{text} is empty")
+    if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
 
 
 def data_path_flag(text: str) -> str:
