@@ -291,7 +291,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--toxicity-scorer", type=validate.text_flag, default=d.toxicity_scorer,
                    help="auto | roberta | profanity-check | stand-in | HUB_ID | module:function")
     p.add_argument("--max-ppl-ratio", type=validate.ratio_flag, default=d.max_ppl_ratio)
-    p.add_argument("--n-ppl", type=validate.positive_int_flag, default=d.n_ppl)
+    p.add_argument("--n-ppl", type=validate.nonnegative_int_flag, default=d.n_ppl,
+                   help=f"WikiSplit sentences of the reported perplexity (0: none; default {d.n_ppl})")
     p.add_argument("--n-guard", type=validate.positive_int_flag, default=d.n_guard,
                    help=f"neutral sentences of the fluency bound (default {d.n_guard})")
     p.add_argument("--map-texts", type=validate.positive_int_flag, help="neutral sentences for the map (default: all 400)")
