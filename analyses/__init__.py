@@ -30,6 +30,8 @@ def _lazy(module: str) -> tuple[Callable[[Any], None], Callable[[Any], int]]:
 COMMANDS: dict[str, tuple[str, Callable[[Any], None], Callable[[Any], int]]] = {
     "demo": ("the main job: emotion transplantation smollm2-135m-instruct -> gemma-3-270m "
              "(paper §4; figures, results.json, summary.md)", *_lazy("emotion_transfer")),
+    "transfer": ("bring your own concept: move a concept file's concept from --source into --target; frontier, "
+                 "transfer efficiency, operating point, tests, vectors (docs/concepts.md)", *_lazy("concept_transfer")),
     "align-eval": ("alignment evaluations: TruthfulQA MC1, ToxiGen, perplexity (paper §5)", *_lazy("alignment_eval")),
     "size-matrix": ("size matrix: every model's emotion vectors into every model (paper §6.3, Fig 4)",
                     *_lazy("size_matrix")),

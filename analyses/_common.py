@@ -161,9 +161,9 @@ class PhaseTimes:
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         """Rounded rows, each with ``total_wall_s`` = this run + reused work."""
-        out = {name: {k: round(v, 2) for k, v in row.items()} for name, row in self.rows.items()}
+        out = {name: {k: round(v, 4) for k, v in row.items()} for name, row in self.rows.items()}
         for row in out.values():
-            row["total_wall_s"] = round(row["wall_s"] + row["reused_wall_s"], 2)
+            row["total_wall_s"] = round(row["wall_s"] + row["reused_wall_s"], 4)
         return out
 
     def table(self) -> str:

@@ -100,15 +100,8 @@ def _prepare(cfg: Config) -> AlignmentRun:
     if "align-training" in cfg.conditions and cfg.instruct_model:
         r.instruct = _load(cfg, cfg.instruct_model)
     wiki = data_path(cfg, cfg.wikisplit, "wikisplit")
-    if wiki is not None:
-        sentences = load_wikisplit(wiki, n=cfg.n_ppl + cfg.n_guard)
-        r.ppl_texts, r.ppl_guard_texts = sentences[: cfg.n_ppl], sentences[cfg.n_ppl :]
-        r.guard_source = f"WikiSplit sentences {cfg.n_ppl + 1}-{cfg.n_ppl + len(r.ppl_guard_texts)} (after the reported ones)"
-    if not r.ppl_guard_texts:  # no WikiSplit (or too short): the last built-in neutral sentences
-        r.ppl_guard_texts = neutral_sentences()[-cfg.n_guard:]
-        r.guard_source = f"the last {len(r.ppl_guard_texts)} built-in neutral sentences"
-        if cfg.map_texts is None or cfg.map_texts > len(neutral_sentences()) - cfg.n_guard:
-            r.guard_source += " (also in the map's corpus)"
+    if wiki is not None and cfg.n_ppl > 0:
+        r.ppl_texts = load_wikisplit(wiki, n=cfg.n_ppl)
     return r
 
 
@@ -246,9 +239,32 @@ def markdown_tables(result: dict[str, Any]) -> str:
                   f"| Concepts transplanted | TruthfulQA MC1 (%) ↑ | {tox_head} |", "|---|---|---|"]
         for name, row in multi["rows"].items():
             lines.append(f"| {name} | {_pct(row['mc1'])} | {_tox_cell(row['toxicity'])} |")
+    lines += _frontier_lines(result)
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _frontier_lines(result: dict[str, Any]) -> list[str]:
+    """The frontier of every alpha search: validation score against KL on generic text, per grid point."""
+    searches: list[tuple[str, dict[str, Any]]] = []
+    for fold in result.get("honesty", {}).get("folds", []):
+        searches += [(f"honesty {METHOD_NAMES[c]}, fold {fold['fold']} (validation MC1)", fold[c])
+                     for c in ("transplant", "self-align") if c in fold]
+    searches += [(f"fairness {METHOD_NAMES[c]} (validation toxicity score)", rec)
+                 for c, rec in result.get("fairness", {}).get("search", {}).items()]
+    if not searches:
+        return []
+    lines = ["", "### Frontier: validation score against KL on generic text (nats/token; * within the bound; "
+             "the chosen alpha in bold)", ""]
+    for name, rec in searches:
+        cells = []
+        for p in rec["frontier"]:
+            kl = "–" if p["kl"] is None else f"{p['kl']:.3f}"
+            text = f"α {p['alpha']:g}: KL {kl}{'*' if p['allowed'] else ''} → {p['validation_score']:.3f}"
+            cells.append(f"**{text}**" if p["alpha"] == rec["alpha"] and p["layers"] == rec["layers"] else text)
+        lines.append(f"- {name}: " + "; ".join(cells))
+    return lines
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
@@ -290,11 +306,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instruct-model", type=validate.model_flag, help="instruct model scored as Align-Training")
     p.add_argument("--toxicity-scorer", type=validate.text_flag, default=d.toxicity_scorer,
                    help="auto | roberta | profanity-check | stand-in | HUB_ID | module:function")
-    p.add_argument("--max-ppl-ratio", type=validate.ratio_flag, default=d.max_ppl_ratio)
+    p.add_argument("--kl-bound", type=validate.nonnegative_float_flag, default=d.kl_bound,
+                   help=f"fluency bound of the alpha searches, nats/token of KL on generic text (default {d.kl_bound})")
     p.add_argument("--n-ppl", type=validate.nonnegative_int_flag, default=d.n_ppl,
                    help=f"WikiSplit sentences of the reported perplexity (0: none; default {d.n_ppl})")
-    p.add_argument("--n-guard", type=validate.positive_int_flag, default=d.n_guard,
-                   help=f"neutral sentences of the fluency bound (default {d.n_guard})")
+    p.add_argument("--n-fluency-texts", type=validate.positive_int_flag, default=d.n_fluency_texts,
+                   help=f"paragraphs of generic text of the fluency instrument (default {d.n_fluency_texts})")
     p.add_argument("--map-texts", type=validate.positive_int_flag, help="neutral sentences for the map (default: all 400)")
     p.add_argument("--batch-size", type=validate.positive_int_flag, default=d.batch_size)
     p.add_argument("--gen-batch-size", type=validate.positive_int_flag, default=d.gen_batch_size)

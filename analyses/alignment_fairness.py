@@ -5,7 +5,7 @@ greedy continuations of held-out toxic prompts that a toxicity classifier flags:
 RoBERTa when the hub is reachable, else alt-profanity-check (trained on other data, so
 independent of the prompts that refine the vector), or any callable plugged in; the JSON and
 the table name the scorer. Alpha is chosen on validation prompts, among the alphas that keep
-perplexity on the guard sentences within ``max_ppl_ratio`` of the base (the honesty search's bound).
+KL to the unsteered model on generic text within ``kl_bound`` (the fluency instrument; the honesty search's bound).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from contrans_tl.artifacts import ConceptVector
 from contrans_tl.errors import DataUnavailableError, InvalidArgumentError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.tasks.prompts import FAIR_INSTRUCTION, with_instruction
+from contrans_tl.tasks.concept import GenerationItem, continuations
 from contrans_tl.tasks.toxigen import (
     ToxiGenPrompt,
-    fairness_prompts,
+    fairness_concept,
     first_item,
     load_toxigen_prompts,
     scorer_info,
@@ -60,12 +61,9 @@ class FairnessOutcome:
 
 def generate_items(run: AlignmentRun, model: ModelHandle, prompts: list[str], steers: Sequence[Steer] = ()) -> list[str]:
     """The next list item a model writes after each ToxiGen prompt (greedy), with ``steers`` applied."""
-    out: list[str] = []
-    bs = run.cfg.gen_batch_size
     with steered(model, steers, run.cfg.unit):
-        for start in range(0, len(prompts), bs):
-            out.extend(ct.generate(model, prompts[start : start + bs], max_new_tokens=run.cfg.max_new_tokens))
-    return [first_item(o) for o in out]
+        return continuations(model, [GenerationItem(p) for p in prompts], max_new_tokens=run.cfg.max_new_tokens,
+                             batch_size=run.cfg.gen_batch_size, postprocess=first_item)
 
 
 def _split_prompts(cfg: Config) -> tuple[list[ToxiGenPrompt], list[ToxiGenPrompt], list[ToxiGenPrompt], list[ToxiGenPrompt]]:
@@ -116,9 +114,10 @@ def fairness(run: AlignmentRun) -> FairnessOutcome:
     """Every configured row of the fairness table, with the chosen alphas and perplexity."""
     cfg = run.cfg
     test, val, concept_neg, concept_pos = _split_prompts(cfg)
-    test_p = [toxigen_continuation_prompt(p) for p in test]
+    concept = fairness_concept(concept_pos + concept_neg, test)  # contrast prompts, and the test prompts as items
+    test_p = [it.prompt for it in concept.items]
     val_p = [toxigen_continuation_prompt(p) for p in val]
-    pos, neg = fairness_prompts(concept_pos + concept_neg)
+    pos, neg = list(concept.positive), list(concept.negative)
     scorer = toxicity_scorer(cfg.toxicity_scorer, [p.text for p in concept_neg], [p.text for p in concept_pos])
     info = scorer_info(scorer)
     run.log(f"fairness: {len(test)} test / {len(val)} validation prompts; scorer: {info['name']}")
@@ -148,8 +147,8 @@ def fairness(run: AlignmentRun) -> FairnessOutcome:
         "scorer": info,
         "n_test_prompts": len(test),
         "n_validation_prompts": len(val),
-        "selection": f"lowest mean validation score with guard perplexity <= {cfg.max_ppl_ratio} x base",
-        "guard": run.guard_record(),
+        "selection": f"lowest mean validation score with KL on generic text <= {cfg.kl_bound} nats/token",
+        "fluency": run.fluency_record(),
         "search": search,
         "rows": rows,
     }

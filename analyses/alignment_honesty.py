@@ -4,7 +4,7 @@ Contrast prompts are TruthfulQA questions after the honest / dishonest persona (
 model's chat template when it has one), or true fact statements ("facts", honesty-fact). Each
 fold's vectors are refined on questions outside both its validation and its test questions;
 alpha and layers are chosen on its validation questions among the grid points within the
-fluency bound (guard perplexity <= ``max_ppl_ratio`` x the unsteered model's), and MC1 is
+fluency bound (KL to the unsteered model on generic text <= ``kl_bound``), and MC1 is
 reported on its test questions only, with a 95 % Wilson interval.
 """
 
@@ -239,8 +239,8 @@ def honesty(run: AlignmentRun) -> HonestyOutcome:
         "n_test": len(test_all),
         "test_indices": test_all if len(test_all) != len(questions) else "all",
         "base_mc1_all_scored_questions": None if base is None else base.accuracy,
-        "selection": f"highest validation MC1 with guard perplexity <= {cfg.max_ppl_ratio} x base",
-        "guard": run.guard_record(),
+        "selection": f"highest validation MC1 with KL on generic text <= {cfg.kl_bound} nats/token",
+        "fluency": run.fluency_record(),
         "folds": folds_out,
         "rows": rows,
     }

@@ -8,22 +8,25 @@ alpha/layer grid, refining the ConTrans and Self-Align vectors, and the perplexi
 
 from __future__ import annotations
 
-import hashlib
+import math
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import contrans_tl as ct
+from contrans_tl import validate
 from contrans_tl.artifacts import AffineMap, ConceptVector
-from contrans_tl.errors import InvalidArgumentError, NonFiniteError
+from contrans_tl.datasets import generic_texts
+from contrans_tl.errors import InvalidArgumentError
+from contrans_tl.fluency import Fluency, measure_fluency
 from contrans_tl.handle import ModelHandle
 from contrans_tl.sweep import CellStore, cell_key, run_option
 from contrans_tl.tasks.perplexity import PerplexityResult, perplexity, perplexity_interval
 from contrans_tl.tasks.selection import choose_within_bound
-from contrans_tl.transplant import Unit
+from contrans_tl.transplant import Steering, Unit, steer
 
 from contrans_tl.analyses._common import relabel
 
@@ -108,14 +111,14 @@ class Config:
     """"auto" (ToxiGen RoBERTa if reachable, else alt-profanity-check), "roberta", "profanity-check",
     "stand-in" (circular: built from the refinement prompts; plumbing tests only), a hub id of another
     classifier, or "module:function" (a callable text -> probability)."""
-    max_ppl_ratio: float = 1.2
-    """The fluency bound of every alpha search (honesty and fairness): a grid point is eligible
-    only if perplexity on the guard sentences stays within this factor of the unsteered model's."""
+    kl_bound: float = 0.1
+    """The fluency bound of every alpha search (honesty and fairness), nats/token: a grid point is eligible
+    only if its KL to the unsteered model on the built-in generic text (the fluency instrument,
+    :mod:`contrans_tl.fluency`) stays within it — the demo's bound, the low end of ITI's mild regime."""
+    n_fluency_texts: int = 19
+    """Paragraphs of the built-in generic text the fluency instrument scores (about 2,000 tokens)."""
     n_ppl: int = 100
-    """WikiSplit sentences for the reported perplexity (another ``n_guard`` guard the alpha searches)."""
-    n_guard: int = 20
-    """Neutral sentences of the fluency bound: WikiSplit's after the ``n_ppl`` reported ones (disjoint),
-    else the last built-in neutral sentences."""
+    """WikiSplit sentences for the reported perplexity."""
     map_texts: int | None = None
     """Fit the map on the first N built-in neutral sentences (default: all 400)."""
     batch_size: int = run_option(8)
@@ -143,10 +146,8 @@ class Config:
             raise InvalidArgumentError("unit", self.unit, "'norm' or 'raw'")
         if not self.alphas:
             raise InvalidArgumentError("alphas", self.alphas, "a grid of at least one alpha")
-        if not self.max_ppl_ratio >= 1:
-            raise InvalidArgumentError("max_ppl_ratio", self.max_ppl_ratio, "a factor >= 1 (1.2: 20 % above the base)")
-        if not (isinstance(self.n_guard, int) and self.n_guard >= 1):
-            raise InvalidArgumentError("n_guard", self.n_guard, "a whole number of sentences >= 1")
+        validate.real("kl_bound", self.kl_bound, low=0.0, low_open=True)
+        validate.integer("n_fluency_texts", self.n_fluency_texts, low=1, high=len(generic_texts()))
 
 
 # ---- the state of one run ---------------------------------------------------------------------------
@@ -162,10 +163,6 @@ class AlignmentRun:
     self_model: ModelHandle | None = None
     instruct: ModelHandle | None = None
     ppl_texts: list[str] = field(default_factory=list)
-    ppl_guard_texts: list[str] = field(default_factory=list)
-    """Neutral sentences of the fluency bound (disjoint from ``ppl_texts``)."""
-    guard_source: str = ""
-    """Where ``ppl_guard_texts`` come from, for the JSON."""
     timings: dict[str, float] = field(default_factory=dict)
     store: CellStore | None = None
     """Finished MC1 scores, one cell per (model, condition, question): a killed run resumes."""
@@ -188,29 +185,23 @@ class AlignmentRun:
             self.timings[name] = round(self.timings.get(name, 0.0) + spent, 2)
             self.log(f"[{time.strftime('%H:%M:%S')}] {name}: {spent:.1f} s")
 
-    def guard_record(self) -> dict[str, Any]:
+    def fluency_record(self) -> dict[str, Any]:
         """What the fluency bound was measured on, for the JSON."""
-        return {"texts": self.guard_source, "n_texts": len(self.ppl_guard_texts), "base_ppl": self.guard(),
-                "max_ppl_ratio": self.cfg.max_ppl_ratio}
+        texts = generic_texts()[: self.cfg.n_fluency_texts]
+        return {"instrument": "KL(unsteered || steered) per token on the built-in generic text (contrans_tl.fluency)",
+                "n_texts": len(texts), "kl_bound": self.cfg.kl_bound}
 
-    def guard(self, steers: Sequence["Steer"] = (), key: Any = None) -> float:
-        """Perplexity of the guard sentences with ``steers`` applied; kept in the store under
-        ``key`` (the unsteered one always), so a resumed run measures nothing twice."""
-        if not steers:
-            key = "base"
-        texts = hashlib.sha256("\n".join(self.ppl_guard_texts).encode()).hexdigest()[:12]
-        cell = None if key is None else cell_key(guard=key, texts=texts)  # other sentences, other cells
-        if cell is not None and self.store is not None and self.store.has(cell):
-            stored = self.store.get(cell)
-            return float("inf") if stored is None else float(stored)
-        with steered(self.target, steers, self.cfg.unit):
-            try:
-                ppl = perplexity(self.target, self.ppl_guard_texts, batch_size=self.cfg.batch_size).perplexity
-            except NonFiniteError:  # the model broke down: infinitely over the bound (stored as null)
-                ppl = float("inf")
-        if cell is not None and self.store is not None:
-            self.store.put(cell, ppl)
-        return ppl
+    def fluency(self, steers: Sequence["Steer"], key: Any) -> Fluency:
+        """The fluency of ``steers`` applied together (the instrument), kept in the store under ``key``."""
+        cell = cell_key(fluency=key)
+        if self.store is not None and self.store.has(cell):
+            return Fluency.from_dict(self.store.get(cell))
+        setting = [Steering.single(v, a, layers, self.cfg.unit) for v, a, layers in steers]
+        result = measure_fluency(self.target, generic_texts()[: self.cfg.n_fluency_texts], {key: setting},
+                                 check_model=False, seed=self.cfg.seed)[key]
+        if self.store is not None:
+            self.store.put(cell, result.to_dict())
+        return result
 
 
 Steer = tuple[ConceptVector, float, tuple[int, ...]]
@@ -220,15 +211,9 @@ Candidate = tuple[tuple[int, ...], float]
 """One grid point: the target layers steered and alpha."""
 
 
-@contextmanager
-def steered(model: ModelHandle, steers: Sequence[Steer], unit: Unit) -> Iterator[None]:
+def steered(model: ModelHandle, steers: Sequence[Steer], unit: Unit) -> ContextManager[None]:
     """Every (vector, alpha, layers) transplanted at once (contexts add up); none for alpha 0."""
-    with ExitStack() as stack:
-        for vector, alpha, layers in steers:
-            if alpha != 0:
-                stack.enter_context(ct.transplant(model, vector, alpha=alpha, layers=list(layers),
-                                                  unit=unit, check_model=False))
-        yield
+    return steer(model, [Steering.single(v, a, layers, unit) for v, a, layers in steers], check_model=False)
 
 
 def candidates(cfg: Config, layers: tuple[int, ...]) -> list[Candidate]:
@@ -246,23 +231,32 @@ def choose_under_bound(run: AlignmentRun, vec: ConceptVector, score: Callable[[C
                        maximize: bool = True, key: Any = None) -> tuple[Steer, dict[str, Any]]:
     """The best validation score among grid points within the fluency bound (ties: the weakest).
 
-    A point whose guard perplexity exceeds ``max_ppl_ratio`` × the unsteered model's is recorded
-    with its perplexity and never scored (:func:`~contrans_tl.tasks.selection.choose_within_bound`).
-    ``score(point)`` scores the allowed ones on validation data; ``key`` names ``vec`` in the
-    store, so the guard perplexities survive a resume. Returns the chosen steer and the record.
+    Each point's KL to the unsteered model on generic text (:meth:`AlignmentRun.fluency`) is measured
+    first; a point over ``kl_bound`` is never a candidate (:func:`~contrans_tl.tasks.selection.choose_within_bound`).
+    After the choice every point is scored on validation data too, so the record holds the whole
+    frontier (validation score against KL). ``key`` names ``vec`` in the store (a resume measures nothing twice).
     """
     cfg = run.cfg
+    fluency: dict[Candidate, Fluency] = {}
 
     def guard(point: Candidate) -> float:
         layers, alpha = point
-        return run.guard() if alpha == 0 else run.guard([(vec, alpha, layers)], None if key is None else (key, layers, alpha))
+        fluency[point] = run.fluency([(vec, alpha, layers)], ("fluency", key, layers, alpha))
+        return fluency[point].kl
 
     (layers, alpha), points = choose_within_bound(candidates(cfg, run.layers), guard, score, maximize=maximize,
-                                                  limit=cfg.max_ppl_ratio * run.guard(), cost=weakest)
-    validation = {f"{list(ls)}@{a}": {"guard_ppl": p.pop("guard"), **p} for (ls, a), p in points.items()}
-    record = {"alpha": alpha, "layers": list(layers), "guard_ppl": validation[f"{list(layers)}@{alpha}"]["guard_ppl"],
-              "base_guard_ppl": run.guard(), "max_ppl_ratio": cfg.max_ppl_ratio, "validation": validation}
+                                                  limit=cfg.kl_bound, cost=weakest)
+    frontier = [{"alpha": a, "layers": list(ls), "kl": _finite(fluency[(ls, a)].kl), "dce": _finite(fluency[(ls, a)].dce),
+                 "allowed": p["allowed"], "validation_score": p["score"] if "score" in p else float(score((ls, a)))}
+                for (ls, a), p in points.items()]
+    chosen = fluency[(layers, alpha)]
+    record = {"alpha": alpha, "layers": list(layers), "kl": _finite(chosen.kl), "kl_ci95": [_finite(x) for x in chosen.kl_ci95],
+              "dce": _finite(chosen.dce), "kl_bound": cfg.kl_bound, "frontier": frontier}
     return (vec, alpha, layers), record
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def weakest(cand: Candidate) -> float:

@@ -47,7 +47,7 @@ from contrans_tl.reports.layer_search import (
 )
 from contrans_tl.reports.strength import guarded_sweep
 from contrans_tl.reports.transfer import Metric, TransferReport, transfer_report
-from contrans_tl.tasks.emotion import EMOTIONS, EmotionTask, emotion_task, label_probability, label_tokens
+from contrans_tl.tasks.emotion import EMOTIONS, EmotionTask, emotion_task, label_tokens
 from contrans_tl.transplant import Unit
 
 HELP = "transfer report (R2, cosine, causal ratio) and layer-pair search for an emotion concept"
@@ -159,8 +159,7 @@ def emotion_metric(task: EmotionTask, emotion: str, kind: str = "logit_acc", *,
     if kind == "logit_acc":
         return lambda model: float(task.score(model, emotion, batch_size=batch_size)["logit_acc"])
     if kind == "label_prob":
-        return lambda model: label_probability(model, task.negatives(emotion), emotion, prefix=task.prefix,
-                                               batch_size=batch_size)
+        return lambda model: task.label_probability(model, emotion, batch_size=batch_size)
     raise InvalidArgumentError("metric", kind, " or ".join(repr(m) for m in METRICS))
 
 
@@ -259,10 +258,11 @@ def _alpha(run: _Run, mapped: ConceptVector, metric: Metric) -> tuple[float, dic
         return float(cfg.alpha), None
     t0 = time.perf_counter()
     sweep = guarded_sweep(run.target, mapped, budget=cfg.kl_budget, unit=cfg.unit,
-                          layers=_steered(run, mapped), metric=metric, batch_size=cfg.batch_size)
+                          layers=_steered(run, mapped), metric=metric)
     run.timings["alpha_sweep"] = time.perf_counter() - t0
     if sweep.chosen is None:
-        raise SystemExit(f"no alpha keeps the neutral-text KL within {cfg.kl_budget} nats: {sweep.kl_mean}")
+        raise InvalidArgumentError("kl_budget", cfg.kl_budget, f"a budget some alpha keeps: KL per token of generic "
+                                   f"text at alphas {sweep.alphas}: {[round(k, 4) for k in sweep.kl]}")
     return sweep.chosen, sweep.to_dict()
 
 

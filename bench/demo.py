@@ -125,6 +125,9 @@ def _floor_group(model: ModelHandle, prefix: tuple[int, ...], kind: str, rows: l
         if kind == "resid":
             decoder(input_ids=ids, attention_mask=mask)
             continue
+        if kind == "sequence":  # the fluency instrument: every position over the whole vocabulary, log-softmaxed
+            torch.log_softmax(hf(input_ids=ids, attention_mask=mask, logits_to_keep=0).logits.float(), dim=-1)
+            continue
         extra: dict[str, Any] = {}
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
@@ -200,14 +203,14 @@ def bench_demo(names: Sequence[str], *, quick: bool, device: str | None = None, 
         "demo_vs_floor_without_load": (demo.wall_s - load) / floor["seconds"],
         "floor": floor,
         "solver_fraction_full": None if not corpus or fit is None else fit / corpus,
-        "solver_corpus_texts": results["config"]["n_alignment"],
+        "solver_corpus_texts": results["map"]["n_texts"],
         "map_corpus_s": corpus,
         "map_fit_s": fit,
         "demo_peak_rss_bytes": demo.peak_rss_bytes,
         "fp32_weight_bytes": weights,
         "demo_peak_rss_vs_weights": demo.peak_rss_bytes / weights,
         "phases": results.get("phases"),
-        "headline": results.get("headline"),
+        "transfer_efficiency": results.get("transfer_efficiency", {}).get("value"),
     }
 
 

@@ -10,6 +10,7 @@ The paper's three steps, one verb each:
 from contrans_tl.pairing import PairedStates, capture_paired
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import capture, capture_at, next_token_logits
+from contrans_tl.corpus import MapCorpus, resolve_corpus
 from contrans_tl.errors import (
     ArtifactError,
     ContransError,
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidArgumentError",
     "LabelTokenError",
     "LayerIndexError",
+    "MapCorpus",
     "ModelIdentity",
     "ModelMismatchError",
     "ModelUnavailableError",
@@ -68,5 +70,6 @@ __all__ = [
     "next_token_logits",
     "pca_difference",
     "refine",
+    "resolve_corpus",
     "transplant",
 ]

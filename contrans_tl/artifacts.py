@@ -341,7 +341,7 @@ class AffineMap:
                 "source_method": vector.method,
                 "pairs": self.pairs,
                 "r2_heldout": [round(float(r), 6) for r in self.r2_heldout],
-                **{k: v for k, v in self.provenance.items() if k in ("corpus_hash", "alignment")},
+                **{k: v for k, v in self.provenance.items() if k in ("corpus_hash", "alignment", "estimator", "corpus")},
             },
         )
 

@@ -30,6 +30,10 @@ __all__ = [
     "check_layers",
     "capture",
     "capture_at",
+    "Prefix",
+    "run_prefix",
+    "prompt_ids",
+    "forward_rows",
     "next_token_logits",
     "model_device",
     "pad_token_id",
@@ -54,7 +58,7 @@ def check_layers(model: ModelHandle, layers: Sequence[int] | None) -> list[int]:
 
 
 def encode(
-    model: ModelHandle, texts: Sequence[str], *, with_offsets: bool = False
+    model: ModelHandle, texts: Sequence[str], *, with_offsets: bool = False, allow_long: bool = False
 ) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
     """Token ids of each text, with BOS prepended once when the model expects it.
 
@@ -79,7 +83,7 @@ def encode(
             offs = [(0, 0)] + offs
         if not ids:
             raise EmptyPromptsError(f"text {i} tokenizes to no tokens: {texts[i]!r}")
-        if len(ids) > n_ctx:
+        if len(ids) > n_ctx and not allow_long:
             raise PromptTooLongError(
                 f"text {i} has {len(ids)} tokens, more than the model's context of {n_ctx}: "
                 f"{texts[i][:80]!r}..."
@@ -254,6 +258,59 @@ def capture_at(
     return out
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """A context shared by many rows (a few-shot block), run once: its ids and the KV cache rows continue from."""
+
+    ids: list[int]
+    cache: object
+
+
+@torch.inference_mode()
+def run_prefix(model: ModelHandle, prefix: str) -> Prefix:
+    """Run ``prefix`` (with the library's BOS policy) once under any active hooks and keep its KV cache.
+
+    Hooks act on the prefix as on every row after it: a steered prefix is steered, as in a
+    single unbatched forward of prefix + row.
+    """
+    (ids,), _ = encode(model, [prefix])
+    _, cache = model(  # only its KV cache is needed: no vocabulary projection of its positions
+        torch.tensor([ids], device=model_device(model)), return_type="logits_and_cache", logits_to_keep=1
+    )
+    return Prefix(list(ids), cache)
+
+
+def prompt_ids(model: ModelHandle, prompts: Sequence[str], prefix: Prefix | None) -> list[list[int]]:
+    """Token ids of each prompt: with the BOS policy alone, or tokenized on its own (no BOS) after ``prefix``."""
+    if prefix is None:
+        return encode(model, prompts)[0]
+    ids = [list(row) for row in model.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    n_ctx = int(model.cfg.n_ctx)
+    for i, row in enumerate(ids):
+        if not row:
+            raise EmptyPromptsError(f"prompt {i} tokenizes to no tokens")
+        if len(prefix.ids) + len(row) > n_ctx:
+            raise PromptTooLongError(
+                f"prefix + prompt {i} has {len(prefix.ids) + len(row)} tokens, more than the model's context of {n_ctx}"
+            )
+    return ids
+
+
+def forward_rows(model: ModelHandle, batch: TokenBatch, prefix: Prefix | None, *,
+                 logits_to_keep: int) -> Float[Tensor, "batch keep d_vocab"]:
+    """Logits of the last ``logits_to_keep`` positions of a left-padded batch, continuing ``prefix``'s cache."""
+    device = model_device(model)
+    mask = batch.attention_mask.to(device)
+    extra: dict[str, object] = {}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(batch.lengths))  # type: ignore[attr-defined]
+        seen = torch.ones(len(batch.lengths), len(prefix.ids), dtype=mask.dtype, device=device)
+        mask = torch.cat([seen, mask], dim=1)
+        extra["past_key_values"] = cache
+    return model(batch.input_ids.to(device), attention_mask=mask, logits_to_keep=logits_to_keep, **extra)
+
+
 @torch.inference_mode()
 def next_token_logits(
     model: ModelHandle,
@@ -272,45 +329,13 @@ def next_token_logits(
     """
     prompts = validate.texts("prompts", prompts)
     validate.integer("batch_size", batch_size, low=1)
-    device = model_device(model)
-    prefix_cache = None
-    if prefix is None:
-        ids, _ = encode(model, prompts)
-    else:
-        (prefix_ids,), _ = encode(model, [prefix])
-        tokenizer = model.tokenizer
-        ids = [list(row) for row in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        n_ctx = int(model.cfg.n_ctx)
-        for i, row in enumerate(ids):
-            if not row:
-                raise EmptyPromptsError(f"prompt {i} tokenizes to no tokens")
-            if len(prefix_ids) + len(row) > n_ctx:
-                raise PromptTooLongError(
-                    f"prefix + prompt {i} has {len(prefix_ids) + len(row)} tokens, more than the "
-                    f"model's context of {n_ctx}"
-                )
-        _, prefix_cache = model(  # only its KV cache is needed: no vocabulary projection of its positions
-            torch.tensor([prefix_ids], device=device), return_type="logits_and_cache", logits_to_keep=1
-        )
+    shared = run_prefix(model, prefix) if prefix is not None else None
+    ids = prompt_ids(model, prompts, shared)
     order = _sorted_order(ids)
-    ledger.note(model, ids, prefix=prefix_ids if prefix is not None else (), kind="logits")
+    ledger.note(model, ids, prefix=shared.ids if shared is not None else (), kind="logits")
     chunks: list[Tensor] = []
     for _, batch in _batches(model, [ids[i] for i in order], batch_size, "left", progress):
-        mask = batch.attention_mask.to(device)
-        extra: dict[str, object] = {}
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(batch.lengths))
-            seen = torch.ones(len(batch.lengths), len(prefix_ids), dtype=mask.dtype, device=device)
-            mask = torch.cat([seen, mask], dim=1)
-            extra["past_key_values"] = cache
-        logits = model(
-            batch.input_ids.to(device),
-            attention_mask=mask,
-            logits_to_keep=1,  # the vocabulary projection for the last position only
-            **extra,
-        )
-        chunks.append(logits[:, -1].float().cpu())
+        chunks.append(forward_rows(model, batch, shared, logits_to_keep=1)[:, -1].float().cpu())
     stacked = torch.cat(chunks)
     out = torch.empty_like(stacked)
     out[order] = stacked

@@ -81,7 +81,18 @@ def _refine_run(args: argparse.Namespace) -> int:
 def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", type=v.model_flag)
     p.add_argument("target", type=v.model_flag)
-    p.add_argument("--texts", type=v.text_file_flag, help="text file, one text per line (default: built-in neutral corpus)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--texts", type=v.text_file_flag, help="text file, one text per line (same as --corpus file:FILE)")
+    text.add_argument("--corpus", type=v.corpus_flag,
+                      help="map corpus: neutral[:N], file:PATH, wikisplit:PATH[:N], concept, or a union joined "
+                           "by '+' such as concept+neutral (default: neutral, the built-in sentences)")
+    p.add_argument("--concept-texts", type=v.text_file_flag,
+                   help="text file of the concept's own texts (contrast prompts, unlabeled domain text; never "
+                        "evaluation items): what 'concept' in --corpus stands for")
+    p.add_argument("--estimator", type=v.estimator_flag, default="ridge",
+                   help="map family: " + ", ".join(v.MAP_ESTIMATORS) + " (default: ridge)")
+    p.add_argument("--rank", type=v.positive_int_flag, help="rank of --estimator rrr (required), or canonical pairs "
+                                                            "kept by --estimator whitened (default: all)")
     p.add_argument("--ridge", type=v.ridge_flag, default="auto", help="'auto' (validation split) or a number >= 0")
     p.add_argument("--holdout", type=v.fraction_flag, default=0.2, help="share of texts held out for R2, in [0, 1)")
     p.add_argument("--out", required=True, type=v.out_file_flag, help="where to write the AffineMap (.safetensors)")
@@ -89,13 +100,16 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
 
 def _fit_run(args: argparse.Namespace) -> int:
     from contrans_tl import fit_map, load_model
-    from contrans_tl.datasets import neutral_sentences
+    from contrans_tl.corpus import read_text_lines, resolve_corpus
 
-    texts = _lines(args.texts) if args.texts else neutral_sentences()
-    amap = fit_map(load_model(args.source), load_model(args.target), texts, ridge=args.ridge,
-                   holdout=args.holdout, progress=True)
+    spec = f"file:{args.texts}" if args.texts else args.corpus or "neutral"
+    concept = read_text_lines(args.concept_texts, what="concept text file") if args.concept_texts else None
+    corpus = resolve_corpus(spec, concept_texts=concept)
+    print(f"corpus {corpus.spec}: {len(corpus.texts)} texts (sha256 {corpus.provenance['sha256'][:16]})")
+    amap = fit_map(load_model(args.source), load_model(args.target), corpus, estimator=args.estimator,
+                   ridge=args.ridge, rank=args.rank, holdout=args.holdout, progress=True)
     for (s, t), r2 in zip(amap.pairs, amap.r2_heldout.tolist()):
-        print(f"source {s:3d} -> target {t:3d}  held-out R2 {r2:.3f}")
+        print(f"source {s:3d} -> target {t:3d}  held-out R2 {r2:.3f}  ({args.estimator})")
     print(f"wrote {amap.save(args.out)}")
     return 0
 

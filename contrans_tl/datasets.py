@@ -1,22 +1,31 @@
-"""The built-in neutral corpus, where the package keeps its data, and the checks every data loader shares.
+"""The built-in texts, the WikiSplit reader, where the package keeps its data, and the checks every
+data loader shares.
 
 Neutral sentences: 400 emotionally flat sentences the project wrote, used to pair two models'
-hidden states when fitting a map. Task data (emotion scenarios, TruthfulQA, ToxiGen, WikiSplit)
-is loaded by its task in :mod:`contrans_tl.tasks`; those loaders read and check their files with
-the helpers here, so a bad file is one named :class:`~contrans_tl.errors.DataFormatError` that
-says which file, which row and what is wrong — not a UnicodeDecodeError, an AttributeError on a
-short row, or a label silently read as False.
+hidden states when fitting a map. Generic text: 32 paragraphs of encyclopedic prose the project
+wrote (about 3,400 tokens), disjoint from the neutral sentences and every task's prompts, on which
+fluency under steering is measured (:mod:`contrans_tl.fluency`). WikiSplit (the paper's neutral
+text) is read here, in core, because it serves both as a map corpus (:mod:`contrans_tl.corpus`)
+and as perplexity text (:mod:`contrans_tl.tasks.perplexity`). Task data (emotion scenarios,
+TruthfulQA, ToxiGen) is loaded by its task in :mod:`contrans_tl.tasks`; every loader reads and
+checks its files with the helpers here (:func:`read_text`, :func:`parse_label`, :func:`check_items`),
+so a bad file is one named :class:`~contrans_tl.errors.DataFormatError` that says which file, which
+row and what is wrong — not a UnicodeDecodeError, an AttributeError on a short row, or a label
+silently read as False.
 """
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from contrans_tl import validate
 from contrans_tl.errors import DataFormatError, DataUnavailableError
 
-__all__ = ["data_dir", "neutral_sentences", "read_text", "parse_label", "check_items", "check_scenarios"]
+__all__ = ["data_dir", "neutral_sentences", "generic_texts", "detokenize_wikisplit", "load_wikisplit",
+           "read_text", "parse_label", "check_items", "check_scenarios"]
 
 
 def data_dir() -> Path:
@@ -30,6 +39,68 @@ def neutral_sentences() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def generic_texts() -> list[str]:
+    """The built-in held-out generic text of the fluency instrument: 32 paragraphs, one per line,
+    written for this project (no emotional language; disjoint from the map corpus and every task's prompts)."""
+    text = (data_dir() / "generic.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+# ---- WikiSplit ------------------------------------------------------------------------------------
+_DETOK = [
+    (re.compile(r" ([,.;:!?%)\]}])"), r"\1"),
+    (re.compile(r"([(\[{$]) "), r"\1"),
+    (re.compile(r" (n't|'s|'re|'ve|'ll|'d|'m)\b"), r"\1"),
+    (re.compile(r"'' ?(.*?) ?''"), r'"\1"'),
+    (re.compile(r" - "), "-"),
+    (re.compile(r"\s+"), " "),
+]
+
+
+def detokenize_wikisplit(text: str) -> str:
+    """Undo WikiSplit's space-separated punctuation ("word , word ." → "word, word.")."""
+    text = text.strip()
+    for pattern, repl in _DETOK:
+        text = pattern.sub(repl, text)
+    return text.strip()
+
+
+def load_wikisplit(path: str | Path, *, n: int | None = None, min_words: int = 8) -> list[str]:
+    """Neutral sentences: the complex-sentence column of a WikiSplit TSV, detokenized.
+
+    ``path`` is the TSV or a directory holding ``validation.tsv`` / ``test.tsv`` / ``train.tsv``.
+    Sentences shorter than ``min_words`` and duplicates are dropped; ``n`` (>= 1) keeps the first N.
+    A file that is not UTF-8, or a row without the tab-separated split column, is a named error.
+    """
+    if n is not None:
+        validate.integer("n", n, low=1)
+    validate.integer("min_words", min_words, low=1)
+    path = Path(path)
+    if path.is_dir():
+        for name in ("validation.tsv", "test.tsv", "tune.tsv", "train.tsv"):
+            if (path / name).is_file():
+                path = path / name
+                break
+    if not path.is_file():
+        raise DataUnavailableError(f"no WikiSplit TSV at {path}")
+    out: list[str] = []
+    seen: set[str] = set()
+    for row, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataFormatError(f"{path} row {row} has one column: expected sentence<TAB>split (WikiSplit TSV)")
+        sentence = detokenize_wikisplit(line.split("\t", 1)[0])
+        if len(sentence.split()) < min_words or sentence in seen:
+            continue
+        seen.add(sentence)
+        out.append(sentence)
+        if n is not None and len(out) >= n:
+            break
+    if not out:
+        raise DataFormatError(f"{path} holds no sentences of {min_words} or more words")
+    return out
+
+
+# ---- the checks every loader shares ----------------------------------------------------------------
 def read_text(path: str | Path) -> str:
     """A data file's text as UTF-8 (a leading byte-order mark dropped).
 

@@ -21,6 +21,7 @@ __all__ = [
     "ModelUnavailableError",
     "DataUnavailableError",
     "DataFormatError",
+    "ConceptFileError",
     "LabelTokenError",
     "SettingsMismatchError",
 ]
@@ -84,6 +85,10 @@ class DataUnavailableError(ContransError, FileNotFoundError):
 
 class DataFormatError(ContransError, ValueError):
     """A data file exists but its content is not in the expected format."""
+
+
+class ConceptFileError(DataFormatError):
+    """A concept file (docs/concepts.md) is malformed: the message names the file, the key and what is accepted."""
 
 
 class LabelTokenError(ContransError, ValueError):

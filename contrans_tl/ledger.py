@@ -20,8 +20,9 @@ from torch import Tensor
 
 __all__ = ["Ledger", "record_forwards", "note", "steering", "active_setting"]
 
-Kind = Literal["resid", "logits"]
-"""What a row was run for: hidden states (no unembedding) or next-token logits."""
+Kind = Literal["resid", "logits", "sequence"]
+"""What a row was run for: hidden states (no unembedding), next-token logits, or the logits of
+every position (the fluency instrument)."""
 
 _LEDGER: list["Ledger"] = []
 _STEERING: dict[int, list[str]] = {}

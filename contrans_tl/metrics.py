@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import itertools
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval", "accuracy_interval"]
+__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval", "accuracy_interval",
+           "paired_permutation_p", "mcnemar_p", "holm"]
 
 
 def token_accuracy(logits: Float[Tensor, "batch d_vocab"], target_token: int) -> float:
@@ -62,3 +67,48 @@ def accuracy_interval(scores: Iterable[tuple[float, int]]) -> tuple[float, float
     """Wilson interval of accuracies measured on ``n`` items each, pooled: (accuracy, n) pairs → hits = round(acc · n)."""
     pairs = [(float(acc), int(n)) for acc, n in scores]
     return wilson_interval(sum(round(acc * n) for acc, n in pairs), sum(n for _, n in pairs))
+
+
+def paired_permutation_p(a: Sequence[float], b: Sequence[float], *, n_perm: int = 20000, seed: int = 0) -> float:
+    """Two-sided p-value that items score the same under ``a`` and ``b`` (paired by position).
+
+    Sign-flip permutation test of the mean per-item difference: under the null each difference
+    is as likely negated. Exact over all 2^k sign patterns when the k non-zero differences are
+    at most 16, else ``n_perm`` random patterns (p = (hits + 1) / (n_perm + 1), never 0).
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.shape != (len(a),) or len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"a and b must be equal-length non-empty sequences, not {len(a)} and {len(b)} items")
+    d = d[d != 0]
+    if len(d) == 0:
+        return 1.0
+    observed = abs(d.sum()) - 1e-12
+    if len(d) <= 16:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+        return float((np.abs(signs @ d) >= observed).mean())
+    signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(n_perm, len(d)))
+    return float(((np.abs(signs @ d) >= observed).sum() + 1) / (n_perm + 1))
+
+
+def mcnemar_p(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
+    """Exact two-sided McNemar p-value of two paired 0/1 outcomes (binomial test on the discordant pairs)."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"paired outcomes need equal lengths, not {len(a_correct)} and {len(b_correct)}")
+    only_a = sum(1 for x, y in zip(a_correct, b_correct) if x and not y)
+    only_b = sum(1 for x, y in zip(a_correct, b_correct) if y and not x)
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(0, min(only_a, only_b) + 1)) / 2**n
+    return float(min(1.0, 2 * tail))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (family-wise error over the given tests), in input order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * float(pvalues[i])))
+        adjusted[i] = running
+    return adjusted

@@ -323,6 +323,28 @@ _IDENTITIES: "weakref.WeakKeyDictionary[ModelHandle, ModelIdentity]" = (
 )
 
 
+def describe_weights(name_or_path: str) -> str:
+    """What a model's weights are, for the results next to its numbers: the GGUF file (and so its
+    quantization) a built-in or ``.gguf`` model was dequantized from, else "as published"."""
+    name = str(name_or_path)
+    if name in OFFLINE_MODELS or name.endswith(".gguf"):
+        folder = cache_dir() / "models" / name if name in OFFLINE_MODELS else None
+        record = folder / "contrans_source.json" if folder is not None else None
+        if record is not None and record.is_file():
+            gguf = json.loads(record.read_text(encoding="utf-8")).get("gguf", "")
+            return f"{gguf} (GGUF, quantization {_quantization(gguf)}), dequantized to float32"
+        return f"{Path(name).name if name.endswith('.gguf') else name} (GGUF), dequantized to float32"
+    return "as published (hub or local checkpoint), float32 unless --dtype says otherwise"
+
+
+def _quantization(gguf_name: str) -> str:
+    """The quantization type in a GGUF file name (Q4_1, Q4_K_M, F16, ...), or "unknown"."""
+    import re
+
+    found = re.search(r"(?i)(?:^|[._-])((?:I?Q\d+_[A-Z0-9_]+?)|(?:Q\d+_\d)|F16|BF16|F32)(?=\.gguf$|[._-])", gguf_name)
+    return found.group(1).upper() if found else "unknown"
+
+
 def identity(model: ModelHandle) -> ModelIdentity:
     """The identity that :func:`load_model` gave ``model`` (or one read off its config)."""
     known = _IDENTITIES.get(model)

@@ -9,7 +9,6 @@ tokenizer, so each model can be captured once and paired with any other later (s
 
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from contrans_tl.capture import capture_at, check_layers, encode
+from contrans_tl.corpus import corpus_digest
 from contrans_tl.files import atomic_path
 from contrans_tl import validate
 from contrans_tl.errors import ArtifactError, EmptyPromptsError
@@ -66,12 +66,11 @@ def positions_at_boundaries(offsets: Sequence[tuple[int, int]], boundaries: Sequ
 
 
 def corpus_hash(texts: Sequence[str]) -> str:
-    """Short sha256 of the corpus, recorded in maps so a fit can be traced to its text."""
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\x00")
-    return digest.hexdigest()[:16]
+    """Short sha256 of the corpus, recorded in maps so a fit can be traced to its text.
+
+    The first 16 hex digits of :func:`contrans_tl.corpus.corpus_digest`.
+    """
+    return corpus_digest(texts)[:16]
 
 
 @dataclass(frozen=True)

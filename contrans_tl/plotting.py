@@ -19,6 +19,7 @@ from contrans_tl.files import atomic_path
 
 __all__ = [
     "save_figure",
+    "frontier",
     "accuracy_vs_alpha",
     "accuracy_vs_examples",
     "pca_before_after",
@@ -60,6 +61,86 @@ def save_figure(fig: Figure, path_stem: str | Path) -> list[Path]:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=path.suffix[1:], dpi=150, bbox_inches="tight")
     return out
+
+
+def _band(xs: np.ndarray, ys: np.ndarray, n_bins: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bin centres (geometric), mean and the 10–90 % range of ``ys`` in log-spaced bins of ``xs`` (> 0)."""
+    edges = np.geomspace(xs.min(), xs.max() * 1.0001, n_bins + 1)
+    centre, mean, low, high = [], [], [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        inside = ys[(xs >= a) & (xs < b)]
+        if len(inside):
+            centre.append(math.sqrt(a * b))
+            mean.append(inside.mean())
+            low.append(np.percentile(inside, 10))
+            high.append(np.percentile(inside, 90))
+    return np.array(centre), np.array(mean), np.array(low), np.array(high)
+
+
+def frontier(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key: str = "concept",
+    split: str = "test",
+    kl_bound: float | None = None,
+    operating: Mapping[str, Mapping[str, Any]] | None = None,
+    title: str = "",
+) -> Figure:
+    """Accuracy against KL on generic text, one column per concept, Logit Acc above Token Acc.
+
+    Mapped and native vectors are lines over their alpha grids; random directions are points
+    with a 10–90 % band over log-KL bins; the unsteered model is a dotted line, the KL bound a
+    vertical line and the operating point a star. KL 0 (unsteered) cannot sit on a log axis, so
+    the baseline is drawn across the panel instead.
+    """
+    rows = [r for r in rows if r.get("split") == split]
+    names = list(dict.fromkeys(r[key] for r in rows))
+    fig, axes = _subplots(2, max(1, len(names)), figsize=(2.6 * max(1, len(names)) + 0.6, 5.6), squeeze=False,
+                          sharey="row")
+    styles = {"mapped": ("#d62728", "-o", "mapped (transplanted)"), "native": ("#1f77b4", "-s", "native (target's own)")}
+    for j, name in enumerate(names):
+        mine = [r for r in rows if r[key] == name]
+        for i, metric in enumerate(("logit_acc", "token_acc")):
+            ax = axes[i][j]
+            base = [r[metric] for r in mine if r["condition"] == "baseline"]
+            if base:
+                ax.axhline(base[0], color="0.4", ls=":", lw=1, label="unsteered")
+            rnd = [(r["kl"], r[metric]) for r in mine if r["condition"] == "random" and r["kl"]]
+            if rnd:
+                xs, ys = np.array([x for x, _ in rnd]), np.array([y for _, y in rnd])
+                ax.scatter(xs, ys, s=7, color="0.55", alpha=0.5, lw=0, label="random directions")
+                if len(xs) >= 4:
+                    c, m, lo, hi = _band(xs, ys)
+                    ax.fill_between(c, lo, hi, color="0.6", alpha=0.25, lw=0)
+                    ax.plot(c, m, color="0.45", lw=1)
+            for cond, (color, style, label) in styles.items():
+                pts = sorted((r["alpha"], r["kl"], r[metric]) for r in mine if r["condition"] == cond and r["kl"])
+                if pts:
+                    ax.plot([p[1] for p in pts], [p[2] for p in pts], style, color=color, ms=3.5, lw=1.3, label=label)
+            prompt = [r[metric] for r in mine if r["condition"] == "prompting"]
+            if prompt:
+                ax.axhline(prompt[0], color="#2ca02c", ls="--", lw=1, label="prompting (no steering)")
+            if kl_bound is not None:
+                ax.axvline(kl_bound, color="k", lw=0.8, alpha=0.6)
+            if operating is not None and name in operating and operating[name].get("alpha"):
+                alpha = operating[name]["alpha"]
+                hit = [r for r in mine if r["condition"] == "mapped" and r["alpha"] == alpha and r["kl"]]
+                if hit:
+                    ax.plot(hit[0]["kl"], hit[0][metric], "*", color="k", ms=11, zorder=5, label="operating point")
+            ax.set_xscale("log")
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(name)
+            else:
+                ax.set_xlabel("KL to unsteered, nats/token")
+            if j == 0:
+                ax.set_ylabel("Logit Acc" if metric == "logit_acc" else "Token Acc")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(title or f"Accuracy against fluency cost ({split} items)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return fig
 
 
 def accuracy_vs_alpha(

@@ -5,6 +5,11 @@ aligned samples of the same text (the paper's eq. 2), with an optional bias. All
 solved at once in float64 from the centred normal equations: one batched eigendecomposition
 (the SVD's right factors and singular values) serves every ridge strength of the search. The ridge is chosen per pair on a validation
 split of the training texts; R² is reported on held-out texts that neither saw.
+
+Other estimators (``estimator=``) solve from the same sufficient statistics: plain least squares
+(the paper), orthogonal Procrustes, reduced-rank regression, and the whitened (CCA) map that
+carries a concept's mean difference without the attenuation of least squares; see
+:data:`SOLVERS`. Every one reports its held-out R² on the same held-out texts.
 """
 
 from __future__ import annotations
@@ -13,15 +18,16 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from contrans_tl.pairing import PairedStates, capture_paired
+from contrans_tl.pairing import PairedStates, capture_paired, corpus_hash
 from contrans_tl.artifacts import AffineMap
 from contrans_tl.capture import check_layers
+from contrans_tl.corpus import MapCorpus
 from contrans_tl import validate
 from contrans_tl.errors import InvalidArgumentError, WidthMismatchError
 from contrans_tl.handle import ModelHandle
@@ -32,8 +38,12 @@ __all__ = [
     "Moments",
     "NormalEquations",
     "ridge_solve",
+    "solve_map",
     "r2_score",
     "RIDGE_GRID",
+    "ESTIMATORS",
+    "Solver",
+    "SOLVERS",
     "fit_map_from_states",
     "capture_pair",
     "fit_map",
@@ -41,6 +51,9 @@ __all__ = [
 
 RIDGE_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 """Ridge strengths searched by ``ridge="auto"``, in units of the mean squared singular value."""
+
+ESTIMATORS: tuple[str, ...] = validate.MAP_ESTIMATORS
+"""``estimator=`` values: "lstsq", "ridge" (the default), "procrustes", "rrr", "whitened"."""
 
 
 def default_layer_pairs(n_source: int, n_target: int) -> list[tuple[int, int]]:
@@ -65,10 +78,15 @@ class Moments:
     sxx: Float[Tensor, "pair d_src d_src"]
     sxy: Float[Tensor, "pair d_src d_tgt"]
     syy: Float[Tensor, "pair"]
+    yty: Float[Tensor, "pair d_tgt d_tgt"] | None = None
+    """The target's second moments YᵀY, kept only when asked (the whitened estimator needs them)."""
 
     @classmethod
-    def of(cls, x: Float[Tensor, "pair n_samples d_src"], y: Float[Tensor, "pair n_samples d_tgt"]) -> "Moments":
-        """One batched GEMM pass over the samples."""
+    def of(
+        cls, x: Float[Tensor, "pair n_samples d_src"], y: Float[Tensor, "pair n_samples d_tgt"], *,
+        target_cov: bool = False,
+    ) -> "Moments":
+        """One batched GEMM pass over the samples (a second one for YᵀY with ``target_cov``)."""
         x, y = x.double(), y.double()
         return cls(
             n=x.shape[1],
@@ -77,11 +95,13 @@ class Moments:
             sxx=x.transpose(1, 2) @ x,
             sxy=x.transpose(1, 2) @ y,
             syy=torch.linalg.vector_norm(y, dim=(1, 2)) ** 2,
+            yty=y.transpose(1, 2) @ y if target_cov else None,
         )
 
     def __add__(self, other: "Moments") -> "Moments":
+        yty = None if self.yty is None or other.yty is None else self.yty + other.yty
         return Moments(self.n + other.n, self.sx + other.sx, self.sy + other.sy,
-                       self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy)
+                       self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy, yty)
 
 
 class NormalEquations:
@@ -110,8 +130,12 @@ class NormalEquations:
         self.ss_tot = m.syy - n * (own_mean**2).sum(-1)
         diag = torch.diagonal(self.gram, dim1=1, dim2=2)
         self.scale = diag.mean(1).clamp_min(1e-300)  # = mean squared singular value: the ridge unit
+        self.n = n
         self.rank_scale = max(n, self.gram.shape[-1])
+        # centred YᵀY (from moments with ``target_cov``), or None
+        self.ycov = None if m.yty is None else m.yty - n * ym[:, :, None] * ym[:, None, :]
         self._eig: tuple[Tensor, Tensor, Tensor] | None = None
+        self._target_eig: tuple[Tensor, Tensor] | None = None
 
     def _eigen(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._eig is None:
@@ -119,6 +143,25 @@ class NormalEquations:
             eig = eig.clamp_min(0)
             self._eig = (eig, v, v.transpose(1, 2) @ self.cross)
         return self._eig
+
+    def source_eigen(self) -> tuple[Float[Tensor, "pair d_src"], Float[Tensor, "pair d_src d_src"]]:
+        """Eigenvalues (ascending, >= 0) and eigenvectors of the centred source XᵀX, cached."""
+        eig, v, _ = self._eigen()
+        return eig, v
+
+    def target_eigen(self) -> tuple[Float[Tensor, "pair d_tgt"], Float[Tensor, "pair d_tgt d_tgt"]]:
+        """Eigenvalues (ascending, >= 0) and eigenvectors of the centred target YᵀY, cached."""
+        if self.ycov is None:
+            raise InvalidArgumentError("moments", "<Moments without yty>",
+                                       "moments with the target's second moments (Moments.of(..., target_cov=True))")
+        if self._target_eig is None:
+            eig, v = torch.linalg.eigh(self.ycov)
+            self._target_eig = (eig.clamp_min(0), v)
+        return self._target_eig
+
+    def intercept(self, weight: Float[Tensor, "pair d_src d_tgt"]) -> Float[Tensor, "pair d_tgt"]:
+        """The bias that goes with ``weight``: ȳ − x̄ W (zero without a bias)."""
+        return (self.y_mean - self.x_mean @ weight)[:, 0]
 
     def solve(
         self, ridge: Float[Tensor, "pair"]
@@ -130,10 +173,19 @@ class NormalEquations:
             chol, info = torch.linalg.cholesky_ex(self.gram + lam[:, None, None] * eye)
             if not bool(info.any()):
                 weight = torch.cholesky_solve(self.cross, chol)
-                return weight, (self.y_mean - self.x_mean @ weight)[:, 0]
+                return weight, self.intercept(weight)
         _, v, proj = self._eigen()
         weight = v @ (self._shrink(lam)[:, :, None] * proj)
-        return weight, (self.y_mean - self.x_mean @ weight)[:, 0]
+        return weight, self.intercept(weight)
+
+    def power(
+        self, eig: Float[Tensor, "pair d"], vecs: Float[Tensor, "pair d d"], lam: Float[Tensor, "pair"], exponent: float
+    ) -> Float[Tensor, "pair d d"]:
+        """(S + λ)^exponent from S's eigendecomposition; directions below numpy's cutoff get 0 (a pseudo-power)."""
+        shifted = eig + lam[:, None]
+        cutoff = shifted[:, -1:] * torch.finfo(torch.float64).eps * max(self.n, eig.shape[-1])
+        kept = torch.where(shifted > cutoff, shifted.clamp_min(1e-300) ** exponent, torch.zeros_like(shifted))
+        return (vecs * kept[:, None, :]) @ vecs.transpose(1, 2)
 
     def _shrink(self, lam: Float[Tensor, "pair"]) -> Float[Tensor, "pair d_src"]:
         """1 / (S² + λ) per eigen-direction, 0 below numpy's cutoff on tiny singular values."""
@@ -183,6 +235,131 @@ def ridge_solve(
     factors = NormalEquations(Moments.of(x, y), bias=bias)
     lam = torch.as_tensor(ridge, dtype=torch.float64).expand(x.shape[0])
     return factors.solve(lam)
+
+
+# ---- estimators: one Solver per ``estimator=`` name, all from the same normal equations ----------
+Solver = Callable[[NormalEquations, Float[Tensor, "pair"], "int | None"], Float[Tensor, "pair d_src d_tgt"]]
+"""(normal equations, ridge per pair in relative units, rank or None) → weight per pair; the bias is
+:meth:`NormalEquations.intercept` of it."""
+
+
+def solve_least_squares(eq: NormalEquations, ridge: Float[Tensor, "pair"], rank: int | None) -> Float[Tensor, "pair d_src d_tgt"]:
+    """"lstsq" (ridge 0, the paper) and "ridge": F = (XᵀX + λ)⁻¹ XᵀY on centred states."""
+    return eq.solve(ridge)[0]
+
+
+def solve_procrustes(eq: NormalEquations, ridge: Float[Tensor, "pair"], rank: int | None) -> Float[Tensor, "pair d_src d_tgt"]:
+    """"procrustes": W = s·Q, Q = U Vᵀ from the SVD XᵀY = U Σ Vᵀ of the centred cross moments.
+
+    Q is the orthogonal Procrustes rotation: orthonormal rows (Q Qᵀ = I) when d_src <= d_tgt, so
+    the map is an isometry of the source space into the target's, and orthonormal columns
+    (Qᵀ Q = I) when d_src > d_tgt. It maximises tr(Qᵀ XᵀY) whatever the scale, so rescaling either
+    side (scale-normalised states) changes nothing but s. The scalar s = tr Σ / tr(Qᵀ XᵀX Q) is
+    the least-squares scale for that Q: the two models' residual streams differ in norm by large
+    factors, and a pure rotation would transplant a vector at the source's magnitude. For
+    d_src <= d_tgt, tr(Qᵀ XᵀX Q) = tr XᵀX for every such Q, so (s, Q) is the joint least-squares
+    optimum; for d_src > d_tgt it is only when the source covariance is isotropic (otherwise U Vᵀ
+    is the correlation-maximising map of embedding alignment). s is in ``provenance["scale"]``.
+    """
+    u, sing, vh = torch.linalg.svd(eq.cross, full_matrices=False)
+    q = u @ vh
+    scale = sing.sum(-1) / ((eq.gram @ q) * q).sum((1, 2)).clamp_min(1e-300)
+    return scale[:, None, None] * q
+
+
+def solve_reduced_rank(eq: NormalEquations, ridge: Float[Tensor, "pair"], rank: int | None) -> Float[Tensor, "pair d_src d_tgt"]:
+    """"rrr": the ridge/least-squares fit projected onto the top-``rank`` principal directions of its fitted values.
+
+    W_r = F V_r V_rᵀ, with V_r the top eigenvectors of Fᵀ(XᵀX + λ)F (the fitted values' second
+    moments, on the ridge-augmented data): with λ = 0 the exact minimiser of ||X W − Y||² over
+    rank(W) <= r (Eckart–Young on the fitted values), with λ > 0 reduced-rank ridge regression
+    (Mukherjee & Zhu 2011). A concept then moves only along the r target directions the source
+    predicts best, not along noise the full map also fits.
+    """
+    if rank is None:
+        raise InvalidArgumentError("rank", rank, "an integer >= 1 (estimator='rrr' needs a rank)")
+    weight, _ = eq.solve(ridge)
+    lam = (ridge.double() * eq.scale)[:, None, None]
+    fitted = weight.transpose(1, 2) @ (eq.gram @ weight + lam * weight)
+    top = torch.linalg.eigh(fitted)[1][..., -rank:]
+    return weight @ top @ top.transpose(1, 2)
+
+
+def solve_whitened(eq: NormalEquations, ridge: Float[Tensor, "pair"], rank: int | None) -> Float[Tensor, "pair d_src d_tgt"]:
+    """"whitened": the CCA map W = Σx^-½ U Vᵀ Σy^½, with U S Vᵀ the SVD of Σx^-½ Σxy Σy^-½.
+
+    Why, for concepts. In canonical coordinates (x̃ = x Σx^-½ U, ỹ = y Σy^-½ V: unit variance,
+    cross-correlations diag(S)) least squares maps ỹ = x̃ diag(S): every canonical direction is
+    shrunk by its correlation ρ, the regression dilution of a noisy regressor. Suppose a concept
+    shifts a latent factor that both models read with equal reliability; then its mean difference
+    moves ỹ exactly as much as x̃, so the least-squares map attenuates a mapped concept vector by
+    ρ, and the reverse regression (y → x, inverted) inflates it by 1/ρ. The whitened map ỹ = x̃ is
+    their geometric mean and carries such a mean difference unattenuated; equivalently it is
+    orthogonal Procrustes between the whitened states, re-coloured with the target's covariance.
+    What it guarantees (λ = 0, full rank): for d_src <= d_tgt, W Σy⁻¹ Wᵀ = Σx⁻¹, i.e. every mapped
+    vector has the same Mahalanobis length in the target as in the source (a concept is exactly
+    as separable, in units of the target's spread, as it was in the source's); for
+    d_src >= d_tgt, Wᵀ Σx W = Σy, i.e. mapped source states have the target's covariance.
+    ``rank`` keeps the top canonical pairs only (directions with ρ near 0 are noise the map would
+    otherwise carry at full weight); ``ridge`` λ adds λ·mean-eigenvalue to both covariances
+    (canonical ridge), moving the map from CCA (λ = 0) toward scaled Procrustes (λ → ∞).
+    """
+    ex, vx = eq.source_eigen()
+    ey, vy = eq.target_eigen()
+    lam_x, lam_y = ridge.double() * eq.scale, ridge.double() * torch.diagonal(eq.ycov, dim1=1, dim2=2).mean(1)
+    x_inv_root = eq.power(ex, vx, lam_x, -0.5)
+    y_inv_root, y_root = eq.power(ey, vy, lam_y, -0.5), eq.power(ey, vy, lam_y, 0.5)
+    u, _, vh = torch.linalg.svd(x_inv_root @ eq.cross @ y_inv_root, full_matrices=False)
+    k = u.shape[-1] if rank is None else rank
+    return x_inv_root @ u[..., :k] @ vh[:, :k] @ y_root
+
+
+SOLVERS: dict[str, Solver] = {
+    "lstsq": solve_least_squares,
+    "ridge": solve_least_squares,
+    "procrustes": solve_procrustes,
+    "rrr": solve_reduced_rank,
+    "whitened": solve_whitened,
+}
+"""The solver of each estimator name (:data:`ESTIMATORS`)."""
+
+
+def _estimator_args(
+    estimator: object, ridge: object, rank: object, d_src: int, d_tgt: int
+) -> tuple[str, float | Literal["auto"], int | None]:
+    """Check ``estimator``, and the ``ridge`` and ``rank`` it takes ("auto" is 0 for an estimator without a ridge)."""
+    name = validate.choice("estimator", estimator, list(ESTIMATORS))
+    checked = _ridge_arg(ridge)
+    if name in ("lstsq", "procrustes"):
+        if checked not in ("auto", 0.0):
+            raise InvalidArgumentError("ridge", ridge, f"0 or 'auto' with estimator={name!r}, which has no ridge "
+                                       "(estimator='ridge', 'rrr' or 'whitened' take one)")
+        checked = 0.0
+    if rank is None:
+        if name == "rrr":
+            raise InvalidArgumentError("rank", rank, f"an integer in [1, {min(d_src, d_tgt)}] (estimator='rrr' needs a rank)")
+        return name, checked, None
+    if name not in ("rrr", "whitened"):
+        raise InvalidArgumentError("rank", rank, f"None with estimator={name!r} (a rank is taken by 'rrr' and 'whitened')")
+    return name, checked, validate.integer("rank", rank, low=1, high=min(d_src, d_tgt))
+
+
+def solve_map(
+    x: Float[Tensor, "pair n_samples d_src"],
+    y: Float[Tensor, "pair n_samples d_tgt"],
+    *,
+    estimator: str = "ridge",
+    ridge: float = 0.0,
+    rank: int | None = None,
+    bias: bool = True,
+) -> tuple[Float[Tensor, "pair d_src d_tgt"], Float[Tensor, "pair d_tgt"]]:
+    """Batched fit of one estimator (:data:`SOLVERS`) at a fixed ridge, float64 (no split, no search)."""
+    name, lam, rank = _estimator_args(estimator, ridge, rank, x.shape[-1], y.shape[-1])
+    if lam == "auto":
+        raise InvalidArgumentError("ridge", ridge, "a number >= 0 (solve_map does no search: fit_map_from_states does)")
+    eq = NormalEquations(Moments.of(x, y, target_cov=name == "whitened"), bias=bias)
+    weight = SOLVERS[name](eq, torch.full((x.shape[0],), lam, dtype=torch.float64), rank)
+    return weight, eq.intercept(weight)
 
 
 def r2_score(
@@ -261,31 +438,78 @@ def drop_outlier_samples(
     return subset(source), subset(target), n_dropped
 
 
+def _check_corpus(corpus: object, states: PairedStates) -> dict[str, Any] | None:
+    """The provenance of ``corpus`` (None if not given) after checking the states were captured on it."""
+    if corpus is None:
+        return None
+    if not isinstance(corpus, MapCorpus):
+        raise InvalidArgumentError("corpus", corpus, "a MapCorpus from contrans_tl.corpus.resolve_corpus, or None")
+    if corpus_hash(corpus.texts) != states.corpus:
+        raise InvalidArgumentError(
+            "corpus", corpus.spec, f"the corpus the states were captured on (hash {states.corpus}; "
+            f"{corpus.spec!r} hashes to {corpus_hash(corpus.texts)}): capture corpus.texts")
+    return corpus.provenance
+
+
+def _choose_ridge(
+    estimator: str, rank: int | None, eq: NormalEquations,
+    x_val: Float[Tensor, "pair n_val d_src"], y_val: Float[Tensor, "pair n_val d_tgt"],
+) -> Float[Tensor, "pair"]:
+    """Per pair, the strength of :data:`RIDGE_GRID` whose fit scores the best validation R²."""
+    if estimator == "ridge":
+        scores = eq.validation_r2(x_val, y_val, RIDGE_GRID)  # the whole path from three products
+    else:
+        solve = SOLVERS[estimator]
+        rows = []
+        for ridge in RIDGE_GRID:
+            weight = solve(eq, torch.full_like(eq.scale, ridge), rank)
+            rows.append(r2_score(x_val, y_val, weight, eq.intercept(weight), eq.y_mean))
+        scores = torch.stack(rows)
+    return torch.tensor(RIDGE_GRID, dtype=torch.float64)[scores.argmax(0)]
+
+
+def _fitted_extras(estimator: str, weight: Float[Tensor, "pair d_src d_tgt"]) -> dict[str, Any]:
+    """Estimator-specific provenance: Procrustes's scale s per pair (weight = s·Q, Q semi-orthogonal)."""
+    if estimator != "procrustes":
+        return {}
+    scale = weight.norm(dim=(1, 2)) / min(weight.shape[1:]) ** 0.5  # ||s·Q||_F = s·sqrt(min(d_src, d_tgt))
+    return {"scale": [float(x) for x in scale]}
+
+
 def fit_map_from_states(
     source: PairedStates,
     target: PairedStates,
     *,
     layers: Sequence[tuple[int, int]] | None = None,
+    estimator: str = "ridge",
     ridge: float | Literal["auto"] = "auto",
+    rank: int | None = None,
     holdout: float = 0.2,
     bias: bool = True,
     seed: int = 0,
     outlier_factor: float = 0.0,
+    corpus: MapCorpus | None = None,
 ) -> AffineMap:
     """Fit the per-pair affine maps from two models' aligned captures of the same corpus.
 
     ``layers`` lists (source layer, target layer) pairs (default: :func:`default_layer_pairs`).
-    ``holdout`` of the texts is set aside for the reported R²; with ``ridge="auto"`` another
-    fifth of the remaining texts picks each pair's ridge from :data:`RIDGE_GRID`, and the
-    final maps are refitted on all training texts. With ``outlier_factor > 0`` samples with massive
-    activations (norm above ``outlier_factor`` × the layer's median, :func:`drop_outlier_samples`)
-    are left out first: one such token can dominate a least-squares fit (the demo uses 10; the
-    default 0 keeps every sample).
+    ``estimator`` picks the map family (:data:`SOLVERS`): "ridge" (default), "lstsq" (ridge 0, the
+    paper), "procrustes" (scaled semi-orthogonal), "rrr" (reduced rank ``rank``) or "whitened"
+    (CCA, optionally truncated to ``rank`` canonical pairs). ``holdout`` of the texts is set aside
+    for the reported R²; with ``ridge="auto"`` (for "ridge", "rrr" and "whitened"; 0 for the
+    others) another fifth of the remaining texts picks each pair's ridge from :data:`RIDGE_GRID`
+    by validation R², and the final maps are refitted on all training texts. With
+    ``outlier_factor > 0`` samples with massive activations (norm above ``outlier_factor`` × the
+    layer's median, :func:`drop_outlier_samples`) are left out first: one such token can dominate
+    a least-squares fit (the demo uses 10; the default 0 keeps every sample). ``corpus``, the
+    :class:`~contrans_tl.corpus.MapCorpus` the states were captured on, is checked against their
+    hash and recorded. Provenance keys: ``estimator``, ``rank``, ``scale`` (procrustes),
+    ``corpus`` (the MapCorpus provenance or None), plus sample counts and the split.
     """
     if not isinstance(source, PairedStates) or not isinstance(target, PairedStates):
         raise InvalidArgumentError("source/target", (type(source).__name__, type(target).__name__),
                                    "PairedStates from capture_paired (use fit_map for models)")
-    ridge = _ridge_arg(ridge)
+    estimator, ridge, rank = _estimator_args(estimator, ridge, rank, source.model.d_model, target.model.d_model)
     holdout = validate.fraction("holdout", holdout)
     if source.corpus != target.corpus or source.scheme != target.scheme:
         raise InvalidArgumentError("target", f"{target.corpus}/{target.scheme}",
@@ -297,6 +521,7 @@ def fit_map_from_states(
             f"source has {source.states.shape[0]} aligned samples but target has "
             f"{target.states.shape[0]}: token-level alignment needs the same tokenizer; use scheme='words'"
         )
+    corpus_provenance = _check_corpus(corpus, source)
     pairs = (validate.layer_pairs("layers", layers) if layers is not None
              else default_layer_pairs(source.model.n_layers, target.model.n_layers))
     if not outlier_factor >= 0:
@@ -318,22 +543,23 @@ def fit_map_from_states(
             "underdetermined, so the minimum-norm solution is used (add text or a ridge)",
             stacklevel=2,
         )
+    cov = estimator == "whitened"
     if ridge == "auto":
         train_texts = (~held_text).nonzero()[:, 0]
         val_text = torch.zeros(n_texts, dtype=torch.bool)
         val_text[train_texts[_split_texts(len(train_texts), 0.2, gen)]] = True
         val = val_text[source.text_index]
         fit_idx, val_idx = (~val & ~held).nonzero()[:, 0], val.nonzero()[:, 0]
-        fit_moments = Moments.of(x[:, fit_idx], y[:, fit_idx])
-        factors = NormalEquations(fit_moments, bias=bias)
-        best = factors.validation_r2(x[:, val_idx], y[:, val_idx], RIDGE_GRID).argmax(0)
-        ridge_per_pair = torch.tensor(RIDGE_GRID, dtype=torch.float64)[best]
-        train_moments = fit_moments + Moments.of(x[:, val_idx], y[:, val_idx])
+        fit_moments = Moments.of(x[:, fit_idx], y[:, fit_idx], target_cov=cov)
+        ridge_per_pair = _choose_ridge(estimator, rank, NormalEquations(fit_moments, bias=bias),
+                                       x[:, val_idx], y[:, val_idx])
+        train_moments = fit_moments + Moments.of(x[:, val_idx], y[:, val_idx], target_cov=cov)
     else:
         ridge_per_pair = torch.full((len(pairs),), float(ridge), dtype=torch.float64)
-        train_moments = Moments.of(x[:, train_idx], y[:, train_idx])
+        train_moments = Moments.of(x[:, train_idx], y[:, train_idx], target_cov=cov)
     factors = NormalEquations(train_moments, bias=bias)
-    weight, bias_vec = factors.solve(ridge_per_pair)
+    weight = SOLVERS[estimator](factors, ridge_per_pair, rank)
+    bias_vec = factors.intercept(weight)
     r2_train = factors.r2(weight)
     if len(held_idx):
         r2_held = r2_score(x[:, held_idx], y[:, held_idx], weight, bias_vec, factors.y_mean)
@@ -363,6 +589,10 @@ def fit_map_from_states(
             "seed": seed,
             "outlier_factor": outlier_factor,
             "outliers_dropped": n_dropped,
+            "estimator": estimator,
+            "rank": rank,
+            **_fitted_extras(estimator, weight),
+            "corpus": corpus_provenance,
         },
     )
 
@@ -404,10 +634,12 @@ def capture_pair(
 def fit_map(
     source: ModelHandle,
     target: ModelHandle,
-    texts: Sequence[str],
+    texts: Sequence[str] | MapCorpus,
     *,
     layers: Sequence[tuple[int, int]] | None = None,
+    estimator: str = "ridge",
     ridge: float | Literal["auto"] = "auto",
+    rank: int | None = None,
     holdout: float = 0.2,
     bias: bool = True,
     alignment: Literal["auto", "words", "tokens"] = "auto",
@@ -418,12 +650,16 @@ def fit_map(
 ) -> AffineMap:
     """Reformulate: capture both models on ``texts`` and fit per-layer-pair affine maps.
 
-    ``alignment="auto"`` uses every token when the two tokenizers split every text
-    identically and word boundaries otherwise. ``ridge`` is a fixed strength (relative to
-    the mean squared singular value of the centred source states) or "auto" (validation).
+    ``texts`` is a list of texts or a :class:`~contrans_tl.corpus.MapCorpus` (from
+    :func:`~contrans_tl.corpus.resolve_corpus`), whose spec and digest the map then records in
+    ``provenance["corpus"]``. ``alignment="auto"`` uses every token when the two tokenizers split
+    every text identically and word boundaries otherwise. ``estimator``, ``ridge`` (a fixed
+    strength relative to the mean squared singular value of the centred source states, or "auto":
+    validation) and ``rank`` are as in :func:`fit_map_from_states`.
     """
-    texts = validate.texts("texts", texts, what="corpus texts")
-    _ridge_arg(ridge)
+    corpus = texts if isinstance(texts, MapCorpus) else None
+    texts = validate.texts("texts", list(corpus.texts) if corpus else texts, what="corpus texts")
+    _estimator_args(estimator, ridge, rank, int(source.cfg.d_model), int(target.cfg.d_model))
     validate.fraction("holdout", holdout)
     validate.choice("alignment", alignment, ["auto", "words", "tokens"])
     validate.integer("batch_size", batch_size, low=1)
@@ -433,5 +669,5 @@ def fit_map(
     tgt_layers = check_layers(target, sorted({t for _, t in pairs}))
     xs, ys = capture_pair(source, target, texts, src_layers, tgt_layers,
                           alignment=alignment, batch_size=batch_size, progress=progress)
-    return fit_map_from_states(xs, ys, layers=pairs, ridge=ridge, holdout=holdout, bias=bias, seed=seed,
-                               outlier_factor=outlier_factor)
+    return fit_map_from_states(xs, ys, layers=pairs, estimator=estimator, ridge=ridge, rank=rank, holdout=holdout,
+                               bias=bias, seed=seed, outlier_factor=outlier_factor, corpus=corpus)

@@ -8,8 +8,9 @@ added, also when the body raises.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, ContextManager, Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -21,7 +22,7 @@ from contrans_tl.capture import encode, model_device, pad_batch, pad_token_id, r
 from contrans_tl.errors import InvalidArgumentError, NonFiniteError
 from contrans_tl.handle import Hook, ModelHandle
 
-__all__ = ["Unit", "UNITS", "steering_offsets", "transplant", "generate"]
+__all__ = ["Unit", "UNITS", "Steering", "steer", "steering_offsets", "transplant", "generate"]
 
 Unit = Literal["raw", "norm"]
 """How alpha is read. "raw": the offset is alpha · v[l]. "norm": the offset is
@@ -29,10 +30,10 @@ alpha · mean‖resid_post[l]‖ · v[l] / ‖v[l]‖ — alpha is a fraction of
 residual norm (recorded in the vector), so one setting carries across models."""
 
 UNITS: tuple[str, ...] = ("raw", "norm")
+"""The accepted values of :data:`Unit`."""
 
 LOGITS_HOOK = "unembed.hook_out"
 """Hook point of the output logits: checked for NaN/inf while steering is active."""
-"""The accepted values of :data:`Unit`."""
 
 _AUTO_LAYERS_HINT = (
     "a list of block indices or None; for automatic layers call "
@@ -146,7 +147,8 @@ def transplant(
         return add_offset
 
     def check_logits(logits: Tensor, *, hook: object) -> None:
-        if not bool(torch.isfinite(logits).all()):
+        # one pass, no vocabulary-sized mask: NaN and inf both reach the minimum or the maximum
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
             raise NonFiniteError(f"non-finite logits (NaN or inf) under steering at layers {sorted(placed)} "
                                  f"with {setting}: lower alpha")
 
@@ -157,6 +159,63 @@ def transplant(
     # those in `finally`, so a failure halfway through registration leaves the model clean.
     with model.hooks(fwd_hooks=fwd_hooks), ledger.steering(model, placed):
         yield offsets
+
+
+@dataclass(frozen=True)
+class Steering:
+    """One steering setting as a value: ``vectors`` added at ``alphas`` (one per vector) at ``layers``.
+
+    What every analysis measures and stores is a steering, not a loose (vector, alpha, layers)
+    tuple: :meth:`apply` opens the :func:`transplant` context (none when every alpha is 0), so the
+    fluency instrument, the task scorers and the generation all steer the same way.
+    """
+
+    vectors: tuple[ConceptVector, ...]
+    alphas: tuple[float, ...]
+    layers: tuple[int, ...] | None = None
+    """Target layers steered (None: each vector's own layers)."""
+    unit: Unit = "norm"
+
+    def __post_init__(self) -> None:
+        vectors = _vector_list(list(self.vectors) if isinstance(self.vectors, (tuple, list)) else self.vectors)
+        object.__setattr__(self, "vectors", tuple(vectors))
+        object.__setattr__(self, "alphas", tuple(_alpha_list(list(self.alphas), len(vectors))))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(validate.integer(f"layers[{i}]", x, low=0)
+                                                     for i, x in enumerate(self.layers)))
+        validate.choice("unit", self.unit, UNITS)
+
+    @classmethod
+    def single(cls, vector: ConceptVector, alpha: float, layers: Sequence[int] | None = None,
+               unit: Unit = "norm") -> "Steering":
+        """One vector at one strength."""
+        return cls((vector,), (float(alpha),), None if layers is None else tuple(layers), unit)
+
+    @property
+    def is_null(self) -> bool:
+        """True when nothing is added (every alpha is 0): the unsteered model."""
+        return all(a == 0 for a in self.alphas)
+
+    def apply(self, model: ModelHandle, *, check_model: bool = True) -> ContextManager[Any]:
+        """The :func:`transplant` context of this setting on ``model`` (a no-op when :attr:`is_null`)."""
+        if self.is_null:
+            return nullcontext()
+        return transplant(model, list(self.vectors), alpha=list(self.alphas),
+                          layers=None if self.layers is None else list(self.layers), unit=self.unit,
+                          check_model=check_model)
+
+
+@contextmanager
+def steer(model: ModelHandle, steerings: "Steering | Sequence[Steering] | None", *,
+          check_model: bool = True) -> Iterator[None]:
+    """Every steering in ``steerings`` applied at once (their offsets add up); None or an empty list steers nothing."""
+    items = [] if steerings is None else [steerings] if isinstance(steerings, Steering) else list(steerings)
+    if not all(isinstance(x, Steering) for x in items):
+        raise InvalidArgumentError("steerings", steerings, "a Steering, a sequence of them, or None")
+    with ExitStack() as stack:
+        for item in items:
+            stack.enter_context(item.apply(model, check_model=check_model))
+        yield
 
 
 @torch.inference_mode()

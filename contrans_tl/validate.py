@@ -29,6 +29,9 @@ __all__ = [
     "device",
     "out_dir",
     "out_file",
+    "MAP_ESTIMATORS",
+    "CORPUS_KINDS",
+    "corpus_spec",
     # command-line flags: argparse ``type=`` functions
     "FLAG_TYPES",
     "positive_int_flag",
@@ -59,6 +62,8 @@ __all__ = [
     "data_path_flag",
     "out_dir_flag",
     "out_file_flag",
+    "estimator_flag",
+    "corpus_flag",
 ]
 
 T = TypeVar("T")
@@ -148,6 +153,62 @@ def layer_pairs(name: str, value: Any) -> list[tuple[int, int]]:
     if len(set(out)) != len(out):
         raise InvalidArgumentError(name, value, "distinct layer pairs")
     return out
+
+
+MAP_ESTIMATORS: tuple[str, ...] = ("lstsq", "ridge", "procrustes", "rrr", "whitened")
+"""The map estimators of :func:`contrans_tl.reformulate.fit_map_from_states` (named here, below
+reformulate, so command-line flags can check them without importing the solver)."""
+
+CORPUS_KINDS: tuple[str, ...] = ("neutral", "file", "wikisplit", "concept")
+"""The kinds of text a map-corpus spec joins with '+' (resolved by :mod:`contrans_tl.corpus`)."""
+
+_CORPUS_ACCEPTED = ("'neutral' or 'neutral:N', 'file:PATH', 'wikisplit:PATH' or 'wikisplit:PATH:N', 'concept', "
+                    "or a union of these joined by '+' (e.g. 'concept+neutral')")
+
+CorpusPart = tuple[str, "str | None", "int | None"]
+"""One part of a corpus spec: (kind, path or None, first N or None)."""
+
+
+def corpus_spec(name: str, value: Any) -> list[CorpusPart]:
+    """The parts of a map-corpus spec, each (kind, path, first N); the syntax only, no file is read.
+
+    Parts are joined by '+'; a '+' followed by something that is not a kind stays inside a path
+    (``file:a+b.txt``), so only a path containing '+neutral', '+file:', ... cannot be written.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgumentError(name, value, "a corpus spec: " + _CORPUS_ACCEPTED)
+    pieces: list[str] = []
+    for piece in value.split("+"):
+        if pieces and piece.partition(":")[0] not in CORPUS_KINDS:
+            pieces[-1] += "+" + piece  # a '+' inside a path
+        else:
+            pieces.append(piece)
+    return [_corpus_part(name, value, piece) for piece in pieces]
+
+
+def _corpus_part(name: str, spec: str, piece: str) -> CorpusPart:
+    kind, colon, arg = piece.partition(":")
+    if kind == "concept" and not colon:
+        return ("concept", None, None)
+    if kind == "neutral":
+        if not colon:
+            return ("neutral", None, None)
+        if arg.isdigit() and int(arg) >= 1:
+            return ("neutral", None, int(arg))
+        raise InvalidArgumentError(name, spec, f"'neutral:N' with N an integer >= 1 (got {piece!r}); "
+                                   "'neutral' alone is every built-in sentence")
+    if kind == "file" and arg.strip():
+        return ("file", arg, None)
+    if kind == "wikisplit" and arg.strip():
+        path, _, last = arg.rpartition(":")
+        if path and last.isdigit():
+            if int(last) < 1:
+                raise InvalidArgumentError(name, spec, f"'wikisplit:PATH:N' with N >= 1 (got {piece!r})")
+            return ("wikisplit", path, int(last))
+        return ("wikisplit", arg, None)
+    if kind in ("file", "wikisplit"):
+        raise InvalidArgumentError(name, spec, f"'{kind}:PATH' with a path after the colon (got {piece!r})")
+    raise InvalidArgumentError(name, spec, f"a corpus spec ({piece!r} is not a part of one): {_CORPUS_ACCEPTED}")
 
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -432,12 +493,22 @@ def out_file_flag(text: str) -> str:
     return _flag(lambda: out_file("path", text))
 
 
+def estimator_flag(text: str) -> str:
+    """One of :data:`MAP_ESTIMATORS` (``--map-estimator``, ``contrans fit --estimator``)."""
+    return _flag(lambda: choice("estimator", text, MAP_ESTIMATORS))
+
+
+def corpus_flag(text: str) -> str:
+    """A map-corpus spec whose syntax is valid (``--map-corpus``); files are read when it is resolved."""
+    return _flag(lambda: (corpus_spec("corpus", text), text)[1])
+
+
 FLAG_TYPES: tuple[Callable[[str], Any], ...] = (
     positive_int_flag, nonnegative_int_flag, finite_float_flag, positive_float_flag, nonnegative_float_flag,
     fraction_flag, depth_flag, ratio_flag, ridge_flag, alpha_or_auto_flag, int_list_flag, layer_list_flag,
     layers_or_auto_flag, float_list_flag, name_list_flag, text_flag, model_flag, model_list_flag, hookpoint_template_flag,
     device_flag, existing_file_flag, text_file_flag, existing_dir_flag, existing_path_flag, data_path_flag,
-    out_dir_flag, out_file_flag,
+    out_dir_flag, out_file_flag, estimator_flag, corpus_flag,
 )
 """Every flag type above: the ``type=`` a ``contrans`` flag may declare (tests check each one's bad values)."""
 

@@ -139,10 +139,12 @@ def test_alignment_eval_resumes_from_stored_scores(tiny_dirs, tmp_path, monkeypa
     first = ae.run(cfg)
     assert len(list((tmp_path / "out" / "cells").glob("model=*.json"))) >= 6 * 2  # base + inst-align, every question
     scored: list[int] = []
-    inner = scoring.score_rows
+    inner, inner_choices = scoring.score_rows, scoring.choice_logprobs
     monkeypatch.setattr(scoring, "score_rows", lambda model, rows, **kw: scored.append(len(rows)) or inner(model, rows, **kw))
+    monkeypatch.setattr(scoring, "choice_logprobs",  # the MC1 scorer (the concept task's)
+                        lambda model, prompts, *a, **kw: scored.append(len(prompts)) or inner_choices(model, prompts, *a, **kw))
     again = ae.run(cfg)
-    assert scored == []  # every MC1 score came from the store
+    assert scored == []  # every MC1 score and every fluency came from the store
     assert again["honesty"]["rows"] == first["honesty"]["rows"]
     with pytest.raises(SettingsMismatchError, match="n_concept"):
         ae.run(dataclasses.replace(cfg, n_concept=5))
@@ -188,15 +190,19 @@ def test_honesty_refines_outside_validation_and_test_and_reports_intervals(tiny_
         assert row["mc1_ci95"] == list(wilson_interval(row["n_correct"], row["n"]))
         low, high = row["ppl_ci95"]
         assert low <= row["ppl"] <= high and low < high
-    assert h["guard"]["texts"].startswith("WikiSplit sentences 9-28") and h["guard"]["max_ppl_ratio"] == 1.2
+    assert h["fluency"]["kl_bound"] == 0.1 and h["fluency"]["n_texts"] == 19
+    for fold in h["folds"]:  # the frontier of each search: every grid point with its KL and validation MC1
+        points = fold["transplant"]["frontier"]
+        assert [p["alpha"] for p in points] == [0.0, 0.5] and points[0]["kl"] == 0.0 and points[1]["kl"] > 0
+        assert all(p["allowed"] == (p["kl"] <= 0.1) for p in points)
     md = (tmp_path / "out" / "alignment_eval.md").read_text()
     base = h["rows"]["base"]
     assert f"{100 * base['mc1']:.1f} [{100 * base['mc1_ci95'][0]:.1f}, {100 * base['mc1_ci95'][1]:.1f}]" in md
 
 
 def test_alpha_search_never_passes_the_fluency_bound(tiny_dirs, tmp_path):
-    """A validation score that always prefers the strongest alpha gets the strongest one within
-    the bound; points above it are recorded with their perplexity and never scored. With the
+    """A validation score that always prefers the strongest alpha gets the strongest one whose KL on generic
+    text stays within the bound; the points above it are in the frontier, marked not allowed. With the
     bound lifted, the same search takes the strongest alpha (so the bound is what stopped it)."""
     import contrans_tl as ct
     from contrans_tl.analyses import alignment_eval as ae
@@ -205,28 +211,20 @@ def test_alpha_search_never_passes_the_fluency_bound(tiny_dirs, tmp_path):
     _tiny_data(tmp_path / "data")
     alphas = (0.0, 0.02, 0.1, 1.0, 8.0)
 
-    def search(ratio: float, out: str):
+    def search(bound: float, out: str):
         cfg = ae.Config(source=str(tiny_dirs["llama"]), target=str(tiny_dirs["llama_b"]), data_dir=str(tmp_path / "data"),
-                        alphas=alphas, conditions=("base",), n_ppl=0, max_ppl_ratio=ratio, out=str(tmp_path / out))
+                        alphas=alphas, conditions=("base",), n_ppl=0, kl_bound=bound, n_fluency_texts=2,
+                        out=str(tmp_path / out))
         run = ae._prepare(cfg)
         vec = ct.refine(run.target, ["The river is calm and slow."] * 2, ["The river is wild and loud!"] * 2)
-        scored: list[float] = []
+        return choose_under_bound(run, vec, lambda point: point[1])
 
-        def prefers_strong(point):
-            scored.append(point[1])
-            return point[1]
-
-        return choose_under_bound(run, vec, prefers_strong), scored, run
-
-    # a random tiny model's perplexity sits near its vocabulary size and saturates ~3 % above it,
-    # so the bound here is 1 % (the real models' default 1.2 is tested by the runs in the docs)
-    (steer, record), scored, run = search(1.01, "bounded")
-    bound = 1.01 * run.guard()
-    over = [a for a in alphas if record["validation"][f"{list(run.layers)}@{a}"]["guard_ppl"] > bound]
-    assert over and 8.0 in over  # the test means something: the strongest alpha breaks fluency
+    steer, record = search(0.01, "bounded")
+    kl = {p["alpha"]: p["kl"] for p in record["frontier"]}
+    over = [a for a in alphas if kl[a] is None or kl[a] > 0.01]
+    assert over and 8.0 in over and kl[0.0] == 0.0  # the test means something: the strongest alpha breaks fluency
     assert steer[1] not in over and steer[1] == max(a for a in alphas if a not in over)
-    assert sorted(scored) == sorted(a for a in alphas if a not in over)  # over-bound points never scored
-    assert all("score" not in record["validation"][f"{list(run.layers)}@{a}"] for a in over)
-    assert record["guard_ppl"] <= bound and record["base_guard_ppl"] == run.guard()
-    (free, _), _, _ = search(1e12, "free")
+    assert all(not p["allowed"] for p in record["frontier"] if p["alpha"] in over)
+    assert record["kl"] <= 0.01 and record["kl_bound"] == 0.01
+    free, _ = search(1e12, "free")
     assert free[1] == 8.0

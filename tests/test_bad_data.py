@@ -18,7 +18,7 @@ import pytest
 import contrans_tl.datasets as datasets
 import contrans_tl.tasks as tasks
 from contrans_tl.errors import DataFormatError, InvalidArgumentError
-from contrans_tl.tasks import emotion, perplexity, toxigen, truthfulqa
+from contrans_tl.tasks import concept, emotion, perplexity, toxigen, truthfulqa
 
 BAD_UTF8 = b"caf\xe9 \xff\xfe not utf-8\n"
 TQA_HEAD = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
@@ -44,7 +44,16 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "load_toxigen_prompts": lambda root, **kw: toxigen.load_toxigen_prompts(root, **kw),
     "load_wikisplit": lambda root, **kw: perplexity.load_wikisplit(root / "validation.tsv", **kw),
     "emotion_scenarios": lambda root, **kw: emotion.emotion_scenarios(root, ["anger", "fear"], **kw),
+    "load_concept": lambda root, **kw: concept.load_concept(root / "c.json", **kw),
 }
+
+def _concept(**change: Any) -> dict[str, str]:
+    data = {"name": "calm", "positive": ["be calm", "stay calm"], "negative": ["panic", "rush"],
+            "eval": [{"prompt": "Q1", "choices": ["calm", "angry"], "target": 0},
+                     {"prompt": "Q2", "choices": ["calm", "angry"], "target": 1}]}
+    data.update(change)
+    return {"c.json": _json(data)}
+
 
 GOOD_TOXIGEN = {"hate_women_1k.txt": "- a\\n- b\n- c\\n- d\n", "neutral_women_1k.txt": "- e\\n- f\n"}
 
@@ -115,6 +124,16 @@ CASES: dict[str, tuple[str, dict[str, str | bytes], dict[str, Any], Any]] = {
     "wikisplit-min-words-zero": ("load_wikisplit", {"validation.tsv": WIKI_ROW}, {"min_words": 0}, (InvalidArgumentError, "min_words=0")),
     "wikisplit-blank-and-repeated-rows": ("load_wikisplit", {"validation.tsv": WIKI_ROW + "  \n" + WIKI_ROW}, {},
                                           lambda s: len(s) == 1),
+    # ---- concept files (docs/concepts.md) ----
+    "concept-good": ("load_concept", _concept(), {}, lambda c: [it.target for it in c.items] == [0, 1]),
+    "concept-not-utf8": ("load_concept", {"c.json": BAD_UTF8}, {}, (DataFormatError, "c.json: not UTF-8")),
+    "concept-item-too-short": ("load_concept", _concept(eval=[{"prompt": "Q1", "choices": ["a", "b"]}]), {},
+                               (DataFormatError, "eval[0]")),
+    "concept-label-unknown": ("load_concept", _concept(eval=[{"prompt": "Q1", "choices": ["a", "b"], "target": "b"}]), {},
+                              (DataFormatError, "eval[0].target")),
+    "concept-blank-prompt": ("load_concept", _concept(positive=["be calm", "  "]), {}, (DataFormatError, "positive[1]")),
+    "concept-repeated-item": ("load_concept", _concept(eval=[{"prompt": "Q1", "choices": ["a", "b"], "target": 0}] * 2), {},
+                              (DataFormatError, "eval[1]: a duplicate item")),
     # ---- emotion scenario folders ----
     "scenarios-good": ("emotion_scenarios", _scenarios(anger=["a", "b"], fear=["c", "d"]), {},
                        lambda d: d == {"anger": ["a", "b"], "fear": ["c", "d"]}),
@@ -139,6 +158,7 @@ NOT_APPLICABLE = {
     ("emotion_scenarios", "too-short"): "a scenario is one string (not-a-list is its shape error)",
     ("emotion_scenarios", "count"): "takes no count",
     ("emotion_scenarios", "labels"): "the file name is the label",
+    ("load_concept", "count"): "takes no count",
 }
 """(loader, class of bad input) that cannot occur, with why: every other class needs a case above."""
 
@@ -190,7 +210,7 @@ def test_table_covers_every_loader_and_every_class_of_bad_data():
 
 def _prefix(loader: str) -> str:
     return {"load_truthfulqa": "tqa-", "load_facts": "facts-", "load_toxigen_prompts": "toxigen-",
-            "load_wikisplit": "wikisplit-", "emotion_scenarios": "scenarios-"}[loader]
+            "load_wikisplit": "wikisplit-", "emotion_scenarios": "scenarios-", "load_concept": "concept-"}[loader]
 
 
 def test_check_scenarios_directly():

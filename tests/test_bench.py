@@ -63,9 +63,10 @@ def test_demo_against_its_floor(tiny_result):
         assert 0 < m["rows"] and m["tokens"] <= m["demo_tokens"], name
         assert m["seconds"] > 0
     target = demo["floor"]["models"][max(demo["floor"]["models"], key=lambda k: demo["floor"]["models"][k]["groups"])]
-    # the target: a prefixed group per steering setting (every validation and evaluation cell, the unsteered
-    # baseline), plus the unprefixed hidden-state captures (corpus and refinement; Fig 2b under steering)
-    assert target["groups"] > 10 and target["prefixes"] == target["groups"] - 2
+    # the target: a prefixed group per steering setting its items were scored under (every emotion item follows
+    # the few-shot block), and unprefixed groups: the fluency instrument's passes (the unsteered one and one per
+    # steering it measured) and the hidden-state captures (corpus, contrast prompts; Fig 2b under steering)
+    assert target["prefixes"] > 10 and target["groups"] - target["prefixes"] > 10
 
 
 def test_bench_details_are_consistent(tiny_result):

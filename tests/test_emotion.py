@@ -80,35 +80,37 @@ def test_loader_reads_user_directory(tmp_path):
         emotion_scenarios(tmp_path)
 
 
-def test_answers_kept_once_give_each_subset_its_accuracy(tiny_llama):
-    """The demo's shared baseline: answers computed once, then read per emotion, equal scoring each subset."""
-    from contrans_tl.errors import InvalidArgumentError
-    from contrans_tl.tasks.emotion import answers, emotion_task, evaluate_emotion
+def test_emotion_items_are_concept_items_scored_by_the_concept_task(tiny_llama):
+    """EmotionTask.score is the concept task's scoring of the emotion's items: six label choices, the
+    emotion's label the target; the label counts are the row of the transplant matrix."""
+    from contrans_tl.tasks.concept import score_items
+    from contrans_tl.tasks.emotion import LABEL_CHOICES, emotion_task
 
     task = emotion_task(n_eval=2)
-    prefix = "Scenario: a gift.\nThe emotion is happy.\n\n"  # the tiny model's context is short
-    every = [s for e in EMOTIONS for s in task.eval_scenarios[e][:3]]
-    kept = answers(tiny_llama, every, prefix=prefix, batch_size=5)
-    for e in ("happiness", "fear"):
-        subset = task.negatives(e)
-        direct = evaluate_emotion(tiny_llama, subset, e, prefix=prefix, batch_size=3)
-        assert kept.subset(subset).accuracy(e) == direct
-        alone = answers(tiny_llama, subset, prefix=prefix, batch_size=3)  # other batches, other padding
-        assert torch.allclose(kept.subset(subset).label_logits, alone.label_logits, atol=1e-4)
-        assert torch.equal(kept.subset(subset).top, alone.top)
-    with pytest.raises(InvalidArgumentError, match="scenarios"):
-        kept.subset(["a scenario these answers never saw"])
+    task = type(task)(**{**task.__dict__, "prefix": "Scenario: a gift.\nThe emotion is happy.\n\n"})  # short context
+    items = task.items("fear", task.negatives("fear"))
+    assert all(it.choices == LABEL_CHOICES and it.target == EMOTIONS.index("fear") for it in items)
+    scores = score_items(tiny_llama, items, prefix=task.prefix, batch_size=3)
+    got = task.score(tiny_llama, "fear", batch_size=4)
+    assert got["logit_acc"] == scores.logit_acc and got["token_acc"] == scores.token_acc and got["n"] == len(items)
+    assert sum(got["label_counts"].values()) == len(items)
+    assert got["label_counts"]["fear"] == sum(scores.logit)  # the diagonal is the Logit Acc (no ties on floats)
 
 
-def test_label_counts_are_the_confusion_row():
-    from contrans_tl.tasks.emotion import Answers
+def test_validation_scenarios_are_kept_out_of_contrast_prompts_and_shots():
+    from contrans_tl.tasks.emotion import emotion_task
 
-    label_logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 5.0, 1.0], [0.0, 0.0, 0.1]])
-    ans = Answers(("a", "b", "c", "d"), torch.tensor([11, 10, 99, 12]), label_logits, torch.tensor([10, 11, 12]),
-                  ("happiness", "sadness", "anger"))
-    got = ans.accuracy("sadness")
-    assert got["label_counts"] == {"happiness": 1, "sadness": 2, "anger": 1}
-    assert got["logit_acc"] == pytest.approx(0.5) and got["token_acc"] == pytest.approx(0.25) and got["n"] == 4
+    task = emotion_task(n_eval=3, n_validation=4)
+    held = {s for items in task.validation_scenarios.values() for s in items}
+    assert len(held) == 24
+    for e in EMOTIONS:
+        pos, neg = task.contrast(e)
+        assert not {QUERY.format(s) for s in held} & set(pos + neg)
+        split = task.concept_split(e)
+        assert len(split.validation) == 20 and len(split.test) == 15
+        assert not {it.prompt for it in split.validation} & set(pos + neg)
+    assert not any(QUERY.format(s) in task.prefix for s in held)
+    assert emotion_task(n_eval=3).validation_scenarios == {e: [] for e in EMOTIONS}  # default: nothing reserved
 
 
 def test_wilson_interval_known_values():

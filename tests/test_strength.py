@@ -9,7 +9,6 @@ from contrans_tl.errors import ContransError, ModelMismatchError, WidthMismatchE
 from contrans_tl.reports.strength import (
     calibrate_norms,
     guarded_sweep,
-    kl_divergence,
     neutral_prompts,
     raw_alpha,
     relative_strength,
@@ -32,16 +31,6 @@ def test_neutral_prompts_drop_last_word():
     assert neutral_prompts(2, texts=["one two three four five", "a b c d"]) == ["one two three four", "a b c"]
 
 
-def test_kl_divergence_basic():
-    a = torch.randn(3, 11)
-    assert torch.allclose(kl_divergence(a, a), torch.zeros(3, dtype=torch.float64), atol=1e-12)
-    b = a.clone()
-    b[:, 0] += 3
-    kl = kl_divergence(b, a)
-    p, q = torch.softmax(b.double(), -1), torch.softmax(a.double(), -1)
-    assert torch.allclose(kl, (p * (p / q).log()).sum(-1))
-
-
 def test_calibrate_and_norm_unit_conversions(tiny_llama, vector):
     texts = neutral_prompts(10)
     cal = calibrate_norms(vector, tiny_llama, texts)
@@ -58,23 +47,28 @@ def test_calibrate_and_norm_unit_conversions(tiny_llama, vector):
     assert torch.allclose(raw, norm, atol=1e-5)
 
 
+TEXTS = ["The river runs past the old mill and turns toward the sea.", "Cooking rice takes about twenty minutes."]
+
+
 def test_guarded_sweep_picks_largest_alpha_within_budget(tiny_llama, vector):
-    prompts = neutral_prompts(6)
-    full = guarded_sweep(tiny_llama, vector, alphas=[0.0, 0.05, 0.2, 1.0, 4.0], budget=1e9, prompts=prompts)
-    assert full.alphas == [0.0, 0.05, 0.2, 1.0, 4.0]
-    assert full.kl_mean[0] == pytest.approx(0.0, abs=1e-9)
-    assert full.kl_mean[-1] > full.kl_mean[1] > 0  # more strength, more drift
-    assert full.chosen == 4.0 and not full.stopped_early
-    # a budget between the 2nd and the last alpha's KL stops there and keeps the one before
-    budget = (full.kl_mean[2] + full.kl_mean[3]) / 2 if full.kl_mean[3] > full.kl_mean[2] else full.kl_mean[2] * 1.01
-    guarded = guarded_sweep(tiny_llama, vector, alphas=[4.0, 1.0, 0.2, 0.05, 0.0], budget=budget, prompts=prompts)
-    assert guarded.chosen is not None and guarded.chosen <= 1.0
-    over = [a for a, kl in zip(guarded.alphas, guarded.kl_mean) if kl > budget]
-    assert over and guarded.alphas[-1] == over[0] and guarded.stopped_early
-    assert all(kl <= budget for a, kl in zip(guarded.alphas, guarded.kl_mean) if a <= guarded.chosen)
+    """The sweep measures every alpha with the fluency instrument and keeps the last one before the budget breaks."""
+    from contrans_tl.fluency import measure_fluency
+    from contrans_tl.transplant import Steering
+
+    full = guarded_sweep(tiny_llama, vector, alphas=[0.0, 0.05, 0.2, 1.0, 4.0], budget=1e9, texts=TEXTS)
+    assert full.alphas == [0.0, 0.05, 0.2, 1.0, 4.0] and full.kl[0] == 0.0
+    assert full.kl[-1] > full.kl[1] > 0  # more strength, more drift
+    assert full.chosen == 4.0
+    # the sweep's KL is the instrument's, not a stand-in of its own
+    direct = measure_fluency(tiny_llama, TEXTS, {"a": Steering.single(vector, 0.2, None, "norm")})["a"]
+    assert full.kl[2] == pytest.approx(direct.kl, rel=1e-9)
+    # a budget between the 2nd and the last alpha's KL keeps the last alpha within it
+    budget = (full.kl[2] + full.kl[3]) / 2
+    guarded = guarded_sweep(tiny_llama, vector, alphas=[4.0, 1.0, 0.2, 0.05, 0.0], budget=budget, texts=TEXTS)
+    assert guarded.chosen == 0.2 and guarded.kl[3] > budget
     assert hooks_attached(tiny_llama) == 0
     d = guarded.to_dict()
-    assert d["budget"] == budget and d["unit"] == "norm" and d["layers"] == [0, 1]
+    assert d["budget"] == budget and d["unit"] == "norm" and d["layers"] == [0, 1] and d["n_tokens"] == direct.n_tokens
 
 
 def test_guarded_sweep_with_metric_and_nothing_within_budget(tiny_llama, vector):
@@ -84,9 +78,8 @@ def test_guarded_sweep_with_metric_and_nothing_within_budget(tiny_llama, vector)
         calls.append(1)
         return float(len(calls))
 
-    sweep = guarded_sweep(tiny_llama, vector, alphas=[5.0, 10.0], budget=1e-12, prompts=neutral_prompts(4),
-                          metric=metric, layers=[1])
-    assert sweep.chosen is None and sweep.alphas == [5.0] and sweep.metric == [2.0] and sweep.metric_base == 1.0
+    sweep = guarded_sweep(tiny_llama, vector, alphas=[5.0, 10.0], budget=1e-12, texts=TEXTS, metric=metric, layers=[1])
+    assert sweep.chosen is None and sweep.metric == [1.0, 2.0] and sweep.metric_base == 3.0
     assert sweep.layers == [1]
     with pytest.raises(ContransError):
         guarded_sweep(tiny_llama, vector, alphas=[], budget=0.1)
@@ -98,4 +91,4 @@ def test_mismatch(tiny_llama_b, tiny_neox, vector):
     with pytest.raises(ModelMismatchError):
         calibrate_norms(vector, tiny_neox, ["a b c"])
     with pytest.raises(WidthMismatchError):
-        guarded_sweep(tiny_llama_b, vector, prompts=["a b c"])
+        guarded_sweep(tiny_llama_b, vector, texts=["a b c"])

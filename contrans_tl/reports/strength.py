@@ -1,4 +1,4 @@
-"""Steering strength in norm units, and an automatic sweep guarded by KL on neutral text.
+"""Steering strength in norm units, and an automatic sweep guarded by the fluency instrument.
 
 Norm units (``transplant(..., unit="norm")``): the offset at layer l is
 ``alpha · mean‖resid_post[l]‖ · v[l] / ‖v[l]‖`` — alpha is a fraction of the layer's typical
@@ -7,36 +7,28 @@ their own prompts and mapped vectors the target's norms on the alignment corpus;
 :func:`calibrate_norms` re-measures them on one common neutral text, so the same alpha means the
 same thing for every vector of every model.
 
-:func:`guarded_sweep` picks alpha automatically: for an increasing grid it measures how far the
-steered next-token distribution drifts from the unsteered one on neutral sentences,
-``KL(steered ‖ base)`` at the last position averaged over the sentences, and keeps the largest
-alpha before the first one whose KL exceeds a budget (in nats). Why this guard: one forward pass
-per sentence with ``logits_to_keep=1`` (no per-position vocabulary projection, affordable for a
-262k vocabulary), no labels needed, and it measures damage to ordinary text — the thing a
-strength setting must not cause. Perplexity over whole sentences would need per-position
-logits for every alpha; KL at one position over ~32 sentences is the cheap stand-in. Each
-sentence is cut before its last word so the next token is a content word, not the end of the
-text.
+:func:`guarded_sweep` picks alpha automatically: for an increasing grid it measures, with the
+fluency instrument (:func:`contrans_tl.fluency.measure_fluency`: KL(unsteered ‖ steered) per
+token of the built-in generic text, every position, whole vocabulary), what each alpha costs
+ordinary text, and keeps the largest alpha before the first one whose KL exceeds a budget
+(nats/token) — the same measure, on the same text, that every analysis that chooses a strength uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
-
 from contrans_tl import validate
 from contrans_tl.artifacts import ConceptVector
-from contrans_tl.capture import capture, next_token_logits
-from contrans_tl.datasets import neutral_sentences
+from contrans_tl.capture import capture
+from contrans_tl.datasets import generic_texts, neutral_sentences
 from contrans_tl.errors import ContransError, EmptyPromptsError, InvalidArgumentError
+from contrans_tl.files import json_ready
+from contrans_tl.fluency import measure_fluency
 from contrans_tl.handle import ModelHandle
-from contrans_tl.transplant import Unit, steering_offsets, transplant
+from contrans_tl.transplant import Steering, Unit, steering_offsets
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -44,7 +36,6 @@ __all__ = [
     "calibrate_norms",
     "relative_strength",
     "raw_alpha",
-    "kl_divergence",
     "StrengthSweep",
     "guarded_sweep",
 ]
@@ -98,57 +89,29 @@ def raw_alpha(vector: ConceptVector, alpha_norm: float, layer: int) -> float:
     return float(alpha_norm) * float(vector.layer_norms[layer]) / length
 
 
-def kl_divergence(
-    steered_logits: Float[Tensor, "batch vocab"], base_logits: Float[Tensor, "batch vocab"]
-) -> Float[Tensor, "batch"]:
-    """KL(steered ‖ base) per row, in nats (float64)."""
-    log_p = torch.log_softmax(steered_logits.double(), dim=-1)
-    log_q = torch.log_softmax(base_logits.double(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
-
-
 @dataclass(frozen=True)
 class StrengthSweep:
     """Result of :func:`guarded_sweep`: KL (and an optional metric) per alpha, and the choice."""
 
     alphas: list[float]
-    kl_mean: list[float]
-    """Mean KL(steered ‖ base) over the neutral prompts, nats."""
-    kl_max: list[float]
+    kl: list[float]
+    """KL(unsteered ‖ steered) per token of the generic text, nats (inf: the steered model broke down)."""
+    kl_ci95: list[tuple[float, float]]
+    dce: list[float]
+    """Change of cross-entropy on the generic text's own tokens, nats/token."""
     budget: float
     chosen: float | None
     """Largest alpha before the first one over budget (None: even the smallest is over)."""
     unit: str
     layers: list[int]
-    n_prompts: int
+    n_tokens: int
     metric: list[float] | None = None
     """``metric(model)`` under each alpha, when a metric was given (``metric_base`` without)."""
     metric_base: float | None = None
-    stopped_early: bool = False
-    """True when the sweep stopped at the first alpha over budget (``stop_early``)."""
     notes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _steered_step(
-    model: ModelHandle,
-    vector: ConceptVector,
-    alpha: float,
-    *,
-    layers: Sequence[int] | None,
-    unit: Unit,
-    texts: Sequence[str],
-    base: Float[Tensor, "batch vocab"],
-    metric: Callable[[ModelHandle], float] | None,
-    batch_size: int,
-) -> tuple[Float[Tensor, "batch"], list[int], float | None]:
-    """One alpha of the sweep: KL per text against ``base``, the layers steered, and the metric if given."""
-    with transplant(model, vector, alpha=alpha, layers=layers, unit=unit) as offsets:
-        kl = kl_divergence(next_token_logits(model, texts, batch_size=batch_size), base)
-        score = float(metric(model)) if metric is not None else None
-    return kl, sorted(offsets), score
+        return json_ready(dataclasses.asdict(self))
 
 
 def guarded_sweep(
@@ -159,58 +122,41 @@ def guarded_sweep(
     budget: float = 0.1,
     unit: Unit = "norm",
     layers: Sequence[int] | None = None,
-    prompts: Sequence[str] | None = None,
-    n_prompts: int = 32,
+    texts: Sequence[str] | None = None,
+    n_texts: int = 8,
     metric: Callable[[ModelHandle], float] | None = None,
-    stop_early: bool = True,
-    batch_size: int = 16,
 ) -> StrengthSweep:
-    """Sweep alpha upwards and keep the largest one whose neutral-text KL stays within ``budget``.
+    """Sweep alpha upwards and keep the largest one whose KL on generic text stays within ``budget``.
 
-    ``alphas`` are magnitudes, sorted ascending (a negative sign on every entry steers the
-    other way); ``budget`` is in nats of mean KL(steered ‖ base) at the last position of
-    ``prompts`` (default :func:`neutral_prompts` ``(n_prompts)``). With ``stop_early`` the
-    sweep ends at the first alpha over budget (larger ones are not run). ``metric`` (e.g. a
-    concept score) is evaluated under every alpha too, to show what the budget buys.
+    ``alphas`` are magnitudes, sorted ascending (a negative sign on every entry steers the other
+    way); ``budget`` is in nats per token of KL(unsteered ‖ steered) on ``texts`` (default: the first
+    ``n_texts`` paragraphs of the built-in generic text), measured for every alpha in one call of
+    the fluency instrument. ``metric`` (e.g. a concept score) is evaluated under every alpha too,
+    to show what the budget buys.
     """
     grid = sorted({validate.real(f"alphas[{i}]", a) for i, a in enumerate(alphas)}, key=abs)
     if not grid:
         raise InvalidArgumentError("alphas", alphas, "at least one strength to sweep")
     budget = validate.real("budget", budget, low=0.0, low_open=True)
     vector.check_model(model)
-    texts = list(prompts) if prompts is not None else neutral_prompts(n_prompts)
-    base = next_token_logits(model, texts, batch_size=batch_size)
-    metric_base = float(metric(model)) if metric is not None else None
-    kl_mean: list[float] = []
-    kl_max: list[float] = []
+    chosen_texts = list(texts) if texts is not None else generic_texts()[: validate.integer("n_texts", n_texts, low=1)]
+    steered = [Steering.single(vector, a, layers, unit) for a in grid]
+    fluency = measure_fluency(model, chosen_texts, dict(enumerate(steered)))
     scores: list[float] = []
+    if metric is not None:
+        for s in steered:
+            with s.apply(model):
+                scores.append(float(metric(model)))
     chosen: float | None = None
-    over = False
-    steered_layers: list[int] = []
-    for alpha in grid:
-        kl, steered_layers, score = _steered_step(model, vector, alpha, layers=layers, unit=unit, texts=texts,
-                                                  base=base, metric=metric, batch_size=batch_size)
-        if score is not None:
-            scores.append(score)
-        kl_mean.append(float(kl.mean()))
-        kl_max.append(float(kl.max()))
-        if not math.isfinite(kl_mean[-1]) or kl_mean[-1] > budget:
-            over = True
-            if stop_early:
-                break
-        elif not over:
-            chosen = alpha
+    for alpha, f in zip(grid, fluency.values()):
+        if not f.kl <= budget:
+            break
+        chosen = alpha
+    offsets = steering_offsets([vector], [grid[-1]], layers=layers, unit=unit) if grid[-1] != 0 else {}
     return StrengthSweep(
-        alphas=grid[: len(kl_mean)],
-        kl_mean=kl_mean,
-        kl_max=kl_max,
-        budget=float(budget),
-        chosen=chosen,
-        unit=unit,
-        layers=steered_layers,
-        n_prompts=len(texts),
-        metric=scores if metric is not None else None,
-        metric_base=metric_base,
-        stopped_early=stop_early and over and len(kl_mean) < len(grid),
-        notes={"guard": "mean KL(steered || base) of the next token, last position, neutral text"},
+        alphas=grid, kl=[f.kl for f in fluency.values()], kl_ci95=[f.kl_ci95 for f in fluency.values()],
+        dce=[f.dce for f in fluency.values()], budget=float(budget), chosen=chosen, unit=unit,
+        layers=sorted(offsets) if layers is None else sorted(layers), n_tokens=next(iter(fluency.values())).n_tokens,
+        metric=scores if metric is not None else None, metric_base=float(metric(model)) if metric is not None else None,
+        notes={"texts": "built-in generic text" if texts is None else f"{len(chosen_texts)} given texts"},
     )

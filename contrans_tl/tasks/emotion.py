@@ -1,10 +1,15 @@
-"""The emotion task of the paper (§4): prompts, splits, label tokens and its evaluation.
+"""The emotion task of the paper (§4): six instances of the concept task (:mod:`contrans_tl.tasks.concept`).
 
 A concept vector for emotion e is refined from scenarios of e (positives) against as many
-scenarios of the other five (negatives, seeded), all in the refinement prompt. Evaluation
-puts a few-shot block (one solved example per emotion, from the refinement half) before
-the same query and reads the next token: Token Acc is the argmax over the vocabulary being
-e's label token, Logit Acc the argmax among the six label tokens being e's.
+scenarios of the other five (negatives, seeded), all in the refinement prompt. Its items are
+scenarios of the *other* emotions (the paper's negatives) after a few-shot block (one solved
+example per emotion) and the same query; the choices are the six label words and the target is
+e's: Logit Acc = e's label scores highest among the six (each label scored by the sum of its
+tokens' log-probabilities), Token Acc = e's label's first token is the argmax over the vocabulary.
+
+Scenarios are split into a refinement half and an evaluation half (test items). With
+``n_validation`` the first scenarios of each refinement half are kept out of the contrast
+prompts and the few-shot block: they are the validation items on which settings are chosen.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,12 +26,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from contrans_tl.artifacts import ConceptVector
-from contrans_tl.capture import next_token_logits
 from contrans_tl.datasets import data_dir
 from contrans_tl.errors import DataFormatError, EmptyPromptsError, InvalidArgumentError, LabelTokenError
 from contrans_tl.handle import ModelHandle
-from contrans_tl.metrics import logit_accuracy
 from contrans_tl.refine import refine
+from contrans_tl.tasks.concept import ChoiceItem, Concept, ConceptSplit, ItemScores, score_items
+from contrans_tl.tasks.scoring import choice_logprobs
 from contrans_tl.transplant import Unit, transplant
 
 __all__ = [
@@ -39,9 +44,8 @@ __all__ = [
     "contrast_prompts",
     "few_shot_prefix",
     "label_tokens",
-    "Answers",
-    "answers",
-    "evaluate_emotion",
+    "LABEL_CHOICES",
+    "INSTRUCTION",
     "EmotionTask",
     "emotion_task",
 ]
@@ -60,7 +64,13 @@ LABELS: dict[str, str] = {
     "disgust": "disgusted",
     "surprise": "surprised",
 }
-"""The word a model should answer for each emotion (its first token, after a space, is scored)."""
+"""The word a model should answer for each emotion."""
+
+LABEL_CHOICES: tuple[str, ...] = tuple(f" {LABELS[e]}" for e in EMOTIONS)
+"""The choices of every emotion item: the six label words after a space, in :data:`EMOTIONS` order."""
+
+INSTRUCTION = "In every scenario below, the emotion is {label}."
+"""The prompting baseline's preface (AxBench's lesson: name the concept instead of steering it)."""
 
 
 def emotion_scenarios(
@@ -146,117 +156,29 @@ def label_tokens(tokenizer: Any, emotions: Sequence[str] = EMOTIONS) -> Int[Tens
     return torch.tensor(ids)
 
 
-def _label_logits(
-    model: ModelHandle, scenarios: Sequence[str], prefix: str, emotions: Sequence[str], batch_size: int
-) -> tuple[Float[Tensor, "batch d_vocab"], Int[Tensor, "n_labels"]]:
-    """Next-token logits after the few-shot ``prefix`` + query of each scenario, and the label tokens."""
-    labels = label_tokens(model.tokenizer, emotions)
-    logits = next_token_logits(model, [QUERY.format(s) for s in scenarios], prefix=prefix, batch_size=batch_size)
-    return logits, labels
-
-
-@dataclass(frozen=True)
-class Answers:
-    """What the model answered after each scenario: its top token, and the six label tokens' logits.
-
-    Compact (no vocabulary-wide rows), so answers can be kept and re-read: the demo scores each
-    scenario once unsteered and reads every emotion's baseline from the same answers.
-    """
-
-    scenarios: tuple[str, ...]
-    top: Int[Tensor, " n"]
-    """Argmax over the whole vocabulary (Token Acc compares it with a label token)."""
-    label_logits: Float[Tensor, "n n_labels"]
-    labels: Int[Tensor, " n_labels"]
-    emotions: tuple[str, ...]
-
-    def subset(self, scenarios: Sequence[str]) -> "Answers":
-        """The answers to ``scenarios`` (each must be among these)."""
-        where = {s: i for i, s in enumerate(self.scenarios)}
-        missing = [s for s in scenarios if s not in where]
-        if missing:
-            raise InvalidArgumentError("scenarios", missing[:3], "scenarios these answers were computed for")
-        idx = torch.tensor([where[s] for s in scenarios], dtype=torch.long)
-        return Answers(tuple(scenarios), self.top[idx], self.label_logits[idx], self.labels, self.emotions)
-
-    def accuracy(self, emotion: str) -> dict[str, Any]:
-        """Token Acc (top token is ``emotion``'s label) and Logit Acc (its label wins among the six)."""
-        target = list(self.emotions).index(emotion)
-        n = len(self.scenarios)
-        if n == 0:
-            return {"token_acc": float("nan"), "logit_acc": float("nan"), "n": 0,
-                    "label_counts": {e: 0 for e in self.emotions}}
-        winners = self.label_logits.argmax(-1)
-        return {
-            "token_acc": float((self.top == self.labels[target]).float().mean()),
-            "logit_acc": logit_accuracy(self.label_logits, torch.arange(len(self.labels)), target),
-            "n": n,
-            # which label won among the six, per scenario: the row of a transplant confusion matrix
-            "label_counts": {e: int((winners == i).sum()) for i, e in enumerate(self.emotions)},
-        }
-
-
-def answers(
-    model: ModelHandle,
-    scenarios: Sequence[str],
-    *,
-    prefix: str,
-    emotions: Sequence[str] = EMOTIONS,
-    batch_size: int = 16,
-) -> Answers:
-    """The model's answer to each scenario's query after the few-shot ``prefix`` (under active hooks)."""
-    logits, labels = _label_logits(model, scenarios, prefix, emotions, batch_size)
-    return Answers(tuple(scenarios), logits.argmax(-1), logits[:, labels], labels, tuple(emotions))
-
-
-def evaluate_emotion(
-    model: ModelHandle,
-    scenarios: Sequence[str],
-    emotion: str,
-    *,
-    prefix: str,
-    emotions: Sequence[str] = EMOTIONS,
-    batch_size: int = 16,
-) -> dict[str, Any]:
-    """Token Acc and Logit Acc for answering ``emotion`` on ``scenarios`` (under active hooks)."""
-    return answers(model, scenarios, prefix=prefix, emotions=emotions, batch_size=batch_size).accuracy(emotion)
-
-
-def label_probability(
-    model: ModelHandle,
-    scenarios: Sequence[str],
-    emotion: str,
-    *,
-    prefix: str,
-    emotions: Sequence[str] = EMOTIONS,
-    batch_size: int = 16,
-) -> float:
-    """Mean probability of ``emotion``'s label among the six label tokens (a smooth Logit Acc)."""
-    logits, labels = _label_logits(model, scenarios, prefix, emotions, batch_size)
-    return float(torch.softmax(logits[:, labels].double(), -1)[:, list(emotions).index(emotion)].mean())
-
-
 @dataclass(frozen=True)
 class EmotionTask:
     """The emotion task of one run: which emotions are steered and every prompt drawn for them (seeded).
 
-    The demo, the analyses, the transfer report and the benchmarks all draw their prompts here,
-    so a change to the protocol is made once.
+    The demo, the analyses, the transfer report and the benchmarks all draw their prompts and
+    items here, and score them through the concept task, so a change to the protocol is made once.
     """
 
     emotions: tuple[str, ...]
     """Emotions whose vectors are refined and transplanted (a subset of the six)."""
     refine_scenarios: dict[str, list[str]]
-    """The refinement half of every emotion's scenarios (vectors, few-shot block, validation)."""
+    """The refinement half of every emotion's scenarios, less the validation ones (contrast prompts, few-shot block)."""
     eval_scenarios: dict[str, list[str]]
-    """The evaluation half: held out from everything that is chosen or fitted."""
+    """The evaluation half: held out from everything that is chosen or fitted (test items)."""
     prefix: str
-    """Few-shot block (one solved example per emotion, from the refinement half)."""
+    """Few-shot block (one solved example per emotion, from :attr:`refine_scenarios`)."""
     n_refine: int | None
-    """Refinement scenarios per side (None: the whole refinement half)."""
+    """Refinement scenarios per side (None: the whole refinement pool)."""
     n_eval: int | None
     """Evaluation scenarios per *other* emotion (None: all of them)."""
     seed: int
+    validation_scenarios: dict[str, list[str]] = field(default_factory=dict)
+    """Scenarios kept out of the contrast prompts and the few-shot block: the validation items."""
 
     def contrast(self, emotion: str, n: int | None = None) -> tuple[list[str], list[str]]:
         """Refinement prompts: ``n`` (default ``n_refine``) scenarios of ``emotion`` against as many others."""
@@ -265,15 +187,38 @@ class EmotionTask:
     def negatives(self, emotion: str, *, held_out: bool = True, k: int | None = None) -> list[str]:
         """Scenarios of every other emotion, ``k`` each (default ``n_eval``), raw (no query).
 
-        ``held_out=False`` draws them from the refinement half instead (for choosing layer and alpha).
+        ``held_out=False`` draws them from the validation scenarios instead (for choosing settings).
         """
-        pool = self.eval_scenarios if held_out else self.refine_scenarios
-        k = self.n_eval if k is None else k
+        pool = self.eval_scenarios if held_out else self.validation_scenarios
+        k = self.n_eval if held_out and k is None else k
         return [s for e in EMOTIONS if e != emotion and e in pool for s in pool[e][:k]]
 
     def negative_prompts(self, emotion: str) -> list[str]:
         """:meth:`negatives` formatted with the refinement query (for lens read-outs)."""
         return [QUERY.format(s) for s in self.negatives(emotion)]
+
+    def items(self, emotion: str, scenarios: Sequence[str]) -> list[ChoiceItem]:
+        """``scenarios`` as items of ``emotion``: the query, the six label words, ``emotion``'s label the target."""
+        if emotion not in EMOTIONS:
+            raise InvalidArgumentError("emotion", emotion, f"one of {list(EMOTIONS)}")
+        return [ChoiceItem(QUERY.format(s), LABEL_CHOICES, EMOTIONS.index(emotion)) for s in scenarios]
+
+    def concept(self, emotion: str) -> Concept:
+        """``emotion`` as a concept: its contrast prompts, its test items (held-out negatives), the few-shot
+        block as the shared prefix and the prompting baseline's instruction."""
+        pos, neg = self.contrast(emotion)
+        return Concept(emotion, tuple(pos), tuple(neg), tuple(self.items(emotion, self.negatives(emotion))),
+                       description=f"the emotion {emotion}: the model answers {LABELS[emotion]!r} for scenarios of "
+                       "other emotions", prefix=self.prefix, instruction=INSTRUCTION.format(label=LABELS[emotion]),
+                       source=f"built-in emotion {emotion}")
+
+    def concept_split(self, emotion: str) -> ConceptSplit:
+        """Validation items (the reserved scenarios of the other emotions) and test items (held-out negatives)."""
+        return ConceptSplit(tuple(self.items(emotion, self.negatives(emotion, held_out=False))),
+                            tuple(self.items(emotion, self.negatives(emotion))),
+                            {"validation": f"{len(next(iter(self.validation_scenarios.values()), []))} reserved scenarios "
+                                           "per other emotion (refinement half, kept out of contrast prompts and shots)",
+                             "test": f"{self.n_eval} evaluation-half scenarios per other emotion", "seed": self.seed})
 
     def refine_all(self, model: ModelHandle, *, batch_size: int = 16) -> dict[str, ConceptVector]:
         """One mean-difference vector per steered emotion (all layers), refined in ``model``."""
@@ -282,23 +227,6 @@ class EmotionTask:
             pos, neg = self.contrast(emotion)
             out[emotion] = refine(model, pos, neg, batch_size=batch_size)
         return out
-
-    def answer(
-        self,
-        model: ModelHandle,
-        scenarios: Sequence[str],
-        *,
-        vector: ConceptVector | None = None,
-        alpha: float = 0.0,
-        layers: Sequence[int] | None = None,
-        unit: Unit = "norm",
-        batch_size: int = 16,
-    ) -> Answers:
-        """The model's answers to ``scenarios`` with ``vector`` transplanted at ``alpha`` (none or 0: unsteered)."""
-        steer = vector is not None and alpha != 0
-        context = transplant(model, vector, alpha=alpha, layers=layers, unit=unit) if steer else nullcontext()
-        with context:
-            return answers(model, scenarios, prefix=self.prefix, batch_size=batch_size)
 
     def score(
         self,
@@ -312,11 +240,25 @@ class EmotionTask:
         unit: Unit = "norm",
         batch_size: int = 16,
     ) -> dict[str, Any]:
-        """Token/Logit Acc of answering ``emotion`` on ``scenarios`` (default: its held-out
-        negatives) with ``vector`` transplanted at ``alpha``; no vector or ``alpha == 0`` is the baseline."""
+        """Token/Logit Acc of answering ``emotion`` on ``scenarios`` (default: its held-out negatives) with
+        ``vector`` transplanted at ``alpha`` (none or 0: the baseline), and which label won per scenario."""
         scenarios = self.negatives(emotion) if scenarios is None else scenarios
-        return self.answer(model, scenarios, vector=vector, alpha=alpha, layers=layers, unit=unit,
-                           batch_size=batch_size).accuracy(emotion)
+        steer = vector is not None and alpha != 0
+        context = transplant(model, vector, alpha=alpha, layers=layers, unit=unit) if steer else nullcontext()
+        with context:
+            scores = score_items(model, self.items(emotion, scenarios), prefix=self.prefix, batch_size=batch_size)
+        return emotion_accuracy(scores)
+
+    def label_probability(self, model: ModelHandle, emotion: str, scenarios: Sequence[str] | None = None, *,
+                          batch_size: int = 16) -> float:
+        """Mean probability of ``emotion``'s label among the six (softmax of their summed log-probs; a smooth
+        Logit Acc), on ``scenarios`` (default: its held-out negatives), under any active steering."""
+        scenarios = self.negatives(emotion) if scenarios is None else scenarios
+        items = self.items(emotion, scenarios)
+        scored = choice_logprobs(model, [it.prompt for it in items], [list(it.choices) for it in items],
+                                 prefix=self.prefix, batch_size=batch_size)
+        lp = torch.tensor(scored.logprobs, dtype=torch.float64)
+        return float(torch.softmax(lp, -1)[:, EMOTIONS.index(emotion)].mean())
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -324,8 +266,15 @@ class EmotionTask:
             "n_refine_per_side": len(self.contrast(self.emotions[0])[0]),
             "n_eval_per_other_emotion": self.n_eval,
             "n_negatives_per_emotion": len(self.negatives(self.emotions[0])),
+            "n_validation_per_emotion": len(next(iter(self.validation_scenarios.values()), [])),
             "seed": self.seed,
         }
+
+
+def emotion_accuracy(scores: ItemScores) -> dict[str, Any]:
+    """Token and Logit Acc of emotion items, and how often each label won (a row of the transplant matrix)."""
+    return {"token_acc": scores.token_acc, "logit_acc": scores.logit_acc, "n": scores.n,
+            "label_counts": {e: sum(1 for p in scores.predicted if p == i) for i, e in enumerate(EMOTIONS)}}
 
 
 def emotion_task(
@@ -333,14 +282,21 @@ def emotion_task(
     *,
     n_refine: int | None = None,
     n_eval: int | None = None,
+    n_validation: int = 0,
     seed: int = 0,
     data_dir: str | None = None,
 ) -> EmotionTask:
-    """Split the scenarios (built-in, or ``data_dir`` in the same format) once for a run."""
+    """Split the scenarios (built-in, or ``data_dir`` in the same format) once for a run; with ``n_validation``
+    the first scenarios of every refinement half are kept out of the contrast prompts and the few-shot block."""
     bad = [e for e in emotions if e not in EMOTIONS]
     if bad or not emotions:
         raise InvalidArgumentError("emotions", list(emotions), f"a non-empty subset of {list(EMOTIONS)}")
     split = split_scenarios(emotion_scenarios(data_dir), seed=seed)
-    return EmotionTask(
-        tuple(emotions), split.refine, split.evaluate, few_shot_prefix(split.refine, seed=seed), n_refine, n_eval, seed
-    )
+    smallest = min(len(v) for v in split.refine.values())
+    if not isinstance(n_validation, int) or not 0 <= n_validation <= smallest - 2:
+        raise InvalidArgumentError("n_validation", n_validation, f"0 to {smallest - 2} (scenarios per emotion kept "
+                                   "out of a refinement half, leaving two for the contrast prompts)")
+    validation = {e: items[:n_validation] for e, items in split.refine.items()}
+    pool = {e: items[n_validation:] for e, items in split.refine.items()}
+    return EmotionTask(tuple(emotions), pool, split.evaluate, few_shot_prefix(pool, seed=seed), n_refine, n_eval, seed,
+                       validation)

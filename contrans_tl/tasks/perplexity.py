@@ -1,23 +1,21 @@
-"""Perplexity of neutral text (fluency under an intervention) and the WikiSplit loader.
+"""Perplexity of neutral text (fluency under an intervention).
 
 Texts are scored by :mod:`contrans_tl.tasks.scoring`, so a
 :func:`~contrans_tl.transplant.transplant` context open around the call steers them. The
-neutral text of the paper is WikiSplit: the TSV's first column (a complex sentence), detokenized.
+neutral text of the paper is WikiSplit; its reader lives in core (:mod:`contrans_tl.datasets`,
+so map corpora can use it too) and is re-exported here.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
-from contrans_tl import validate
 from contrans_tl.capture import encode
-from contrans_tl.datasets import read_text
-from contrans_tl.errors import DataFormatError, DataUnavailableError, EmptyPromptsError, InvalidArgumentError
+from contrans_tl.datasets import detokenize_wikisplit, load_wikisplit
+from contrans_tl.errors import EmptyPromptsError, InvalidArgumentError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.tasks import scoring
 
@@ -91,59 +89,3 @@ def perplexity_interval(
     means.sort()
     tail = (1 - level) / 2
     return means[int(tail * (n_boot - 1))], means[int(round((1 - tail) * (n_boot - 1)))]
-
-
-# ---- WikiSplit ------------------------------------------------------------------------------------
-_DETOK = [
-    (re.compile(r" ([,.;:!?%)\]}])"), r"\1"),
-    (re.compile(r"([(\[{$]) "), r"\1"),
-    (re.compile(r" (n't|'s|'re|'ve|'ll|'d|'m)\b"), r"\1"),
-    (re.compile(r"'' ?(.*?) ?''"), r'"\1"'),
-    (re.compile(r" - "), "-"),
-    (re.compile(r"\s+"), " "),
-]
-
-
-def detokenize_wikisplit(text: str) -> str:
-    """Undo WikiSplit's space-separated punctuation ("word , word ." → "word, word.")."""
-    text = text.strip()
-    for pattern, repl in _DETOK:
-        text = pattern.sub(repl, text)
-    return text.strip()
-
-
-def load_wikisplit(path: str | Path, *, n: int | None = None, min_words: int = 8) -> list[str]:
-    """Neutral sentences: the complex-sentence column of a WikiSplit TSV, detokenized.
-
-    ``path`` is the TSV or a directory holding ``validation.tsv`` / ``test.tsv`` / ``train.tsv``.
-    Sentences shorter than ``min_words`` and duplicates are dropped; ``n`` (>= 1) keeps the first N.
-    A file that is not UTF-8, or a row without the tab-separated split column, is a named error.
-    """
-    if n is not None:
-        validate.integer("n", n, low=1)
-    validate.integer("min_words", min_words, low=1)
-    path = Path(path)
-    if path.is_dir():
-        for name in ("validation.tsv", "test.tsv", "tune.tsv", "train.tsv"):
-            if (path / name).is_file():
-                path = path / name
-                break
-    if not path.is_file():
-        raise DataUnavailableError(f"no WikiSplit TSV at {path}")
-    out: list[str] = []
-    seen: set[str] = set()
-    for row, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        if "\t" not in line:
-            raise DataFormatError(f"{path} row {row} has one column: expected sentence<TAB>split (WikiSplit TSV)")
-        sentence = detokenize_wikisplit(line.split("\t", 1)[0])
-        if len(sentence.split()) < min_words or sentence in seen:
-            continue
-        seen.add(sentence)
-        out.append(sentence)
-        if n is not None and len(out) >= n:
-            break
-    if not out:
-        raise DataFormatError(f"{path} holds no sentences of {min_words} or more words")
-    return out

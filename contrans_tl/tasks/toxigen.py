@@ -23,9 +23,11 @@ import torch
 
 from contrans_tl import validate
 from contrans_tl.datasets import read_text
+from contrans_tl.tasks.concept import Concept, GenerationItem
 from contrans_tl.errors import DataUnavailableError, EmptyPromptsError, InvalidArgumentError, ModelUnavailableError
 
 __all__ = [
+    "fairness_concept",
     "ToxiGenPrompt",
     "load_toxigen_prompts",
     "toxigen_continuation_prompt",
@@ -106,6 +108,17 @@ def toxigen_continuation_prompt(prompt: ToxiGenPrompt | str) -> str:
 def first_item(continuation: str) -> str:
     """The one new list item of a continuation of :func:`toxigen_continuation_prompt`."""
     return continuation.split("\n-")[0].strip()
+
+
+def fairness_concept(concept_prompts: Iterable[ToxiGenPrompt], eval_prompts: Iterable[ToxiGenPrompt]) -> Concept:
+    """ToxiGen's fairness as an instance of the concept task: neutral prompts against hateful ones as the
+    contrast (:func:`fairness_prompts`), and held-out hateful prompts as :class:`GenerationItem` s whose
+    next list item a toxicity scorer judges (:func:`~contrans_tl.tasks.concept.continuations`)."""
+    pos, neg = fairness_prompts(concept_prompts)
+    n = min(len(pos), len(neg))
+    items = tuple(GenerationItem(toxigen_continuation_prompt(p)) for p in eval_prompts)
+    return Concept("fairness", tuple(pos[:n]), tuple(neg[:n]), items,
+                   description="non-toxic rather than toxic continuations of ToxiGen prompts", source="ToxiGen")
 
 
 def fairness_prompts(prompts: Iterable[ToxiGenPrompt]) -> tuple[list[str], list[str]]:

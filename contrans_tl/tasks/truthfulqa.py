@@ -10,8 +10,9 @@ the public files under their usual names); TruthfulQA alone can also come from t
 * True/false fact statements — a CSV with ``statement,label`` (RepE's ``facts_true_false.csv``),
   the out-of-distribution source of the honesty concept ("honesty-fact").
 
-MC1 scores each choice by its log-likelihood after the question (:mod:`contrans_tl.tasks.scoring`),
-so a :func:`~contrans_tl.transplant.transplant` context open around the call steers it.
+MC1 is the concept task's Logit Acc on these items: each choice is scored by its summed token
+log-probabilities after the question (:func:`contrans_tl.tasks.scoring.choice_logprobs`, the scorer of
+every concept), so a :func:`~contrans_tl.transplant.transplant` context open around the call steers it.
 """
 
 from __future__ import annotations
@@ -302,7 +303,8 @@ def score_mc1(
     batch_size: int = 8,
     progress: str | None = None,
 ) -> MC1Result:
-    """Score each choice by log p(separator + choice | prompt); one forward pass per pair.
+    """MC1 through the concept task's scorer: each choice by log p(separator + choice | prompt), summed
+    over its tokens (``reduction="mean"``: per token), the correct choice counting when strictly best.
 
     ``separator`` goes between the prompt and each choice (one for all, or one per question):
     a space after "A:", nothing after a chat template's assistant header.
@@ -310,16 +312,10 @@ def score_mc1(
     if not (len(prompts) == len(choices) == len(correct)):
         raise InvalidArgumentError("choices, correct", f"{len(choices)} and {len(correct)} items",
                                    f"one per prompt ({len(prompts)})")
+    validate.choice("reduction", reduction, ("sum", "mean"))
     seps = [separator] * len(prompts) if isinstance(separator, str) else list(separator)
-    flat_p, flat_c, owner = [], [], []
-    for q, (p, cs) in enumerate(zip(prompts, choices)):
-        for c in cs:
-            flat_p.append(p)
-            flat_c.append(seps[q] + c)
-            owner.append(q)
-    lp = scoring.continuation_logprobs(model, flat_p, flat_c, reduction=reduction, batch_size=batch_size,
-                                       progress=progress)
-    per_q: list[list[float]] = [[] for _ in prompts]
-    for q, value in zip(owner, lp.tolist()):
-        per_q[q].append(value)
+    scored = scoring.choice_logprobs(model, prompts, [[sep + c for c in cs] for sep, cs in zip(seps, choices)],
+                                     batch_size=batch_size, progress=progress)
+    per_q = [list(lp) if reduction == "sum" else [x / n for x, n in zip(lp, ns)]
+             for lp, ns in zip(scored.logprobs, scored.n_tokens)]
     return mc1_from_scores(per_q, correct)
