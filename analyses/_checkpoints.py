@@ -20,6 +20,7 @@ run's ``out`` directory (a shared file system): they read the saved vectors from
 from __future__ import annotations
 
 import json
+import os
 import re
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 
 from contrans_tl.datasets import neutral_sentences
+from contrans_tl.errors import ArtifactError, InvalidArgumentError
 from contrans_tl.files import write_json
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "JobExecutor",
     "RayExecutor",
     "cell_executor",
+    "check_checkpoint",
+    "looks_like_folder",
     "make_tiny_checkpoints",
 ]
 
@@ -52,9 +56,28 @@ AMBER_CHECKPOINTS = 360
 """Amber: 1.259T tokens in 360 equal data chunks; ``ckpt_k`` has seen about k+1 of them."""
 
 
+def looks_like_folder(spec: str) -> bool:
+    """Whether a checkpoint spec names a local folder: it starts with ``/``, ``.`` or ``~`` or holds a
+    path separator (hub revisions used as checkpoints, ``ckpt_100`` or ``step1000``, hold none)."""
+    return spec.startswith(("/", ".", "~")) or "/" in spec or os.sep in spec
+
+
+def check_checkpoint(name: str, spec: Any) -> str:
+    """``spec`` if it is a usable checkpoint spec; a folder-like one must be an existing folder.
+
+    Without this a missing folder would be read as a hub revision of the final model.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidArgumentError(name, spec, "a checkpoint: ckpt_000 (revision), step1000 (Pythia) or a folder")
+    if looks_like_folder(spec) and not Path(spec).expanduser().is_dir():
+        raise InvalidArgumentError(name, spec, "an existing checkpoint folder (no such folder)")
+    return spec
+
+
 def resolve_checkpoint(model: str, spec: str) -> tuple[str, dict[str, Any]]:
     """(name or path, load_model keyword arguments) for one checkpoint spec."""
-    if Path(spec).is_dir():
+    check_checkpoint("checkpoint", spec)
+    if Path(spec).expanduser().is_dir():
         return str(spec), {}
     step = re.fullmatch(r"step(\d+)", spec)
     if step:
@@ -74,7 +97,7 @@ def training_tokens(spec: str, *, tokens_per_step: float | None = None) -> float
     if path.is_dir():
         state = path / "trainer_state.json"
         if state.is_file():
-            data = json.loads(state.read_text())
+            data = _trainer_state(state)
             if data.get("num_input_tokens_seen"):
                 return float(data["num_input_tokens_seen"])
             if data.get("global_step") is not None and tokens_per_step:
@@ -87,6 +110,20 @@ def training_tokens(spec: str, *, tokens_per_step: float | None = None) -> float
     if amber:
         return (int(amber.group(1)) + 1) / AMBER_CHECKPOINTS * AMBER_TOTAL_TOKENS
     return None
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    """The JSON object of a ``trainer_state.json``; a cut-short or wrong-shaped one is a named error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path}: not readable JSON ({err}); rewrite it or delete it") from None
+    ok = isinstance(data, dict) and all(
+        data.get(k) is None or (isinstance(data[k], (int, float)) and not isinstance(data[k], bool))
+        for k in ("num_input_tokens_seen", "global_step"))
+    if not ok:
+        raise ArtifactError(f"{path}: expected a JSON object with numeric num_input_tokens_seen / global_step")
+    return data
 
 
 class JobExecutor(Executor):

@@ -41,10 +41,10 @@ from torch import Tensor
 from contrans_tl import validate
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
-from contrans_tl.errors import WidthMismatchError
+from contrans_tl.errors import InvalidArgumentError, WidthMismatchError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.models import identity, load_model
-from contrans_tl.sweep import run_option
+from contrans_tl.sweep import input_path, run_option
 from contrans_tl.tasks.emotion import EmotionTask
 from contrans_tl.transplant import Unit
 
@@ -55,6 +55,7 @@ __all__ = [
     "RunLog",
     "refine_emotions",
     "evaluate",
+    "is_score_cell",
     "with_norms",
     "relabel",
     "slug",
@@ -63,6 +64,8 @@ __all__ = [
     "script_main",
     "DTYPES",
     "add_run_args",
+    "add_size_args",
+    "check_shared_fields",
     "config_from_args",
 ]
 
@@ -79,13 +82,40 @@ class RunSettings:
     """Model dtype: float32, bfloat16 or float16."""
     seed: int = 0
     """Seed of the scenario split, the contrast negatives and the maps' held-out split."""
-    data_dir: str | None = None
-    """Directory of {emotion}.json scenario lists (default: the built-in set)."""
+    data_dir: str | None = input_path(None)
+    """Directory of {emotion}.json scenario lists (default: the built-in set); its content is fingerprinted."""
     progress: bool = run_option(False)
     """Report each model load and show progress bars."""
 
     def __post_init__(self) -> None:
         validate.choice("dtype", self.dtype, tuple(DTYPES))
+        validate.integer("batch_size", self.batch_size, low=1)
+        validate.integer("seed", self.seed, low=0)
+        validate.device("device", self.device)
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise InvalidArgumentError("data_dir", self.data_dir, "a folder of <emotion>.json scenario lists")
+        validate.out_dir("out", getattr(self, "out", "."))
+
+
+def check_shared_fields(cfg: Any) -> None:
+    """The fields most emotion analyses' Configs share, checked by their ``__post_init__``:
+    sizes ``n_refine`` / ``n_eval`` / ``n_texts`` (None or >= 1), ``depth`` in (0, 1], ``alphas``
+    finite (made a tuple of floats) and ``emotions`` known."""
+    from contrans_tl.tasks.emotion import EMOTIONS
+
+    for name in ("n_refine", "n_eval", "n_texts"):
+        if getattr(cfg, name, None) is not None:
+            validate.integer(name, getattr(cfg, name), low=1)
+    if hasattr(cfg, "depth"):
+        validate.real("depth", cfg.depth, low=0.0, high=1.0, low_open=True)
+    if hasattr(cfg, "alphas"):
+        cfg.alphas = tuple(validate.real(f"alphas[{i}]", a) for i, a in enumerate(cfg.alphas))
+    if hasattr(cfg, "emotions"):
+        cfg.emotions = tuple(cfg.emotions)
+        for i, e in enumerate(cfg.emotions):
+            validate.choice(f"emotions[{i}]", e, EMOTIONS)
+        if not cfg.emotions or len(set(cfg.emotions)) != len(cfg.emotions):
+            raise InvalidArgumentError("emotions", cfg.emotions, "one or more distinct emotions")
 
 
 @dataclass
@@ -263,6 +293,17 @@ def evaluate(
     return out
 
 
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def is_score_cell(value: Any) -> bool:
+    """Whether a stored cell holds one :meth:`EmotionTask.score` result (``logit_acc``, ``token_acc``, ``n``):
+    the ``valid`` check of the emotion analyses' cell stores, so ``{}`` or a wrong-typed cell is recomputed."""
+    return (isinstance(value, dict) and _number_or_none(value.get("logit_acc", "")) and
+            _number_or_none(value.get("token_acc", "")) and isinstance(value.get("n"), int))
+
+
 def with_norms(vector: ConceptVector, norms: Float[Tensor, "n_layers"] | None, reference: str) -> ConceptVector:
     """``vector`` with alpha's norm unit taken from ``norms`` (the target's own, per layer); the
     vector's provenance records where the unit came from (``norm_reference``)."""
@@ -320,13 +361,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The flags every emotion analysis shares: batching, device and dtype, seed, data, output."""
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
+    p.add_argument("--batch-size", type=validate.positive_int_flag)
+    p.add_argument("--device", type=validate.device_flag)
     p.add_argument("--dtype", choices=list(DTYPES))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--data-dir", help="folder of <emotion>.json scenario files (default: built-in)")
+    p.add_argument("--seed", type=validate.nonnegative_int_flag)
+    p.add_argument("--data-dir", type=validate.existing_dir_flag, help="folder of <emotion>.json scenario files (default: built-in)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
+
+
+def add_size_args(p: argparse.ArgumentParser, *, texts_help: str | None = None) -> None:
+    """``--emotions``, ``--n-refine``, ``--n-eval``, ``--n-texts``, ``--depth`` (see :func:`check_shared_fields`)."""
+    p.add_argument("--emotions", type=validate.name_list_flag, help="comma-separated emotions (default: all six)")
+    p.add_argument("--n-refine", type=validate.positive_int_flag, help="refinement prompts per side")
+    p.add_argument("--n-eval", type=validate.positive_int_flag, help="evaluation scenarios per other emotion")
+    p.add_argument("--n-texts", type=validate.positive_int_flag, help=texts_help or "neutral sentences for the map")
+    p.add_argument("--depth", type=validate.depth_flag, help="relative depth of the steering layer, in (0, 1]")
 
 
 def config_from_args(config_cls: Any, quick: dict[str, Any], args: argparse.Namespace) -> Any:

@@ -67,6 +67,34 @@ class Config(cm.RunSettings):
             raise InvalidArgumentError("models", self.models, "at least one model")
         if not self.alphas:
             raise InvalidArgumentError("alphas", self.alphas, "at least one strength")
+        cm.check_shared_fields(self)
+        if self.ridge != "auto":
+            validate.real("ridge", float(self.ridge) if isinstance(self.ridge, str) and _is_number(self.ridge)
+                          else self.ridge, low=0.0)
+        same = _same_models(self.models)
+        if same:
+            raise InvalidArgumentError("models", self.models, f"distinct models ({' and '.join(same)} are one model)")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _same_models(models: tuple[str, ...]) -> list[str]:
+    """Two entries of ``models`` that name one model however they are spelled (empty if none)."""
+    from contrans_tl.models import model_key
+
+    seen: dict[str, str] = {}
+    for name in models:
+        key = model_key(name)
+        if key in seen:
+            return [seen[key], name]
+        seen[key] = name
+    return []
 
 
 def _base_key(target: str, emotion: str) -> str:

@@ -56,6 +56,7 @@ from contrans_tl.analyses._checkpoints import (
     JobExecutor,
     RayExecutor,
     cell_executor,
+    check_checkpoint,
     make_tiny_checkpoints,
     resolve_checkpoint,
     training_tokens,
@@ -137,6 +138,17 @@ class Config(cm.RunSettings):
             raise InvalidArgumentError("checkpoints", self.checkpoints, "at least one checkpoint")
         if len({cm.slug(c) for c in self.checkpoints}) != len(self.checkpoints):
             raise InvalidArgumentError("checkpoints", self.checkpoints, "distinct checkpoint names")
+        for i, spec in enumerate(self.checkpoints):
+            check_checkpoint(f"checkpoints[{i}]", spec)
+        cm.check_shared_fields(self)
+        self.alphas = tuple(sorted(set(self.alphas)))
+        validate.integer("max_workers", self.max_workers, low=1)
+        if self.threads is not None:
+            validate.integer("threads", self.threads, low=1)
+        if self.tokens_per_step is not None:
+            validate.real("tokens_per_step", self.tokens_per_step, low=0.0, low_open=True)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidArgumentError("model", self.model, "the final model: a name, hub id, folder or .gguf file")
 
 
 # ---- one cell (runs in a worker: everything it needs is in CellArgs or on disk) -----------------
@@ -286,6 +298,15 @@ def _final_artifacts(cfg: Config, out: Path, log: cm.RunLog) -> tuple[Path, Path
     return vec_dir, states_path
 
 
+def _is_sweep_cell(value: Any) -> bool:
+    """Whether a stored cell holds a whole :func:`run_cell` result (else it is recomputed)."""
+    return (isinstance(value, dict) and isinstance(value.get("per_emotion"), dict)
+            and all(cm.is_score_cell(v) for v in value["per_emotion"].values())
+            and all(isinstance(value.get(k), (int, float)) and not isinstance(value.get(k), bool)
+                    for k in ("mean_logit_acc", "mean_token_acc", "layer"))
+            and isinstance(value.get("mapping"), str) and "tokens" in value)
+
+
 def cell_name(checkpoint: str, alpha: float) -> str:
     return cell_key(ckpt=cm.slug(checkpoint), alpha=f"{alpha:g}")
 
@@ -317,7 +338,7 @@ def run(cfg: Config, *, executor: Any = None) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress)
-    store = CellStore(out / "cells", settings=settings_fingerprint(cfg))
+    store = CellStore(out / "cells", settings=settings_fingerprint(cfg), valid=_is_sweep_cell)
     cells = _cells(cfg, *_final_artifacts(cfg, out, log))
     done_before = sum(store.has(k) for k in cells)
     with cell_executor(executor, cfg.executor, max_workers=cfg.max_workers, threads=cfg.threads,
@@ -386,25 +407,22 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 # ---- command line ---------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="final model (default LLM360/Amber)")
-    p.add_argument("--final-revision")
-    p.add_argument("--checkpoints", type=validate.name_list_flag, help="comma-separated: ckpt_000 (revision), step1000 (Pythia), DIR")
-    p.add_argument("--out", default=Config.out)
+    p.add_argument("--model", type=validate.model_flag, help="final model (default LLM360/Amber)")
+    p.add_argument("--final-revision", type=validate.text_flag, help="hub revision of the final model")
+    p.add_argument("--checkpoints", type=validate.name_list_flag,
+                   help="comma-separated: ckpt_000 (revision), step1000 (Pythia), DIR (an existing folder)")
+    p.add_argument("--out", type=validate.out_dir_flag, help=f"output directory (default {Config.out})")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
     p.add_argument("--alphas", type=validate.float_list_flag)
-    p.add_argument("--emotions", type=validate.name_list_flag)
-    p.add_argument("--n-refine", type=int)
-    p.add_argument("--n-eval", type=int)
-    p.add_argument("--n-texts", type=int)
-    p.add_argument("--depth", type=float)
+    cm.add_size_args(p, texts_help="neutral sentences for mapping='fit'")
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
     p.add_argument("--mapping", choices=["auto", "identity", "fit"])
     p.add_argument("--executor", choices=["process", "serial"])
-    p.add_argument("--max-workers", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--tokens-per-step", type=float)
+    p.add_argument("--max-workers", type=validate.positive_int_flag, help="processes of the local pool")
+    p.add_argument("--threads", type=validate.positive_int_flag, help="torch threads per cell process")
+    p.add_argument("--tokens-per-step", type=validate.positive_float_flag, help="tokens per stepN checkpoint")
     cm.add_run_args(p)
 
 

@@ -46,6 +46,7 @@ from contrans_tl.analyses._checkpoints import cell_executor
 from contrans_tl.analyses._matrix_setup import DEFAULT_MODELS, QUICK, Config, _base_key, _Run, _steer_key
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import neutral_sentences
+from contrans_tl.errors import ArtifactError
 from contrans_tl.files import write_json
 from contrans_tl.handle import ModelHandle
 from contrans_tl.metrics import accuracy_interval
@@ -60,9 +61,30 @@ HELP = "size matrix: every model's emotion vectors into every model (paper §6.3
 
 
 # ---- phase 1: one load per model for vectors, aligned states, baseline and the diagonal -------------
+def _read_info(path: Path) -> dict[str, Any] | None:
+    """A model's ``info.json`` (layer count, width, steering layer), or None if missing, cut short or wrong-shaped."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(info, dict) and all(isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
+                                        for k in ("n_layers", "d_model", "layer"))
+    return info if ok else None
+
+
+def _info(path: Path) -> dict[str, Any]:
+    """:func:`_read_info`, where phase 1 must have written it: a damaged one is a named error."""
+    info = _read_info(path)
+    if info is None:
+        raise ArtifactError(f"{path} is missing or damaged (expected n_layers, d_model, layer): delete it and "
+                            "rerun to have it rewritten")
+    return info
+
+
 def _model_done(r: _Run, name: str, *, evaluate: bool = True) -> bool:
-    """Whether phase 1 has everything of ``name`` on disk (its files; with ``evaluate`` its cells too)."""
-    info_ok = r.info_path(name).is_file() and r.states_path(name).is_file()
+    """Whether phase 1 has everything of ``name`` on disk (its files; with ``evaluate`` its cells too);
+    a damaged ``info.json`` counts as missing, so phase 1 writes it again."""
+    info_ok = _read_info(r.info_path(name)) is not None and r.states_path(name).is_file()
     vectors_ok = all(r.vector_path(name, e).is_file() for e in r.cfg.emotions)
     cells_ok = not evaluate or (all(r.store.has(_base_key(name, e)) for e in r.cfg.emotions) and all(
         r.store.has(k) for k, _, _ in r.steer_cells(name, name)))
@@ -207,10 +229,10 @@ def _target_slot(cfg: Config, target: str) -> dict[str, Any]:
     if _SLOT.get("key") != key:
         _SLOT.clear()
         cm.free_memory()
-        r = _Run(cfg, CellStore(Path(cfg.out) / "cells"), cm.RunLog(), _task(cfg))
+        r = _Run(cfg, CellStore(Path(cfg.out) / "cells", valid=cm.is_score_cell), cm.RunLog(), _task(cfg))
         model = r.load(target, "evaluate cells")
         native = {e: ConceptVector.load(r.vector_path(target, e)) for e in cfg.emotions}
-        layer = int(json.loads(r.info_path(target).read_text())["layer"])
+        layer = int(_info(r.info_path(target))["layer"])
         _SLOT.update(key=key, run=r, model=model, native=native, layer=layer, maps={})
     return _SLOT
 
@@ -262,10 +284,10 @@ def run(cfg: Config, *, executor: Any = None) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     task = _task(cfg)
-    r = _Run(cfg, CellStore(out / "cells", settings=settings_fingerprint(cfg)),
+    r = _Run(cfg, CellStore(out / "cells", settings=settings_fingerprint(cfg), valid=cm.is_score_cell),
              cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress), task)
     held = _phase1(r, neutral_sentences()[: cfg.n_texts], evaluate=executor is None)
-    infos = {m: json.loads(r.info_path(m).read_text()) for m in cfg.models}
+    infos = {m: _info(r.info_path(m)) for m in cfg.models}
     layers = {m: int(infos[m]["layer"]) for m in cfg.models}
     maps = _fit_maps(r, layers)
     if executor is None:
@@ -365,16 +387,12 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 # ---- command line ---------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", type=validate.name_list_flag, help="comma-separated model names (default: the Pythia list)")
-    p.add_argument("--out", default=Config.out, help="output directory (cells, states, matrix.json, figures)")
+    p.add_argument("--models", type=validate.model_list_flag, help="comma-separated model names (default: the Pythia list)")
+    p.add_argument("--out", type=validate.out_dir_flag, help=f"output directory (cells, states, matrix.json, figures; default {Config.out})")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
-    p.add_argument("--emotions", type=validate.name_list_flag)
-    p.add_argument("--n-refine", type=int)
-    p.add_argument("--n-eval", type=int)
-    p.add_argument("--n-texts", type=int)
+    cm.add_size_args(p, texts_help="neutral sentences for the alignment states")
     p.add_argument("--alphas", type=validate.float_list_flag, help="comma-separated strengths (norm units)")
-    p.add_argument("--depth", type=float)
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
     p.add_argument("--keep-loaded", action="store_true",

@@ -110,6 +110,13 @@ class Config(cm.RunSettings):
             if x not in ("steer", "final") and not x.lstrip("-").isdigit():
                 raise InvalidArgumentError("lens_layers", x, "'steer', 'final' or a block index")
         validate.choice("unit", self.unit, ("norm", "raw"))
+        cm.check_shared_fields(self)
+        self.alpha = validate.real("alpha", self.alpha)
+        for name in ("k", "top", "chunk"):
+            validate.integer(name, getattr(self, name), low=1)
+        for name in ("source", "target"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise InvalidArgumentError(name, getattr(self, name), "a model name, hub id, folder or .gguf file")
 
 
 def _lens_index(spec: str, steer: int, n_layers: int) -> int:
@@ -335,21 +342,18 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 # ---- command line ---------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source")
-    p.add_argument("--target")
-    p.add_argument("--out", default=Config.out)
+    p.add_argument("--source", type=validate.model_flag)
+    p.add_argument("--target", type=validate.model_flag)
+    p.add_argument("--out", type=validate.out_dir_flag, help=f"output directory (default {Config.out})")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
-    p.add_argument("--emotions", type=validate.name_list_flag)
-    p.add_argument("--n-refine", type=int)
-    p.add_argument("--n-eval", type=int)
-    p.add_argument("--n-texts", type=int)
-    p.add_argument("--alpha", type=float)
+    cm.add_size_args(p)
+    p.add_argument("--alpha", type=validate.finite_float_flag)
     p.add_argument("--unit", choices=["norm", "raw"])
-    p.add_argument("--depth", type=float)
     p.add_argument("--lens-layers", type=validate.name_list_flag, help="comma-separated: steer, final, or block indices")
-    p.add_argument("--k", type=int)
-    p.add_argument("--top", type=int)
+    p.add_argument("--k", type=validate.positive_int_flag, help="rising/falling tokens kept per prompt")
+    p.add_argument("--top", type=validate.positive_int_flag, help="tokens shown per table cell")
+    p.add_argument("--chunk", type=validate.positive_int_flag, help="prompts per read-out chunk")
     p.add_argument("--no-native", dest="native", action="store_false", default=None)
     cm.add_run_args(p)
 

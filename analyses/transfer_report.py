@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import contrans_tl as ct
+from contrans_tl import validate
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import neutral_sentences
 from contrans_tl.errors import InvalidArgumentError
@@ -104,42 +105,46 @@ class Config:
     batch_size: int = 8
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Every field checked before a model loads: a bad one is a named error, not a crash midway."""
+        v = validate
+        v.choice("emotion", self.emotion, EMOTIONS)
+        for name in ("n_texts", "n_refine", "n_eval", "stride", "target_stride", "top_k", "batch_size"):
+            v.integer(name, getattr(self, name), low=1)
+        v.integer("seed", self.seed, low=0)
+        if self.alpha != "auto":
+            self.alpha = v.real("alpha", self.alpha)
+        v.choice("unit", self.unit, ("raw", "norm"))
+        v.real("kl_budget", self.kl_budget, low=0.0, low_open=True)
+        v.choice("metric", self.metric, METRICS)
+        v.choice("pairs", self.pairs, ("default", "search", "both"))
+        v.real("outlier_factor", self.outlier_factor, low=0.0)
+        for name in ("per_layer_alpha", "min_effect"):
+            if getattr(self, name) is not None:
+                v.real(name, getattr(self, name), low=0.0 if name == "min_effect" else None)
+        if self.steer_layers is not None and self.steer_layers != "auto":
+            self.steer_layers = tuple(v.integer(f"steer_layers[{i}]", x, low=0) for i, x in enumerate(self.steer_layers))
+        self.per_layer = tuple(v.integer(f"per_layer[{i}]", x, low=0) for i, x in enumerate(self.per_layer))
+        v.device("device", self.device)
+        v.out_dir("out", self.out)
+        for name in ("map_path", "vector_path", "native_path"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise InvalidArgumentError(name, path, "an existing artifact file (.safetensors)")
+        for name in ("source", "target"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise InvalidArgumentError(name, getattr(self, name), "a model name, hub id, folder or .gguf file")
+
+
+_FROM_FLAGS = {"map": "map_path", "vector": "vector_path", "native": "native_path"}
+"""Flags whose Config field has another name."""
+
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """A Config from ``contrans report`` / ``contrans layer-search`` arguments."""
-    cfg = Config(source=args.source, target=args.target, emotion=args.emotion, n_texts=args.n_texts,
-                 n_refine=args.n_refine, out=args.out, device=args.device)
-    for name in ("alpha", "unit", "metric", "n_eval", "stride", "target_stride", "top_k", "kl_budget",
-                 "per_layer_alpha", "pairs", "outlier_factor"):
-        if hasattr(args, name):
-            setattr(cfg, name, getattr(args, name))
-    cfg.alpha = _alpha_arg(cfg.alpha)
-    cfg.per_layer = _int_list(getattr(args, "per_layer", ""))
-    cfg.steer_layers = _layers_arg(getattr(args, "steer_layers", ""))
-    cfg.map_path = getattr(args, "map", None)
-    cfg.vector_path = getattr(args, "vector", None)
-    cfg.native_path = getattr(args, "native", None)
-    return cfg
-
-
-def _alpha_arg(value: float | str) -> float | str:
-    """A number, or "auto"."""
-    if value == "auto":
-        return "auto"
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError("alpha", value, "a number or 'auto'") from None
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def _layers_arg(text: str) -> tuple[int, ...] | str | None:
-    if not text:
-        return None
-    return "auto" if text == "auto" else _int_list(text)
+    """A Config from ``contrans report`` / ``contrans layer-search`` arguments (flags not given keep the defaults)."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = {_FROM_FLAGS.get(k, k): val for k, val in vars(args).items() if val is not None}
+    return Config(**{k: val for k, val in values.items() if k in fields})
 
 
 # ---- the emotion concept: task, metric, readout (all from contrans_tl.tasks.emotion) -------------
@@ -368,35 +373,80 @@ def run(cfg: Config) -> tuple[TransferReport, LayerPairSearch]:
     return reports[-1], search
 
 
-_SPECIAL = ("steer_layers", "per_layer", "per_layer_alpha", "map_path", "vector_path", "native_path", "alpha",
-            "min_effect")
-_FIELD_HELP = {"n_eval": N_EVAL_HELP, "metric": " or ".join(METRICS)}
+# ---- command line ---------------------------------------------------------------------------------
+def _shared_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
+    d = Config()
+    p.add_argument("--source", type=validate.model_flag, help=f"source model (default {d.source}: the offline pair)")
+    p.add_argument("--target", type=validate.model_flag, help=f"target model (default {d.target})")
+    p.add_argument("--emotion", choices=EMOTIONS, help="built-in emotion concept (its label tokens and scenarios)")
+    p.add_argument("--n-texts", type=validate.positive_int_flag, help=f"neutral sentences for fitting maps (default {d.n_texts})")
+    p.add_argument("--n-refine", type=validate.positive_int_flag, help=f"contrast prompts per side (default {d.n_refine})")
+    p.add_argument("--out", required=out_required, type=validate.out_dir_flag,
+                   help="output directory (JSON, figures, artifacts)")
+    p.add_argument("--outlier-factor", type=validate.nonnegative_float_flag,
+                   help=f"drop aligned samples with norm > this x the layer median (0: keep all; default {d.outlier_factor})")
+    p.add_argument("--device", type=validate.device_flag)
+    p.add_argument("--batch-size", type=validate.positive_int_flag, help=f"default {d.batch_size}")
+    p.add_argument("--seed", type=validate.nonnegative_int_flag, help=f"default {d.seed}")
+
+
+def _report_only_args(p: argparse.ArgumentParser, *, pairs: Sequence[str]) -> None:
+    p.add_argument("--map", type=validate.existing_file_flag, help="AffineMap file (default: fit one on the neutral corpus)")
+    p.add_argument("--vector", type=validate.existing_file_flag,
+                   help="source ConceptVector file (default: refine --emotion in the source)")
+    p.add_argument("--native", type=validate.existing_file_flag,
+                   help="target ConceptVector file (default: refine --emotion in the target)")
+    p.add_argument("--alpha", type=validate.alpha_or_auto_flag,
+                   help="strength for the causal ratio (default 0.1), or 'auto' (KL-guarded sweep)")
+    p.add_argument("--unit", choices=["raw", "norm"])
+    p.add_argument("--kl-budget", type=validate.positive_float_flag, help="nats of neutral-text KL for --alpha auto")
+    p.add_argument("--metric", choices=list(METRICS))
+    p.add_argument("--n-eval", type=validate.positive_int_flag, help=N_EVAL_HELP)
+    p.add_argument("--steer-layers", type=validate.layers_or_auto_flag, help="target layers steered together: "
+                   "comma-separated, 'auto' (reports.layer_search.auto_layers); default: all layers of the map")
+    p.add_argument("--per-layer", type=validate.layer_list_flag, help="comma-separated target layers to also test one at a time")
+    p.add_argument("--per-layer-alpha", type=validate.finite_float_flag, help="strength of the one-layer runs")
+    p.add_argument("--min-effect", type=validate.nonnegative_float_flag,
+                   help="smallest native effect for which the causal ratio is defined")
+    p.add_argument("--pairs", choices=list(pairs), help="map layer pairs: depth-matched, or the best of a layer-pair search")
+
+
+def _search_only_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-stride", type=validate.positive_int_flag, help="every n-th target layer")
+    p.add_argument("--top-k", type=validate.positive_int_flag, help="best pairs listed")
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``contrans report``."""
+    _shared_args(p, out_required=True)
+    _report_only_args(p, pairs=("default", "search"))
+    p.add_argument("--stride", type=validate.positive_int_flag, help="layer-pair search stride (with --pairs search)")
+
+
+def add_layer_search_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``contrans layer-search``."""
+    _shared_args(p, out_required=True)
+    p.add_argument("--stride", type=validate.positive_int_flag, help="every n-th source layer (the last always kept)")
+    _search_only_args(p)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m contrans_tl.analyses.transfer_report``: the search and the report(s) in one process."""
+    _shared_args(p, out_required=False)
+    _report_only_args(p, pairs=("default", "search", "both"))
+    p.add_argument("--stride", type=validate.positive_int_flag, help="every n-th source layer of the search")
+    _search_only_args(p)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    run(config_from_args(args))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m contrans_tl.analyses.transfer_report", description=HELP)
-    defaults = Config()
-    for f in dataclasses.fields(Config):
-        if f.name in _SPECIAL:
-            continue
-        value = getattr(defaults, f.name)
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(value) if value is not None else str, default=value,
-                       help=_FIELD_HELP.get(f.name))
-    p.add_argument("--alpha", default="0.1", help="a number, or 'auto' (KL-guarded sweep)")
-    p.add_argument("--steer-layers", default="", help="comma-separated target layers, or 'auto' "
-                   "(contrans_tl.reports.layer_search.auto_layers)")
-    p.add_argument("--per-layer", default="")
-    p.add_argument("--per-layer-alpha", type=float, default=None)
-    p.add_argument("--min-effect", type=float, default=None)
-    args = p.parse_args(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name not in _SPECIAL})
-    cfg.alpha = _alpha_arg(args.alpha)
-    cfg.per_layer = _int_list(args.per_layer)
-    cfg.steer_layers = _layers_arg(args.steer_layers)
-    cfg.per_layer_alpha = args.per_layer_alpha
-    cfg.min_effect = args.min_effect
-    run(cfg)
-    return 0
+    from contrans_tl.analyses._common import script_main
+
+    return script_main("transfer_report", HELP, add_args, run_cli, argv)
 
 
 if __name__ == "__main__":

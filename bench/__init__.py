@@ -31,10 +31,10 @@ DEFAULT_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``contrans bench`` / ``python -m bench.run``."""
     p.add_argument("--quick", action="store_true", help="short run (fewer prompts, repeats and lengths)")
-    p.add_argument("--out", help="directory for bench.json (default: print only)")
-    p.add_argument("--models", nargs=2, metavar=("SOURCE", "TARGET"), default=list(DEFAULT_MODELS),
+    p.add_argument("--out", type=validate.out_dir_flag, help="directory for bench.json (default: print only)")
+    p.add_argument("--models", nargs=2, metavar=("SOURCE", "TARGET"), type=validate.model_flag, default=list(DEFAULT_MODELS),
                    help="source and target model (default: %(default)s)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=validate.device_flag, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=validate.positive_int_flag, help="timed repeats per measurement (median reported)")
     p.add_argument("--batch-size", type=validate.positive_int_flag, help="capture batch size (default 16)")
     p.add_argument("--seq-lens", type=validate.positive_int_flag, nargs="+", help="sequence lengths for the memory item")

@@ -221,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=validate.positive_int_flag)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--models", nargs=2, default=["smollm2-135m-instruct", "gemma-3-270m"])
-    p.add_argument("--out", help="folder for demo_bench.json")
-    p.add_argument("--demo-out", help="keep the demo's own output here (a fresh folder; default: a temporary one)")
+    p.add_argument("--models", nargs=2, type=validate.model_flag, default=["smollm2-135m-instruct", "gemma-3-270m"])
+    p.add_argument("--out", type=validate.out_dir_flag, help="folder for demo_bench.json")
+    p.add_argument("--demo-out", type=validate.out_dir_flag, help="keep the demo's own output here (a fresh folder; default: a temporary one)")
     p.add_argument("rest", nargs="*")
     try:
         args = p.parse_args(argv)

@@ -15,7 +15,8 @@ storage kept alive by the cache of each approach's ``run_with_cache`` call (a sl
 a view keeps its whole tensor alive).
 
 Run as ``python -m bench.memory --model NAME ...`` it measures in a fresh process and prints
-one JSON line; :func:`measure_in_subprocess` does that.
+one JSON line; :func:`measure_in_subprocess` does that. ``python -m bench.memory --load A B``
+prints what loading models costs in RSS over their float32 weights (:func:`measure_load`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 if TYPE_CHECKING:
     from contrans_tl.handle import ModelHandle
 
-__all__ = ["rss_bytes", "PeakSampler", "text_of_length", "measure_memory", "measure_in_subprocess"]
+__all__ = ["rss_bytes", "PeakSampler", "text_of_length", "measure_memory", "measure_in_subprocess", "measure_load"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MMAP_THRESHOLD = 64 << 10
@@ -277,12 +278,47 @@ def measure_in_subprocess(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure_load(names: Sequence[str], *, device: str = "cpu") -> dict[str, Any]:
+    """What loading ``names`` costs in RSS, over the process after its imports, relative to their fp32 weights.
+
+    Each model runs one short forward pass first: its weights are the memory-mapped safetensors
+    file, resident only once read, and the demo reads them all. ``load_rss_vs_weights`` is the
+    rise over the imports ÷ the weights (1.0 = nothing beside the weights); ``process_rss_vs_weights``
+    the whole process ÷ the weights; ``peak_rss_vs_weights`` the process's peak ÷ the weights.
+    """
+    import resource
+
+    import torch
+    import transformer_lens  # noqa: F401 - the imports are not the models' cost
+    import transformers  # noqa: F401
+
+    from contrans_tl.capture import next_token_logits
+    from contrans_tl.models import load_model
+
+    gc.collect()
+    base = rss_bytes()
+    models = [load_model(name, device=device) for name in names]
+    with torch.inference_mode():
+        for model in models:
+            next_token_logits(model, ["The river runs past the old mill."])
+    gc.collect()
+    now = rss_bytes()
+    weights = sum(4 * sum(p.numel() for p in m.original_model.parameters()) for m in models)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"models": list(names), "fp32_weight_bytes": weights, "rss_after_imports_bytes": base,
+            "rss_bytes": now, "load_rss_vs_weights": (now - base) / weights,
+            "process_rss_vs_weights": now / weights, "peak_rss_vs_weights": peak / weights}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="peak memory of capture vs run_with_cache (one JSON line)")
-    p.add_argument("--model", required=True)
+    p = argparse.ArgumentParser(description="peak memory of capture vs run_with_cache, or (--load) what loading "
+                                            "models costs over their weights (one JSON line)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model")
+    what.add_argument("--load", nargs="+", metavar="NAME", help="load these models and report RSS over their fp32 weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--lens", type=int, nargs="+", required=True)
+    p.add_argument("--lens", type=int, nargs="+", help="sequence lengths (with --model)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int)
@@ -291,6 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.load:
+        print(json.dumps(measure_load(args.load, device=args.device)))
+        return 0
+    if not args.lens:
+        p.error("--lens is required with --model")
 
     from contrans_tl.models import load_model
 

@@ -21,7 +21,14 @@ from torch import Tensor
 
 from contrans_tl import validate
 from contrans_tl.files import atomic_path
-from contrans_tl.errors import ArtifactError, InvalidArgumentError, ModelMismatchError, NonFiniteError, WidthMismatchError
+from contrans_tl.errors import (
+    ArtifactError,
+    InvalidArgumentError,
+    LayerIndexError,
+    ModelMismatchError,
+    NonFiniteError,
+    WidthMismatchError,
+)
 from contrans_tl.models import ModelIdentity, identity
 from contrans_tl.handle import ModelHandle
 
@@ -68,6 +75,36 @@ def _read(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any
     if int(meta.get("format", 0)) > FORMAT_VERSION:
         raise ArtifactError(f"{path}: format {meta['format']} is newer than this library reads")
     return tensors, meta
+
+
+def _header_int(meta: dict[str, Any], key: str, path: str | Path) -> int:
+    """An integer field of a header (a JSON int, not a bool, a float or a string like "many")."""
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArtifactError(f"{path}: header field {key}={value!r} is not an integer")
+    return value
+
+
+def _header_identity(meta: dict[str, Any], key: str, path: str | Path) -> ModelIdentity:
+    """A model identity from a header: name and revision strings, layer count and width positive ints."""
+    raw = meta[key]
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: header field {key} is not a model record")
+    ident = ModelIdentity(**raw)
+    for field_name in ("n_layers", "d_model"):
+        if _header_int(raw, field_name, path) < 1:
+            raise ArtifactError(f"{path}: header field {key}.{field_name}={raw[field_name]!r} is not a positive integer")
+    if not isinstance(ident.name, str) or not (ident.revision is None or isinstance(ident.revision, str)):
+        raise ArtifactError(f"{path}: header field {key} has a mistyped name or revision")
+    return ident
+
+
+def _header_layers(meta: dict[str, Any], key: str, path: str | Path) -> tuple[int, ...]:
+    """A list of block indices from a header (ints; the range is checked against the model later)."""
+    value = meta[key]
+    if not isinstance(value, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in value):
+        raise ArtifactError(f"{path}: header field {key}={value!r} is not a list of integers")
+    return tuple(value)
 
 
 def _identity_dict(ident: ModelIdentity) -> dict[str, Any]:
@@ -132,6 +169,8 @@ class ConceptVector:
             not isinstance(self.layer_norms, Tensor) or tuple(self.layer_norms.shape) != (self.model.n_layers,)
         ):
             raise InvalidArgumentError("layer_norms", self.layer_norms, f"None or a [{self.model.n_layers}] tensor")
+        if self.layer_norms is not None and not torch.isfinite(self.layer_norms).all():
+            raise NonFiniteError(f"concept vector for {self.model.name} has NaN or inf layer_norms (alpha's norm unit)")
 
     @property
     def d_model(self) -> int:
@@ -212,17 +251,17 @@ class ConceptVector:
         try:
             return cls(
                 vectors=tensors["vectors"],
-                model=ModelIdentity(**meta["model"]),
-                layers=tuple(meta["layers"]),
+                model=_header_identity(meta, "model", path),
+                layers=_header_layers(meta, "layers", path),
                 method=meta["method"],
                 layer_norms=tensors.get("layer_norms"),
                 hook=meta["hook"],
                 position=meta["position"],
-                n_prompts=int(meta["n_prompts"]),
+                n_prompts=_header_int(meta, "n_prompts", path),
                 provenance=meta.get("provenance", {}),
             )
-        except (KeyError, TypeError) as err:
-            raise ArtifactError(f"{path}: incomplete concept vector metadata ({err})") from err
+        except (KeyError, TypeError, InvalidArgumentError) as err:
+            raise ArtifactError(f"{path}: incomplete or mistyped concept vector metadata ({err})") from err
 
 
 @dataclass(frozen=True)
@@ -255,6 +294,13 @@ class AffineMap:
             )
         if not (torch.isfinite(self.weight).all() and torch.isfinite(self.bias).all()):
             raise NonFiniteError("affine map has NaN or inf entries")
+        for side, layers, ident in (("source_layers", self.source_layers, self.source),
+                                    ("target_layers", self.target_layers, self.target)):
+            bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int)
+                   or not 0 <= layer < ident.n_layers]
+            if bad:
+                raise LayerIndexError(f"{side}: layer(s) {bad} out of range: {ident.name} has {ident.n_layers} "
+                                      f"blocks (0..{ident.n_layers - 1})")
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -333,15 +379,15 @@ class AffineMap:
             return cls(
                 weight=tensors["weight"],
                 bias=tensors["bias"],
-                source=ModelIdentity(**meta["source"]),
-                target=ModelIdentity(**meta["target"]),
-                source_layers=tuple(meta["source_layers"]),
-                target_layers=tuple(meta["target_layers"]),
+                source=_header_identity(meta, "source", path),
+                target=_header_identity(meta, "target", path),
+                source_layers=_header_layers(meta, "source_layers", path),
+                target_layers=_header_layers(meta, "target_layers", path),
                 r2_heldout=tensors["r2_heldout"],
                 r2_train=tensors["r2_train"],
                 ridge=tensors["ridge"],
                 target_norms=tensors.get("target_norms"),
                 provenance=meta.get("provenance", {}),
             )
-        except (KeyError, TypeError) as err:
-            raise ArtifactError(f"{path}: incomplete affine map metadata ({err})") from err
+        except (KeyError, TypeError, InvalidArgumentError) as err:
+            raise ArtifactError(f"{path}: incomplete or mistyped affine map metadata ({err})") from err

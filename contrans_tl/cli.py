@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from contrans_tl import validate as v
 from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
-from contrans_tl.errors import ContransError
+from contrans_tl.errors import ContransError, InvalidArgumentError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -23,7 +23,7 @@ Run = Callable[[argparse.Namespace], int]
 # ---- contrans models -------------------------------------------------------------------------
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--prepare", nargs="*", metavar="NAME",
+    p.add_argument("--prepare", nargs="*", metavar="NAME", type=v.model_flag,
                    help="convert these built-in models now (default with no names: the default pair)")
 
 
@@ -53,27 +53,34 @@ def _lines(path: str) -> list[str]:
 
 
 def _refine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="built-in name, hub id, local directory or .gguf")
+    p.add_argument("model", type=v.model_flag, help="built-in name, hub id, local directory or .gguf")
     p.add_argument("--positive", required=True, type=v.text_file_flag, help="text file, one positive prompt per line")
     p.add_argument("--negative", required=True, type=v.text_file_flag, help="text file, one negative prompt per line")
     p.add_argument("--method", choices=["mean_diff", "pca"], default="mean_diff")
     p.add_argument("--batch-size", type=v.positive_int_flag, default=16)
-    p.add_argument("--out", required=True, help="where to write the ConceptVector (.safetensors)")
+    p.add_argument("--out", required=True, type=v.out_file_flag, help="where to write the ConceptVector (.safetensors)")
 
 
 def _refine_run(args: argparse.Namespace) -> int:
     from contrans_tl import load_model, refine
 
+    if Path(args.positive).resolve() == Path(args.negative).resolve():
+        raise InvalidArgumentError("--negative", args.negative, "another file than --positive (one set against itself "
+                                   "gives a zero vector)")
+    positive, negative = _lines(args.positive), _lines(args.negative)
+    if sorted(positive) == sorted(negative):
+        raise InvalidArgumentError("--negative", args.negative, "prompts that differ from --positive's (the same "
+                                   "prompts on both sides give a zero vector)")
     model = load_model(args.model)
-    vector = refine(model, _lines(args.positive), _lines(args.negative), method=args.method,
+    vector = refine(model, positive, negative, method=args.method,
                     batch_size=args.batch_size, progress=True)
     print(f"wrote {vector.save(args.out)}")
     return 0
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source")
-    p.add_argument("target")
+    p.add_argument("source", type=v.model_flag)
+    p.add_argument("target", type=v.model_flag)
     text = p.add_mutually_exclusive_group()
     text.add_argument("--texts", type=v.text_file_flag, help="text file, one text per line (same as --corpus file:FILE)")
     text.add_argument("--corpus", type=v.corpus_flag,
@@ -88,7 +95,7 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                                                             "kept by --estimator whitened (default: all)")
     p.add_argument("--ridge", type=v.ridge_flag, default="auto", help="'auto' (validation split) or a number >= 0")
     p.add_argument("--holdout", type=v.fraction_flag, default=0.2, help="share of texts held out for R2, in [0, 1)")
-    p.add_argument("--out", required=True, help="where to write the AffineMap (.safetensors)")
+    p.add_argument("--out", required=True, type=v.out_file_flag, help="where to write the AffineMap (.safetensors)")
 
 
 def _fit_run(args: argparse.Namespace) -> int:
@@ -108,13 +115,13 @@ def _fit_run(args: argparse.Namespace) -> int:
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model")
-    p.add_argument("prompt")
-    p.add_argument("--vector", help="ConceptVector file to transplant (mapped or native)")
-    p.add_argument("--map", help="AffineMap to push a source vector through first")
-    p.add_argument("--alpha", type=v.float_flag, default=0.0)
+    p.add_argument("model", type=v.model_flag)
+    p.add_argument("prompt", type=v.text_flag)
+    p.add_argument("--vector", type=v.existing_file_flag, help="ConceptVector file to transplant (mapped or native)")
+    p.add_argument("--map", type=v.existing_file_flag, help="AffineMap to push a source vector through first")
+    p.add_argument("--alpha", type=v.finite_float_flag, default=0.0)
     p.add_argument("--unit", choices=["raw", "norm"], default="raw")
-    p.add_argument("--layers", type=v.int_list_flag, help="comma-separated layers (default: the vector's)")
+    p.add_argument("--layers", type=v.layer_list_flag, help="comma-separated layers (default: the vector's)")
     p.add_argument("--max-new-tokens", type=v.positive_int_flag, default=30)
 
 
@@ -169,37 +176,10 @@ def _bench_run(args: argparse.Namespace) -> int:
 
 
 # ---- contrans report / layer-search / export: transfer reports and exports --------------------
-def _transfer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="smollm2-135m-instruct", help="source model (default: the offline pair)")
-    p.add_argument("--target", default="gemma-3-270m", help="target model")
-    p.add_argument("--emotion", default="fear", help="built-in emotion concept (its label tokens and scenarios)")
-    p.add_argument("--n-texts", type=int, default=200, help="neutral sentences for fitting maps")
-    p.add_argument("--n-refine", type=int, default=24, help="contrast prompts per side")
-    p.add_argument("--out", required=True, help="output directory (JSON, figures, artifacts)")
-    p.add_argument("--outlier-factor", type=float, default=10.0,
-                   help="drop aligned samples with norm > this x the layer median (0: keep all)")
-    p.add_argument("--device", default=None)
-
-
 def _report_args(p: argparse.ArgumentParser) -> None:
-    _transfer_args(p)
-    p.add_argument("--map", help="AffineMap file (default: fit one on the neutral corpus)")
-    p.add_argument("--vector", help="source ConceptVector file (default: refine --emotion in the source)")
-    p.add_argument("--native", help="target ConceptVector file (default: refine --emotion in the target)")
-    p.add_argument("--alpha", default="0.1", help="strength for the causal ratio, or 'auto' (KL-guarded sweep)")
-    p.add_argument("--unit", choices=["raw", "norm"], default="norm")
-    p.add_argument("--kl-budget", type=float, default=0.25, help="nats of neutral-text KL for --alpha auto")
-    p.add_argument("--metric", choices=["logit_acc", "label_prob"], default="logit_acc")
-    p.add_argument("--n-eval", type=v.positive_int_flag, default=24,
-                   help="negative scenarios the metric is scored on, rounded up to a multiple of the five "
-                        "other emotions (ceil(n_eval / 5) held-out scenarios of each)")
-    p.add_argument("--steer-layers", default="", help="target layers steered together: comma-separated, 'auto' "
-                   "(reports.layer_search.auto_layers) or empty (all layers of the map)")
-    p.add_argument("--per-layer", default="", help="comma-separated target layers to also test one at a time")
-    p.add_argument("--per-layer-alpha", type=float, default=None, help="strength of the one-layer runs")
-    p.add_argument("--pairs", choices=["default", "search"], default="default",
-                   help="map layer pairs: depth-matched, or the best of a layer-pair search")
-    p.add_argument("--stride", type=int, default=3, help="layer-pair search stride (with --pairs search)")
+    from contrans_tl.analyses.transfer_report import add_report_args
+
+    add_report_args(p)
 
 
 def _report_run(args: argparse.Namespace) -> int:
@@ -210,10 +190,9 @@ def _report_run(args: argparse.Namespace) -> int:
 
 
 def _layer_search_args(p: argparse.ArgumentParser) -> None:
-    _transfer_args(p)
-    p.add_argument("--stride", type=int, default=3, help="every n-th source layer (the last always kept)")
-    p.add_argument("--target-stride", type=int, default=1, help="every n-th target layer")
-    p.add_argument("--top-k", type=int, default=5)
+    from contrans_tl.analyses.transfer_report import add_layer_search_args
+
+    add_layer_search_args(p)
 
 
 def _layer_search_run(args: argparse.Namespace) -> int:
@@ -224,22 +203,32 @@ def _layer_search_run(args: argparse.Namespace) -> int:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vector", help="ConceptVector file (a target-space vector, or a source one with --map)")
-    p.add_argument("--map", help="AffineMap to push the vector through first")
+    p.add_argument("vector", type=v.existing_file_flag,
+                   help="ConceptVector file (a target-space vector, or a source one with --map)")
+    p.add_argument("--map", type=v.existing_file_flag, help="AffineMap to push the vector through first")
     p.add_argument("--format", choices=["gguf", "lm-eval"], required=True,
                    help="gguf: llama.cpp --control-vector file; lm-eval: steered model steer_path .pt")
-    p.add_argument("--out", required=True)
-    p.add_argument("--alpha", type=v.float_flag, default=1.0)
+    p.add_argument("--out", required=True, type=v.out_file_flag, help="the file to write (not the input)")
+    p.add_argument("--alpha", type=v.finite_float_flag, default=1.0)
     p.add_argument("--unit", choices=["raw", "norm"], default="raw")
-    p.add_argument("--layers", type=v.int_list_flag, help="comma-separated layers (default: the vector's)")
-    p.add_argument("--hookpoint-template", default="layers.{layer}", help="lm-eval hook point names")
+    p.add_argument("--layers", type=v.layer_list_flag, help="comma-separated layers (default: the vector's)")
+    p.add_argument("--hookpoint-template", type=v.hookpoint_template_flag, default="layers.{layer}",
+                   help="lm-eval hook point names")
     p.add_argument("--skip-layer0", action="store_true", help="gguf: drop layer 0 (llama.cpp cannot steer it)")
+
+
+def _refuse_overwriting_inputs(flag: str, out: str, inputs: Sequence[str | None]) -> None:
+    """An output path that is one of the command's input files would destroy that input."""
+    for path in filter(None, inputs):
+        if Path(out).resolve() == Path(path).resolve():
+            raise InvalidArgumentError(flag, out, f"another path than the input {path} (it would be overwritten)")
 
 
 def _export_run(args: argparse.Namespace) -> int:
     from contrans_tl import AffineMap, ConceptVector
     from contrans_tl.export import export_gguf, export_lm_eval
 
+    _refuse_overwriting_inputs("--out", args.out, [args.vector, args.map])
     vector = ConceptVector.load(args.vector)
     if args.map:
         vector = AffineMap.load(args.map).apply(vector)

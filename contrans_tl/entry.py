@@ -1,7 +1,7 @@
 """How every command-line entry point (``contrans …``, ``python -m contrans_tl.analyses.…``) runs.
 
-A user error (any :class:`ContransError`, or a bad flag) prints one line ``contrans: error: …``
-and exits 2; an unexpected exception prints one line and the path of a file holding the full
+A user error (any :class:`ContransError`, a bad flag, or an OS error about a path the user named)
+prints one line ``contrans: error: …`` and exits 2; an unexpected exception prints one line and the path of a file holding the full
 traceback, and exits 1. ``--debug`` anywhere on the command line shows the traceback instead.
 """
 
@@ -35,6 +35,12 @@ def split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
     return rest, len(rest) != len(argv)
 
 
+_PATH_ERRORS = (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""OS errors that come from a path on the command line (an output folder that is a file, say): a user
+error in one line, exit 2. Flags declare path types (contrans_tl.validate) so these are caught before any
+work; this is the net for a command whose flags do not yet."""
+
+
 def run_reporting_errors(fn: Callable[[], Any], *, debug: bool) -> int:
     """Run ``fn()``; turn its outcome into an exit code, reporting errors as one line each."""
     try:
@@ -43,6 +49,11 @@ def run_reporting_errors(fn: Callable[[], Any], *, debug: bool) -> int:
         if debug:
             raise
         print(f"contrans: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except _PATH_ERRORS as err:  # a path the user named: an existing file for a folder, a folder not writable
+        if debug:
+            raise
+        print(f"contrans: error: {type(err).__name__}: {err} (choose another path)", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):
         raise

@@ -38,7 +38,7 @@ from torch import Tensor
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.files import atomic_path, write_json
 from contrans_tl import validate
-from contrans_tl.errors import ArtifactError, InvalidArgumentError
+from contrans_tl.errors import ArtifactError, InvalidArgumentError, NonFiniteError
 from contrans_tl.models import OFFLINE_MODELS
 from contrans_tl.transplant import Unit, steering_offsets
 from contrans_tl.handle import ModelHandle
@@ -108,6 +108,10 @@ def steering_vectors(
     offsets = steering_offsets([vector], [alpha], layers=layers, unit=unit)
     if not offsets:
         raise InvalidArgumentError("alpha", alpha, "a non-zero strength, at layers where the vector is non-zero")
+    bad = [layer for layer, offset in offsets.items() if not torch.isfinite(offset.float()).all()]
+    if bad:  # alpha 1e300, say: float32 offsets overflow; an engine would add inf/NaN to the residual stream
+        raise NonFiniteError(f"alpha={alpha:g} ({unit} units) gives NaN or inf offsets at layer(s) {sorted(bad)}: "
+                             "use a strength whose offset alpha * |v| fits in float32")
     return {layer: offsets[layer] for layer in sorted(offsets)}
 
 
@@ -221,6 +225,7 @@ def export_lm_eval(
     alpha = validate.real("alpha", alpha)
     if not isinstance(hookpoint_template, str) or "{layer}" not in hookpoint_template:
         raise InvalidArgumentError("hookpoint_template", hookpoint_template, "a string containing '{layer}'")
+    steering_vectors(vector, alpha=alpha, unit=unit, layers=layers)  # the offsets the file describes: finite
     unit_vectors = steering_vectors(vector, alpha=1.0, unit=unit, layers=layers)
     config: dict[str, dict[str, Any]] = {}
     for layer, vec in unit_vectors.items():

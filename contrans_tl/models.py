@@ -8,6 +8,8 @@ dequantized once by transformers and cached as a safetensors checkpoint under
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import importlib.util
 import json
@@ -34,6 +36,7 @@ __all__ = [
     "list_models",
     "load_model",
     "convert_gguf",
+    "model_key",
 ]
 
 CACHE_ENV = "CONTRANS_CACHE"
@@ -270,6 +273,36 @@ def _gguf_checkpoint(path: Path) -> Path:
     return convert_gguf(path, out)
 
 
+def model_key(name_or_path: str | os.PathLike[str]) -> str:
+    """One key per model however it is written, without loading it (duplicate checks of model lists).
+
+    A built-in name, its converted folder, and a ``.gguf`` file with its checksum are all
+    ``offline:<name>``; another GGUF is ``gguf:<sha256[:16]>`` (also its converted folder); another
+    local folder its resolved path (a trailing slash or ``./`` do not matter); a hub id itself,
+    without trailing slashes.
+    """
+    name = str(name_or_path).strip()
+    if name in OFFLINE_MODELS:
+        return f"offline:{name}"
+    path = Path(name).expanduser()
+    if name.endswith(".gguf") and path.is_file():
+        return _gguf_key(_sha256(path))
+    if path.is_dir():
+        source = path / "contrans_source.json"
+        if source.is_file():  # a converted GGUF in the cache
+            try:
+                return _gguf_key(str(json.loads(source.read_text(encoding="utf-8"))["sha256"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return f"path:{path.resolve()}"
+    return f"hub:{name.rstrip('/')}"
+
+
+def _gguf_key(sha256: str) -> str:
+    offline = [m.name for m in OFFLINE_MODELS.values() if m.sha256 == sha256]
+    return f"offline:{offline[0]}" if offline else f"gguf:{sha256[:16]}"
+
+
 # --------------------------------------------------------------------------------------------
 # Identity of a loaded model, recorded by artifacts and checked when they are applied.
 # --------------------------------------------------------------------------------------------
@@ -327,7 +360,7 @@ def _register(model: ModelHandle, name: str, revision: str | None) -> None:
 
 
 def _check_load_args(
-    name_or_path: object, revision: object, checkpoint: object, checkpoint_index: object
+    name_or_path: object, revision: object, checkpoint: object, checkpoint_index: object, device: object = None
 ) -> str:
     """The model name as a string, after checking the arguments' types and combinations."""
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
@@ -335,6 +368,7 @@ def _check_load_args(
                                    "a built-in model name, a hub id, a local checkpoint folder or a .gguf file")
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
         raise InvalidArgumentError("revision", revision, "None or a hub branch/tag/commit name")
+    validate.device("device", device)
     for arg, value in (("checkpoint", checkpoint), ("checkpoint_index", checkpoint_index)):
         if value is not None:
             validate.integer(arg, value, low=0)
@@ -396,7 +430,7 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    name = _check_load_args(name_or_path, revision, checkpoint, checkpoint_index)
+    name = _check_load_args(name_or_path, revision, checkpoint, checkpoint_index, device)
     dtype = torch.float32 if dtype is None else dtype
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -419,6 +453,11 @@ def load_model(
     if (checkpoint is not None or checkpoint_index is not None) and is_local:
         raise ModelUnavailableError(
             f"{name} is a local checkpoint: training checkpoints apply to hub families only"
+        )
+    if revision is not None and is_local:  # a folder has one set of weights: loading it would ignore the revision
+        raise ModelUnavailableError(
+            f"{name} is a local model: it has no revision {revision!r} (revisions are hub branches; "
+            "pass the checkpoint's own folder instead)"
         )
     wanted = revision
     if checkpoint is not None or checkpoint_index is not None:
@@ -443,5 +482,31 @@ def load_model(
             "or set HF_HUB_OFFLINE=1 with a populated HF cache."
         ) from err
     bridge.eval()
+    _release_load_memory(bridge)
     _register(bridge, name, wanted)
     return bridge
+
+
+def _release_load_memory(model: ModelHandle) -> None:
+    """Give back what loading left behind, so a loaded model costs about its weights.
+
+    The weights themselves are the safetensors file memory-mapped (no copy). What remained was
+    the tokenizer's Python-side copy of its vocabulary and merges (transformers' Gemma and Llama
+    tokenizers keep the dict and list they built the Rust tokenizer from: ~200 MB for Gemma's
+    262k vocabulary; nothing reads them after ``__init__``) and the heap freed by parsing
+    ``tokenizer.json``, which glibc keeps until asked to return it.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    for attr in ("_vocab", "_merges"):
+        if isinstance(getattr(tokenizer, attr, None), (dict, list)):
+            setattr(tokenizer, attr, None)
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """``malloc_trim(0)``: return freed heap pages to the OS (glibc only; elsewhere nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -90,6 +90,9 @@ def refine(
     """
     positive = validate.texts("positive", positive)
     negative = validate.texts("negative", negative)
+    if sorted(positive) == sorted(negative):
+        raise InvalidArgumentError("negative", negative, "prompts that differ from the positives (the same prompts "
+                                   "on both sides give a zero vector)")
     _aggregator(method, len(positive), len(negative))  # a bad method fails before any forward pass
     batch_size = validate.integer("batch_size", batch_size, low=1)
     pos = capture(model, positive, batch_size=batch_size, progress="positives" if progress else None)

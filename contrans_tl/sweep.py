@@ -21,10 +21,11 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 
 from tqdm.auto import tqdm
 
+from contrans_tl.datasets import data_dir
 from contrans_tl.errors import ArtifactError, ContransError, SettingsMismatchError
 from contrans_tl.files import json_ready, write_json
 
-__all__ = ["CellStore", "cell_key", "grid_axis", "run_option", "settings_fingerprint"]
+__all__ = ["CellStore", "cell_key", "grid_axis", "run_option", "input_path", "input_digest", "settings_fingerprint"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -43,10 +44,12 @@ def _read_json(path: Path) -> Any:
         return _MISSING
 
 
-CellRole = Literal["grid", "run"]
+CellRole = Literal["grid", "run", "input"]
 """How a Config field relates to the cells: "grid" = an axis named in every cell's key (a new value
 adds cells, finished ones stay valid); "run" = changes how a run goes, never a cell's value (output
-folder, batch size, device, progress). Every other field changes cell values and is fingerprinted."""
+folder, batch size, device, progress); "input" = the path of a file or folder the run reads, whose
+*content* is fingerprinted (:func:`input_digest`). Every other field changes cell values and is
+fingerprinted by its value."""
 
 
 def grid_axis(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None) -> Any:
@@ -59,22 +62,80 @@ def run_option(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any]
     return _role_field("run", default, factory)
 
 
+def input_path(default: str | None = None) -> Any:
+    """A Config field holding the path of a data file or folder the run reads (None: built-in data).
+
+    :func:`settings_fingerprint` records a digest of its content, not the path: a run resumed
+    after the data changed is refused, one whose unchanged data moved is not.
+    """
+    return _role_field("input", default, None)
+
+
 def _role_field(role: CellRole, default: Any, factory: Callable[[], Any] | None) -> Any:
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={"cell_role": role})
     return dataclasses.field(default=default, metadata={"cell_role": role})
 
 
-def settings_fingerprint(cfg: Any) -> dict[str, Any]:
-    """Every field of the dataclass ``cfg`` that changes a cell's value, as strict JSON.
+def settings_fingerprint(cfg: Any, *, protocol: int | str | None = None) -> dict[str, Any]:
+    """Everything that changes a cell's value, as strict JSON: settings, input data and protocol.
 
-    Derived by construction: all fields count except those declared with :func:`grid_axis` or
-    :func:`run_option`, so a new Config field is guarded from the day it is added.
+    Derived by construction from the dataclass ``cfg``:
+
+    * every field, by value, except those declared with :func:`grid_axis`, :func:`run_option` or
+      :func:`input_path`, so a new Config field is guarded from the day it is added;
+    * ``"inputs"``: per :func:`input_path` field the digest of the file or folder it names
+      (:func:`input_digest`), and ``"built-in data"``: the digest of the package's data folder
+      (the built-in scenarios and neutral corpus every run may read);
+    * ``"protocol"``: ``protocol``, else the Config's ``PROTOCOL`` class attribute, else 1 — bump
+      it when the computation of a cell changes, so cells of the old code are not reused.
     """
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise ContransError(f"settings_fingerprint needs a dataclass instance, not {type(cfg).__name__}")
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if "cell_role" not in f.metadata}
+    fields = dataclasses.fields(cfg)
+    values: dict[str, Any] = {f.name: getattr(cfg, f.name) for f in fields if "cell_role" not in f.metadata}
+    clash = {"inputs", "protocol"} & set(values)
+    if clash:
+        raise ContransError(f"{type(cfg).__name__} has field(s) {sorted(clash)}: names the fingerprint keeps for itself")
+    inputs = {f.name: input_digest(getattr(cfg, f.name)) for f in fields if f.metadata.get("cell_role") == "input"}
+    values["inputs"] = {**inputs, "built-in data": input_digest(data_dir())}
+    values["protocol"] = protocol if protocol is not None else getattr(cfg, "PROTOCOL", 1)
     return json.loads(json.dumps(json_ready(values), sort_keys=True))
+
+
+def input_digest(path: str | Path | None) -> str:
+    """A short sha256 of what a run reads at ``path``: a file's bytes, or a folder's files (sorted
+    relative names and contents; hidden files and ``__pycache__`` skipped). None → ``"built-in"``; a value that names no
+    file or folder (``"hub"``, say) is kept as written."""
+    if path is None:
+        return "built-in"
+    target = Path(path).expanduser()
+    if target.is_file():
+        files = [(target.name, target)]
+    elif target.is_dir():
+        files = [(p.relative_to(target).as_posix(), p) for p in sorted(target.rglob("*")) if p.is_file()
+                 and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(target).parts)]
+    else:
+        return f"not a path: {path}"
+    digest = hashlib.sha256()
+    for name, file in files:
+        digest.update(name.encode("utf-8") + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"inputs": {"data_dir": d}}`` → ``{"inputs.data_dir": d}``: a mismatch names the very input."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 MAX_KEY = 160
@@ -100,8 +161,12 @@ class CellStore:
 
     SETTINGS = ".settings"  # not *.json: globbing the cells never picks it up
 
-    def __init__(self, root: str | Path, *, settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, root: str | Path, *, settings: Mapping[str, Any] | None = None,
+                 valid: Callable[[Any], bool] | None = None) -> None:
         self.root = Path(root)
+        self.valid = valid
+        """Whether a stored value is a complete cell (None: any JSON). One that is not (``{}``, a
+        wrong-typed value) counts as corrupt: missing, with a warning, and recomputed."""
         self.reused_wall_s = 0.0
         """Recorded compute time of the cells and artifacts this run reused instead of computing."""
         self.reused_cpu_s = 0.0
@@ -113,28 +178,51 @@ class CellStore:
             self._claim(json.loads(json.dumps(settings, sort_keys=True)))
 
     def _claim(self, mine: dict[str, Any]) -> None:
+        """Remember ``mine`` in a new store; in a used one, refuse other settings.
+
+        A ``.settings`` that cannot be read as a JSON object (cut short, ``[]``) is refused too:
+        which settings its cells were computed with is unknown, so it cannot be claimed anew.
+        """
         path = self.root / self.SETTINGS
-        theirs = _read_json(path)
-        if theirs is not _MISSING:
-            if theirs != mine:
-                changed = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-                raise SettingsMismatchError(
-                    f"{self.root} holds cells computed with other settings (differing: {', '.join(changed)}; "
-                    f"stored {[theirs.get(k) for k in changed]}, now {[mine.get(k) for k in changed]}). "
-                    "Use another output directory, or the same settings to resume."
-                )
-        else:
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
             write_json(path, mine, sort_keys=True)
+            return
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            theirs = None
+        if not isinstance(theirs, dict):
+            raise SettingsMismatchError(
+                f"{path} is damaged (not a JSON object of settings): the settings of the cells in {self.root} "
+                "are unknown. Use another output directory, or delete this one to start over."
+            )
+        if theirs != mine:
+            flat_theirs, flat_mine = _flat(theirs), _flat(mine)
+            changed = sorted(k for k in set(flat_theirs) | set(flat_mine) if flat_theirs.get(k) != flat_mine.get(k))
+            raise SettingsMismatchError(
+                f"{self.root} holds cells computed with other settings (differing: {', '.join(changed)}; "
+                f"stored {[flat_theirs.get(k) for k in changed]}, now {[flat_mine.get(k) for k in changed]}). "
+                "Use another output directory, or the same settings (and input data) to resume."
+            )
+
+    def _read(self, path: Path) -> Any:
+        """A stored cell, or ``_MISSING`` (no file; corrupt or, per ``valid``, incomplete: with a warning)."""
+        value = _read_json(path)
+        if value is not _MISSING and self.valid is not None and not self.valid(value):
+            warnings.warn(f"{path} does not hold a complete cell ({str(value)[:60]}): treated as missing and "
+                          "recomputed", stacklevel=3)
+            return _MISSING
+        return value
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
     def has(self, key: str) -> bool:
         """Whether a complete cell is stored (a corrupt one counts as missing, with a warning)."""
-        return _read_json(self.path(key)) is not _MISSING
+        return self._read(self.path(key)) is not _MISSING
 
     def get(self, key: str) -> Any:
-        value = _read_json(self.path(key))
+        value = self._read(self.path(key))
         if value is _MISSING:
             raise KeyError(key)
         return value
@@ -145,7 +233,7 @@ class CellStore:
 
     def all(self) -> dict[str, Any]:
         """Every finished cell, by key (corrupt cells are left out, with a warning)."""
-        cells = {p.stem: _read_json(p) for p in sorted(self.root.glob("*.json"))}
+        cells = {p.stem: self._read(p) for p in sorted(self.root.glob("*.json"))}
         return {k: v for k, v in cells.items() if v is not _MISSING}
 
     def run(
@@ -162,7 +250,7 @@ class CellStore:
         With an ``executor``, ``fn`` and its argument must be picklable.
         """
         todo = dict(cells) if isinstance(cells, Mapping) else {k: k for k in cells}
-        done = {k: _read_json(self.path(k)) for k in todo}  # each stored cell read once
+        done = {k: self._read(self.path(k)) for k in todo}  # each stored cell read once
         missing = {k: arg for k, arg in todo.items() if done[k] is _MISSING}
         for key in todo.keys() - missing.keys():
             self.reused(key)
@@ -195,6 +283,12 @@ class CellStore:
     def reused(self, key: str) -> None:
         """Count ``key``'s recorded compute time as reused in this run (nothing if it has no record)."""
         record = _read_json(self.root / f"{key}.time")
-        if isinstance(record, dict):
-            self.reused_wall_s += float(record.get("wall_s") or 0.0)
-            self.reused_cpu_s += float(record.get("cpu_s") or 0.0)
+        if isinstance(record, dict):  # a damaged record counts as none: it only feeds the time table
+            self.reused_wall_s += _seconds(record.get("wall_s"))
+            self.reused_cpu_s += _seconds(record.get("cpu_s"))
+
+
+def _seconds(value: Any) -> float:
+    """A recorded duration, or 0 when it is missing or not a finite number >= 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+    return float(value) if ok else 0.0

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from contrans_tl.errors import ContransError, EmptyPromptsError, InvalidArgumentError, LayerIndexError
 
 __all__ = [
+    # values (library arguments, Config fields)
     "texts",
     "choice",
     "real",
@@ -24,19 +26,42 @@ __all__ = [
     "fraction",
     "layer_list",
     "layer_pairs",
+    "device",
+    "out_dir",
+    "out_file",
     "MAP_ESTIMATORS",
     "CORPUS_KINDS",
     "corpus_spec",
-    "int_list_flag",
-    "float_list_flag",
-    "name_list_flag",
-    "float_flag",
-    "nonnegative_float_flag",
-    "fraction_flag",
+    # command-line flags: argparse ``type=`` functions
+    "FLAG_TYPES",
     "positive_int_flag",
     "nonnegative_int_flag",
+    "finite_float_flag",
+    "float_flag",
+    "positive_float_flag",
+    "nonnegative_float_flag",
+    "fraction_flag",
+    "depth_flag",
+    "ratio_flag",
     "ridge_flag",
+    "alpha_or_auto_flag",
+    "int_list_flag",
+    "layer_list_flag",
+    "layers_or_auto_flag",
+    "float_list_flag",
+    "name_list_flag",
+    "text_flag",
+    "model_flag",
+    "model_list_flag",
+    "hookpoint_template_flag",
+    "device_flag",
+    "existing_file_flag",
     "text_file_flag",
+    "existing_dir_flag",
+    "existing_path_flag",
+    "data_path_flag",
+    "out_dir_flag",
+    "out_file_flag",
     "estimator_flag",
     "corpus_flag",
 ]
@@ -186,6 +211,74 @@ def _corpus_part(name: str, spec: str, piece: str) -> CorpusPart:
     raise InvalidArgumentError(name, spec, f"a corpus spec ({piece!r} is not a part of one): {_CORPUS_ACCEPTED}")
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""Device strings :func:`device` accepts: ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+
+
+def device(name: str, value: Any) -> str | None:
+    """None, or a device string this machine has: ``cpu``, ``cuda``, ``cuda:N`` (N < device count), ``mps``.
+
+    A ``torch.device`` is accepted too (returned as its string). Checked before any model loads,
+    so ``--device bogus`` or ``cuda`` on a machine without CUDA is a named error, not a torch
+    RuntimeError halfway through a load.
+    """
+    if value is None:
+        return None
+    if type(value).__name__ == "device" and type(value).__module__ == "torch":
+        value = str(value)
+    accepted = "cpu, cuda, cuda:N or mps (a device this machine has)"
+    if not isinstance(value, str):
+        raise InvalidArgumentError(name, value, accepted)
+    kind, _, index = value.partition(":")
+    if kind not in DEVICE_TYPES or (index and (kind != "cuda" or not index.isdigit())):
+        raise InvalidArgumentError(name, value, accepted)
+    if kind == "cpu":
+        return value
+    import torch  # only for an accelerator: keeps flag parsing import-light
+
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InvalidArgumentError(name, value, f"{accepted}; this machine has no MPS device")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (index and int(index) >= count):
+            raise InvalidArgumentError(name, value, f"{accepted}; this machine has {count} CUDA device(s)")
+    return value
+
+
+def out_dir(name: str, value: Any) -> str:
+    """A folder to write into: an existing folder, or one that can be created.
+
+    Refused: an existing file, a path under a file, and a folder whose nearest existing ancestor
+    this user cannot write (``os.access``; root may write anywhere, so for root only the first
+    two apply). Nothing is created here.
+    """
+    return _writable(name, value, folder=True)
+
+
+def out_file(name: str, value: Any) -> str:
+    """A file to write: not an existing folder, not under a file, in a writable (or creatable) folder."""
+    return _writable(name, value, folder=False)
+
+
+def _writable(name: str, value: Any, *, folder: bool) -> str:
+    what = "a folder to write into" if folder else "a file path to write"
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise InvalidArgumentError(name, value, what)
+    path = Path(value).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise InvalidArgumentError(name, str(value), f"{what} (it is an existing file)")
+    if not folder and path.is_dir():
+        raise InvalidArgumentError(name, str(value), f"{what} (it is a folder)")
+    ancestor = path if folder and path.is_dir() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InvalidArgumentError(name, str(value), f"{what} (it lies under {ancestor}, which is a file)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(name, str(value), f"{what} (cannot write under {ancestor}: permission denied)")
+    return str(value)
+
+
 def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if low is None and high is None:
         return ""
@@ -197,6 +290,12 @@ def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bo
 
 
 # ---- command-line values: argparse ``type=`` functions (a bad flag is a one-line error) ----------
+# Every ``contrans`` flag that takes a value declares one of these as its ``type=`` (or has
+# ``choices``): tests/test_bad_inputs.py walks every subcommand's actions, refuses a flag without
+# one, and feeds each flag the bad values of its type. argparse reports the error as
+# ``contrans: error: contrans CMD: argument --FLAG: <message>`` and exits 2, before anything runs.
+# Paths are checked for what can be known without touching them (existence, kind, a writable
+# ancestor); nothing is created at parse time.
 def _flag(check: Callable[[], T]) -> T:
     try:
         return check()
@@ -204,44 +303,48 @@ def _flag(check: Callable[[], T]) -> T:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def int_list_flag(text: str) -> tuple[int, ...]:
-    """``"3,5"`` → (3, 5): comma-separated ints, at least one."""
-    return _flag(lambda: tuple(_int_text("value", x) for x in _items(text)))
-
-
-def float_list_flag(text: str) -> tuple[float, ...]:
-    """``"0,0.1,0.5"`` → (0.0, 0.1, 0.5): comma-separated finite numbers, at least one."""
-    return _flag(lambda: tuple(real("value", _float_text(x)) for x in _items(text)))
-
-
-def name_list_flag(text: str) -> tuple[str, ...]:
-    """``"a,b"`` → ("a", "b"): comma-separated names, at least one."""
-    return _flag(lambda: tuple(_items(text)))
-
-
-def float_flag(text: str) -> float:
-    """A finite number."""
-    return _flag(lambda: real("value", _float_text(text)))
-
-
-def nonnegative_float_flag(text: str) -> float:
-    """A finite number >= 0."""
-    return _flag(lambda: real("value", _float_text(text), low=0.0))
-
-
-def fraction_flag(text: str) -> float:
-    """A number in [0, 1)."""
-    return _flag(lambda: fraction("value", _float_text(text)))
-
-
 def positive_int_flag(text: str) -> int:
-    """An integer >= 1."""
+    """An integer >= 1 (counts, sizes, batch sizes, workers, threads)."""
     return _flag(lambda: integer("value", _int_text("value", text), low=1))
 
 
 def nonnegative_int_flag(text: str) -> int:
-    """An integer >= 0."""
+    """An integer >= 0 (seeds, counts where 0 means none)."""
     return _flag(lambda: integer("value", _int_text("value", text), low=0))
+
+
+def finite_float_flag(text: str) -> float:
+    """A finite number (NaN, inf and overflowing literals like ``1e400`` are refused)."""
+    return _flag(lambda: real("value", _float_text(text)))
+
+
+float_flag = finite_float_flag
+"""The older name of :func:`finite_float_flag`."""
+
+
+def positive_float_flag(text: str) -> float:
+    """A finite number > 0 (budgets, scales, tokens per step)."""
+    return _flag(lambda: real("value", _float_text(text), low=0.0, low_open=True))
+
+
+def nonnegative_float_flag(text: str) -> float:
+    """A finite number >= 0 (factors where 0 turns something off)."""
+    return _flag(lambda: real("value", _float_text(text), low=0.0))
+
+
+def fraction_flag(text: str) -> float:
+    """A number in [0, 1) (a share held out)."""
+    return _flag(lambda: fraction("value", _float_text(text)))
+
+
+def depth_flag(text: str) -> float:
+    """A relative depth in (0, 1] (1 = the last block)."""
+    return _flag(lambda: real("value", _float_text(text), low=0.0, high=1.0, low_open=True))
+
+
+def ratio_flag(text: str) -> float:
+    """A finite ratio >= 1 (a bound on perplexity relative to the unsteered model)."""
+    return _flag(lambda: real("value", _float_text(text), low=1.0))
 
 
 def ridge_flag(text: str) -> float | str:
@@ -249,16 +352,145 @@ def ridge_flag(text: str) -> float | str:
     return "auto" if text == "auto" else _flag(lambda: real("ridge", _float_text(text, "'auto' or a number >= 0"), low=0.0))
 
 
+def alpha_or_auto_flag(text: str) -> float | str:
+    """``auto`` or a finite number (a strength)."""
+    return "auto" if text == "auto" else _flag(lambda: real("alpha", _float_text(text, "'auto' or a number")))
+
+
+def int_list_flag(text: str) -> tuple[int, ...]:
+    """``"3,5"`` → (3, 5): comma-separated ints, at least one; an empty item (``1,,2``) is refused."""
+    return _flag(lambda: tuple(_int_text("value", x) for x in _items(text)))
+
+
+def layer_list_flag(text: str) -> tuple[int, ...]:
+    """``"3,5"`` → (3, 5): distinct block indices >= 0 (the model's range is checked when it is loaded)."""
+
+    def check() -> tuple[int, ...]:
+        layers = tuple(integer("layer", _int_text("layer", x), low=0) for x in _items(text))
+        if len(set(layers)) != len(layers):
+            raise InvalidArgumentError("layers", text, "distinct block indices (a repeated layer would be applied twice)")
+        return layers
+
+    return _flag(check)
+
+
+def layers_or_auto_flag(text: str) -> tuple[int, ...] | str:
+    """``auto`` or distinct block indices, as :func:`layer_list_flag`."""
+    return "auto" if text == "auto" else layer_list_flag(text)
+
+
+def float_list_flag(text: str) -> tuple[float, ...]:
+    """``"0,0.1,0.5"`` → (0.0, 0.1, 0.5): comma-separated finite numbers, at least one, no empty item."""
+    return _flag(lambda: tuple(real("value", _float_text(x)) for x in _items(text)))
+
+
+def name_list_flag(text: str) -> tuple[str, ...]:
+    """``"a,b"`` → ("a", "b"): comma-separated names, at least one, no empty or repeated item."""
+
+    def check() -> tuple[str, ...]:
+        names = tuple(_items(text))
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError("names", text, "distinct names (one appears twice)")
+        return names
+
+    return _flag(check)
+
+
+def text_flag(text: str) -> str:
+    """Free text with at least one non-blank character (a prompt, a revision name)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is blank: give some text")
+    return text
+
+
+def model_flag(text: str) -> str:
+    """A model: built-in name, hub id (ORG/NAME), local checkpoint folder or ``.gguf`` file.
+
+    Blank names are refused; a name that can only be a path (``.gguf``, or starting with ``/``,
+    ``.``, ``~``) must exist. Whether a hub id exists is only known when it loads.
+    """
+    name = text_flag(text).strip()
+    path = Path(name).expanduser()
+    if name.endswith(".gguf") and not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such GGUF file: {name}")
+    if name.startswith(("/", ".", "~")) and not path.exists():
+        raise argparse.ArgumentTypeError(f"no such local model folder: {name} (a hub id looks like ORG/NAME)")
+    return name
+
+
+def model_list_flag(text: str) -> tuple[str, ...]:
+    """Comma-separated models, each as :func:`model_flag`, no empty or repeated item."""
+    return tuple(model_flag(name) for name in name_list_flag(text))
+
+
+def hookpoint_template_flag(text: str) -> str:
+    """An HF module name template with ``{layer}`` (``layers.{layer}``)."""
+    if "{layer}" not in text or not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} has no '{{layer}}': give a module name template like layers.{{layer}}")
+    return text
+
+
+def device_flag(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, present on this machine (see :func:`device`)."""
+    return _flag(lambda: device("device", text))  # type: ignore[return-value]
+
+
+def existing_file_flag(text: str) -> str:
+    """The path of an existing, non-empty, readable file (an artifact: a vector, a map)."""
+    return _existing(text, folder=False)
+
+
 def text_file_flag(text: str) -> str:
-    """The path of an existing, readable UTF-8 text file."""
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    """The path of an existing UTF-8 text file with at least one non-blank line."""
+    existing_file_flag(text)
     try:
-        path.read_text(encoding="utf-8")
+        content = Path(text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise argparse.ArgumentTypeError(f"cannot read {text} as UTF-8 text: {err}") from None
+    if not content.strip():
+        raise argparse.ArgumentTypeError(f"{text} holds only whitespace: one text per line expected")
     return text
+
+
+def existing_dir_flag(text: str) -> str:
+    """The path of an existing, readable folder."""
+    return _existing(text, folder=True)
+
+
+def existing_path_flag(text: str) -> str:
+    """An existing data file (non-empty) or folder, readable (loaders take either)."""
+    return _existing(text, folder=None)
+
+
+def _existing(text: str, *, folder: bool | None) -> str:
+    """``text`` if it names an existing, readable file (``folder=False``: non-empty), folder, or either (None)."""
+    noun = {True: "folder", False: "file", None: "file or folder"}[folder]
+    path = Path(text)
+    if not text.strip() or not path.exists():
+        raise argparse.ArgumentTypeError(f"no such {noun}: {text!r}")
+    is_dir = path.is_dir()
+    if folder is not None and is_dir != folder:
+        raise argparse.ArgumentTypeError(f"{text} is a {'file' if folder else 'folder'}, not a {noun}")
+    if not is_dir and path.stat().st_size == 0:
+        raise argparse.ArgumentTypeError(f"{text} is empty")
+    if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
+
+
+def data_path_flag(text: str) -> str:
+    """``hub`` (the Hugging Face hub), or an existing data file or folder."""
+    return text if text == "hub" else existing_path_flag(text)
+
+
+def out_dir_flag(text: str) -> str:
+    """A folder to write into (see :func:`out_dir`)."""
+    return _flag(lambda: out_dir("path", text))
+
+
+def out_file_flag(text: str) -> str:
+    """A file to write (see :func:`out_file`)."""
+    return _flag(lambda: out_file("path", text))
 
 
 def estimator_flag(text: str) -> str:
@@ -271,10 +503,22 @@ def corpus_flag(text: str) -> str:
     return _flag(lambda: (corpus_spec("corpus", text), text)[1])
 
 
+FLAG_TYPES: tuple[Callable[[str], Any], ...] = (
+    positive_int_flag, nonnegative_int_flag, finite_float_flag, positive_float_flag, nonnegative_float_flag,
+    fraction_flag, depth_flag, ratio_flag, ridge_flag, alpha_or_auto_flag, int_list_flag, layer_list_flag,
+    layers_or_auto_flag, float_list_flag, name_list_flag, text_flag, model_flag, model_list_flag, hookpoint_template_flag,
+    device_flag, existing_file_flag, text_file_flag, existing_dir_flag, existing_path_flag, data_path_flag,
+    out_dir_flag, out_file_flag, estimator_flag, corpus_flag,
+)
+"""Every flag type above: the ``type=`` a ``contrans`` flag may declare (tests check each one's bad values)."""
+
+
 def _items(text: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
         raise ValueError(f"{text!r} lists nothing: give comma-separated values")
+    if not all(items):
+        raise ValueError(f"{text!r} has an empty item: give comma-separated values without ',,' or a trailing comma")
     return items
 
 

@@ -67,13 +67,37 @@ def test_corrupt_cell_is_recomputed_with_a_warning(tmp_path):
     assert out == {"a": "A", "b": "B"} and calls == ["a"]
 
 
-def test_corrupt_settings_file_is_treated_as_missing(tmp_path):
-    CellStore(tmp_path, settings={"k": 1})
-    (tmp_path / CellStore.SETTINGS).write_text("{")
-    with pytest.warns(UserWarning, match="corrupt"):
-        CellStore(tmp_path, settings={"k": 1})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        CellStore(tmp_path, settings={"k": 1})  # rewritten whole: no warning now
-    with pytest.raises(SettingsMismatchError):
-        CellStore(tmp_path, settings={"k": 2})
+@pytest.mark.parametrize("damaged", ["{", "[]", "", "null", '"k"'])
+def test_damaged_settings_file_is_refused_not_reclaimed(tmp_path, damaged):
+    """A .settings cut short (or not an object) leaves the cells' settings unknown: the folder is
+    refused with a named error, never claimed anew with whatever settings come next."""
+    store = CellStore(tmp_path, settings={"k": 1})
+    store.put("a", 1)
+    (tmp_path / CellStore.SETTINGS).write_text(damaged)
+    for settings in ({"k": 1}, {"k": 2}):
+        with pytest.raises(SettingsMismatchError, match="damaged.*another output directory, or delete"):
+            CellStore(tmp_path, settings=settings)
+    assert (tmp_path / CellStore.SETTINGS).read_text() == damaged  # left as it was
+
+
+def test_incomplete_cell_is_recomputed_when_the_store_checks_cells(tmp_path):
+    """`{}` or a wrong-typed value in a cell is corrupt for a store with `valid`: recomputed, with a warning."""
+    store = CellStore(tmp_path, valid=lambda v: isinstance(v, dict) and isinstance(v.get("x"), int))
+    store.run(["a", "b"], lambda key: {"x": 1})
+    store.path("a").write_text("{}")
+    store.path("b").write_text('{"x": "many"}')
+    with pytest.warns(UserWarning, match="complete cell"):
+        out = store.run(["a", "b"], lambda key: {"x": 2})
+    assert out == {"a": {"x": 2}, "b": {"x": 2}}
+    assert CellStore(tmp_path).get("a") == {"x": 2}
+
+
+def test_damaged_time_record_counts_as_none(tmp_path):
+    """A cell's .time record only feeds the time table: a wrong-typed one counts as no record."""
+    store = CellStore(tmp_path)
+    store.run(["a", "b"], lambda key: 1)
+    (tmp_path / "a.time").write_text('{"wall_s": "many", "cpu_s": null}')
+    (tmp_path / "b.time").write_text('{"wall_s": 2.5, "cpu_s": 1.0}')
+    again = CellStore(tmp_path)
+    again.run(["a", "b"], lambda key: 1)
+    assert (again.reused_wall_s, again.reused_cpu_s) == (2.5, 1.0)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, cast, runtime_ch
 import torch
 
 from contrans_tl import validate
+from contrans_tl.datasets import read_text
 from contrans_tl.tasks.concept import Concept, GenerationItem
 from contrans_tl.errors import DataUnavailableError, EmptyPromptsError, InvalidArgumentError, ModelUnavailableError
 
@@ -65,9 +66,14 @@ def load_toxigen_prompts(
 ) -> list[ToxiGenPrompt]:
     """Every prompt of ``{hate,neutral}_{group}_1k.txt`` in ``directory`` (duplicates dropped).
 
-    ``groups`` restricts the target groups; ``per_file`` keeps the first N distinct prompts of
-    each file. Order: file name, then line.
+    ``groups`` restricts the target groups; ``per_file`` (>= 1) keeps the first N distinct prompts of
+    each file. Order: file name, then line. A file that is not UTF-8 is a named error.
     """
+    if per_file is not None:
+        validate.integer("per_file", per_file, low=1)
+    if groups is not None:
+        if isinstance(groups, str) or not isinstance(groups, Sequence) or not groups:
+            raise InvalidArgumentError("groups", groups, "None or a non-empty list of group names (['women'], not 'women')")
     root = Path(directory)
     if root.is_dir() and (root / "prompts").is_dir():
         root = root / "prompts"
@@ -79,7 +85,7 @@ def load_toxigen_prompts(
         if m is None or (groups is not None and m.group(2) not in groups):
             continue
         seen: set[str] = set()
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path).splitlines():
             text = line.replace("\\n", "\n").strip()
             if not text or text in seen:
                 continue

@@ -18,12 +18,14 @@ every concept), so a :func:`~contrans_tl.transplant.transplant` context open aro
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 from contrans_tl import validate
+from contrans_tl.datasets import check_items, parse_label, read_text
 from contrans_tl.errors import DataFormatError, DataUnavailableError, EmptyPromptsError, InvalidArgumentError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.tasks import scoring
@@ -82,37 +84,57 @@ class MCQuestion:
             raise InvalidArgumentError("correct", self.correct, f"an index into the {len(self.choices)} choices")
 
 
-def _mc1_question(source: str, question: str, choices: Sequence[str], labels: Sequence[int]) -> MCQuestion:
-    """The MC1 question of one record, checked: two or more choices, exactly one labelled 1."""
-    labels = [int(v) for v in labels]
-    if labels.count(1) != 1 or len(choices) < 2:
-        raise DataFormatError(f"{source}: MC1 question {question[:60]!r} has {len(choices)} choices, "
-                              f"{labels.count(1)} correct (expected two or more, one correct)")
-    return MCQuestion(question.strip(), tuple(c.strip() for c in choices), labels.index(1))
+def _mc1_question(source: str, question: Any, choices: Sequence[Any], labels: Sequence[Any]) -> MCQuestion:
+    """The MC1 question of one record, checked: text, two or more distinct choices, exactly one correct."""
+    if not isinstance(question, str) or not question.strip():
+        raise DataFormatError(f"{source}: a question is empty or not text ({question!r})")
+    where = f"{source}: question {question.strip()[:60]!r}"
+    flags = [parse_label(v, where) for v in labels]
+    if flags.count(True) != 1 or len(choices) < 2:
+        raise DataFormatError(f"{where} has {len(choices)} choices, {flags.count(True)} correct "
+                              "(expected two or more, one correct)")
+    check_items(choices, where, "choice")
+    return MCQuestion(question.strip(), tuple(c.strip() for c in choices), flags.index(True))
+
+
+def _distinct(questions: list[MCQuestion], source: str) -> list[MCQuestion]:
+    """Refuse a repeated question: it would be both a validation and a test question."""
+    check_items([q.question for q in questions], source, "question")
+    return questions
 
 
 def _truthfulqa_json(path: Path) -> list[MCQuestion]:
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(items, list):
-            raise DataFormatError(f"{path}: expected a JSON list of questions (TruthfulQA mc_task.json)")
-        return [_mc1_question(str(path), it["question"], list(it["mc1_targets"]), list(it["mc1_targets"].values()))
-                for it in items]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise DataFormatError(f"{path}: not TruthfulQA's mc_task.json ({type(err).__name__}: {err})") from err
+        items = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: not TruthfulQA's mc_task.json (JSON error: {err})") from None
+    if not isinstance(items, list):
+        raise DataFormatError(f"{path}: expected a JSON list of questions (TruthfulQA mc_task.json)")
+    out = []
+    for i, it in enumerate(items):
+        targets = it.get("mc1_targets") if isinstance(it, dict) else None
+        if not isinstance(targets, dict) or "question" not in it:
+            raise DataFormatError(f"{path}: record {i} has no question and mc1_targets (answer -> 0/1)")
+        out.append(_mc1_question(str(path), it["question"], list(targets), list(targets.values())))
+    return _distinct(out, str(path))
+
+
+_CSV_COLUMNS = ("Question", "Best Answer", "Incorrect Answers")
 
 
 def _truthfulqa_csv(path: Path) -> list[MCQuestion]:
     out = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                best, question, incorrect = row["Best Answer"].strip(), row["Question"], row["Incorrect Answers"]
-            except KeyError as err:
-                raise DataFormatError(f"{path}: no column {err} (expected TruthfulQA.csv)") from err
-            wrong = [a.strip() for a in incorrect.split(";") if a.strip() and a.strip() != best]
-            out.append(_mc1_question(str(path), question, [best, *wrong], [1] + [0] * len(wrong)))
-    return out
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataFormatError(f"{path}: no column(s) {missing} (expected TruthfulQA.csv)")
+    for row in reader:
+        if any(row.get(c) is None for c in _CSV_COLUMNS):
+            raise DataFormatError(f"{path}: row {reader.line_num} is too short (no {', '.join(c for c in _CSV_COLUMNS if row.get(c) is None)})")
+        best, question, incorrect = row["Best Answer"].strip(), row["Question"], row["Incorrect Answers"]
+        wrong = list(dict.fromkeys(a.strip() for a in incorrect.split(";") if a.strip() and a.strip() != best))
+        out.append(_mc1_question(f"{path} row {reader.line_num}", question, [best, *wrong], [1] + [0] * len(wrong)))
+    return _distinct(out, str(path))
 
 
 def _truthfulqa_hub() -> list[MCQuestion]:
@@ -155,18 +177,28 @@ def load_truthfulqa(path: str | Path | None = None) -> list[MCQuestion]:
 
 def load_facts(path: str | Path) -> list[tuple[str, bool]]:
     """(statement, is_true) pairs from a ``statement,label`` CSV (or a directory holding
-    ``facts_true_false.csv``)."""
+    ``facts_true_false.csv``). Labels: 1/0, true/false (any case), yes/no; anything else, a row too
+    short or an empty statement is a named error. A statement listed twice is kept once, and one
+    labelled both true and false (the public file has one) is left out: it is no fact.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "facts_true_false.csv"
     if not path.is_file():
         raise DataUnavailableError(f"no true/false facts file at {path}")
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        try:
-            rows = [(r["statement"].strip(), str(r["label"]).strip() == "1") for r in csv.DictReader(f)]
-        except KeyError as err:
-            raise DataFormatError(f"{path}: no column {err} (expected statement,label)") from err
-    rows = [r for r in rows if r[0]]
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    missing = [c for c in ("statement", "label") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataFormatError(f"{path}: no column(s) {missing} (expected statement,label)")
+    labels: dict[str, set[bool]] = {}
+    for row in reader:
+        where = f"{path} row {reader.line_num}"
+        if row.get("statement") is None or row.get("label") is None:
+            raise DataFormatError(f"{where} is too short (expected statement,label)")
+        if not row["statement"].strip():
+            raise DataFormatError(f"{where}: the statement is empty")
+        labels.setdefault(row["statement"].strip(), set()).add(parse_label(row["label"], where))
+    rows = [(statement, truth.pop()) for statement, truth in labels.items() if len(truth) == 1]
     if not rows:
         raise DataFormatError(f"{path} holds no statements")
     return rows
