@@ -40,6 +40,7 @@ from torch import Tensor
 
 from contrans_tl import validate
 from contrans_tl.artifacts import ConceptVector
+from contrans_tl.corpus import MapCorpus, corpus_digest, resolve_corpus
 from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
 from contrans_tl.errors import InvalidArgumentError, WidthMismatchError
 from contrans_tl.handle import ModelHandle
@@ -392,3 +393,26 @@ def config_from_args(config_cls: Any, quick: dict[str, Any], args: argparse.Name
             continue
         values[f.name] = v
     return config_cls(**values)
+
+
+def add_map_args(p: argparse.ArgumentParser) -> None:
+    """``--map-corpus`` and ``--map-estimator``: what an analysis's maps are fitted on, and how."""
+    p.add_argument("--map-corpus", type=validate.corpus_flag,
+                   help="what the maps are fitted on: neutral (default), neutral:N, file:PATH, wikisplit:PATH[:N], "
+                        "concept (the emotions' contrast prompts) or a union such as concept+neutral")
+    p.add_argument("--map-estimator", type=validate.estimator_flag,
+                   help=f"how the maps are fitted: {', '.join(validate.MAP_ESTIMATORS)} (default ridge)")
+
+
+def map_corpus(spec: str, neutral: Sequence[str], task: EmotionTask | None = None) -> MapCorpus:
+    """The texts an analysis fits its maps on: ``neutral`` (its own selection of the built-in sentences) for the
+    default spec "neutral", else the spec's texts (:func:`contrans_tl.corpus.resolve_corpus`), where "concept"
+    stands for the emotions' contrast prompts (never an evaluation scenario)."""
+    if spec == "neutral":
+        texts = tuple(neutral)
+        return MapCorpus(texts, spec, {"spec": spec, "n_texts": len(texts), "sha256": corpus_digest(texts),
+                                       "parts": [{"spec": "neutral", "n_texts": len(texts)}]})
+    concept = None
+    if task is not None:
+        concept = list(dict.fromkeys(p for e in task.emotions for p in sum(task.contrast(e), [])))
+    return resolve_corpus(spec, concept_texts=concept)

@@ -51,6 +51,11 @@ class Config(cm.RunSettings):
     """Neutral sentences for the alignment states (None: all 400)."""
     ridge: str = "auto"
     """Ridge of the maps: "auto" (validation split) or a number."""
+    map_corpus: str = "neutral"
+    """What the maps are fitted on: "neutral" (the first ``n_texts`` built-in sentences) or any map-corpus spec
+    (:mod:`contrans_tl.corpus`; "concept" = the emotions' contrast prompts)."""
+    map_estimator: str = "ridge"
+    """How the maps are fitted (:mod:`contrans_tl.estimators`)."""
     keep_loaded: bool = run_option(False)
     """Hold every model from phase 1 to phase 2: N loads instead of 2N − 1, all N models in memory at once."""
 
@@ -68,6 +73,8 @@ class Config(cm.RunSettings):
         if not self.alphas:
             raise InvalidArgumentError("alphas", self.alphas, "at least one strength")
         cm.check_shared_fields(self)
+        validate.corpus_spec("map_corpus", self.map_corpus)
+        validate.choice("map_estimator", self.map_estimator, validate.MAP_ESTIMATORS)
         if self.ridge != "auto":
             validate.real("ridge", float(self.ridge) if isinstance(self.ridge, str) and _is_number(self.ridge)
                           else self.ridge, low=0.0)

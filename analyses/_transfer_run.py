@@ -274,8 +274,10 @@ def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) 
     out = Path(cfg.out)
     concept_digest = hashlib.sha256(json.dumps([dataclasses.asdict(c) for c in concepts], sort_keys=True,
                                                default=str).encode()).hexdigest()[:16]
+    corpus = resolve_corpus(cfg.map_corpus, concept_texts=[t for c in concepts for t in c.concept.contrast_texts])
     phases.store = CellStore(out / "cells", settings={**settings_fingerprint(cfg), "protocol": protocol,
-                                                      "concepts": concept_digest})
+                                                      "concepts": concept_digest,
+                                                      "map_corpus_sha256": corpus.provenance["sha256"][:16]})
     return TransferRun(cfg, concepts, source, target, phases.store, out / "artifacts", phases)
 
 
@@ -283,12 +285,13 @@ def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) 
 def add_transfer_args(p: Any, defaults: TransferSettings) -> None:
     """The flags of every :class:`TransferSettings` field (unset flags stay None, so ``--quick`` fills only those)."""
     d = defaults
-    p.add_argument("--source", help=f"source model: built-in name, hub id, local folder or .gguf (default {d.source})")
-    p.add_argument("--target", help=f"target model (default {d.target})")
-    p.add_argument("--out", help=f"output folder (default {d.out})")
+    p.add_argument("--source", type=validate.model_flag,
+                   help=f"source model: built-in name, hub id, local folder or .gguf (default {d.source})")
+    p.add_argument("--target", type=validate.model_flag, help=f"target model (default {d.target})")
+    p.add_argument("--out", type=validate.out_dir_flag, help=f"output folder (default {d.out})")
     p.add_argument("--alphas", type=validate.float_list_flag,
                    help=f"comma-separated strengths > 0 in norm units (default {','.join(f'{a:g}' for a in d.alphas)})")
-    p.add_argument("--layers", type=validate.int_list_flag, help="target layers steered together (default: chosen on validation)")
+    p.add_argument("--layers", type=validate.layer_list_flag, help="target layers steered together (default: chosen on validation)")
     p.add_argument("--candidate-depths", type=validate.float_list_flag,
                    help=f"relative depths of the candidate layers (default {','.join(map(str, d.candidate_depths))})")
     p.add_argument("--kl-bound", type=validate.nonnegative_float_flag,
@@ -308,7 +311,7 @@ def add_transfer_args(p: Any, defaults: TransferSettings) -> None:
                    help=f"leave samples above this x the median norm out of the map (default {d.outlier_factor}; 0 keeps all)")
     p.add_argument("--batch-size", type=validate.positive_int_flag, help=f"default {d.batch_size}")
     p.add_argument("--seed", type=validate.nonnegative_int_flag, help=f"default {d.seed}")
-    p.add_argument("--device", default=None, help="device of both models (default: the library's)")
+    p.add_argument("--device", type=validate.device_flag, default=None, help="device of both models (default: the library's)")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes for every size flag not given")
     p.add_argument("--no-plots", action="store_true", help="write no figures")
 

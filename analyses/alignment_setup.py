@@ -23,7 +23,7 @@ from contrans_tl.datasets import generic_texts
 from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.fluency import Fluency, measure_fluency
 from contrans_tl.handle import ModelHandle
-from contrans_tl.sweep import CellStore, cell_key, run_option
+from contrans_tl.sweep import CellStore, cell_key, input_path, run_option
 from contrans_tl.tasks.perplexity import PerplexityResult, perplexity, perplexity_interval
 from contrans_tl.tasks.selection import choose_within_bound
 from contrans_tl.transplant import Steering, Unit, steer
@@ -69,13 +69,13 @@ class Config:
     conditions: tuple[str, ...] = CONDITIONS
     honesty_concept: str = "truthfulqa"
     """"truthfulqa" (in-distribution questions) or "facts" (true/false statements, honesty-fact)."""
-    data_dir: str | None = None
+    data_dir: str | None = input_path(None)
     """Folder holding truthfulqa/, facts/, toxigen/prompts/, wikisplit/ (the public layout)."""
-    truthfulqa: str | None = None
+    truthfulqa: str | None = input_path(None)
     """TruthfulQA file or folder; "hub" for HF datasets. Default: data_dir/truthfulqa, else hub."""
-    facts: str | None = None
-    toxigen: str | None = None
-    wikisplit: str | None = None
+    facts: str | None = input_path(None)
+    toxigen: str | None = input_path(None)
+    wikisplit: str | None = input_path(None)
     n_questions: int | None = None
     """Use only the first N TruthfulQA questions (development); None = all 817."""
     n_val: int = 50
@@ -132,6 +132,8 @@ class Config:
     progress: bool = run_option(False)
 
     def __post_init__(self) -> None:
+        validate.device("device", self.device)
+        validate.out_dir("out", self.out)
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise InvalidArgumentError("tasks", self.tasks, "any of " + ", ".join(TASKS))

@@ -69,7 +69,7 @@ from contrans_tl.handle import ModelHandle
 from contrans_tl.files import write_json
 from contrans_tl.pairing import PairedStates, Scheme
 from contrans_tl.sweep import CellStore, cell_key, grid_axis, run_option, settings_fingerprint
-from contrans_tl.tasks.emotion import EMOTIONS, emotion_task
+from contrans_tl.tasks.emotion import EMOTIONS, EmotionTask, emotion_task
 from contrans_tl.transplant import Unit
 
 __all__ = [
@@ -116,6 +116,11 @@ class Config(cm.RunSettings):
     """"identity", "fit" (affine map on token-aligned neutral text) or "auto"."""
     n_texts: int | None = 200
     """Neutral sentences for ``mapping="fit"``."""
+    map_corpus: str = "neutral"
+    """What ``mapping="fit"`` fits on: "neutral" (the first ``n_texts`` built-in sentences) or a map-corpus spec
+    (:mod:`contrans_tl.corpus`; "concept" = the emotions' contrast prompts)."""
+    map_estimator: str = "ridge"
+    """How ``mapping="fit"`` fits (:mod:`contrans_tl.estimators`)."""
     executor: str = run_option("process")
     """"process" (local ProcessPoolExecutor) or "serial"; or pass an Executor to run()."""
     max_workers: int = run_option(1)
@@ -131,6 +136,8 @@ class Config(cm.RunSettings):
         self.emotions = tuple(self.emotions)
         self.alphas = tuple(sorted({0.0, *(float(a) for a in self.alphas)}))
         validate.choice("mapping", self.mapping, ("auto", "identity", "fit"))
+        validate.corpus_spec("map_corpus", self.map_corpus)
+        validate.choice("map_estimator", self.map_estimator, validate.MAP_ESTIMATORS)
         validate.choice("executor", self.executor, ("process", "serial"))
         validate.choice("metric", self.metric, ("logit_acc", "token_acc"))
         validate.choice("unit", self.unit, ("norm", "raw"))
@@ -170,6 +177,8 @@ class CellArgs:
     unit: Unit
     mapping: str
     n_texts: int | None
+    map_corpus: str
+    map_estimator: str
     batch_size: int
     device: str | None
     dtype: str
@@ -187,7 +196,7 @@ def _clear_slot() -> None:
 
 
 def _carry_vectors(args: CellArgs, model: ModelHandle, layer: int, norms: Float[Tensor, "n_layers"],
-                   finals: dict[str, ConceptVector]) -> tuple[str, dict[str, ConceptVector], float | None, int]:
+                   finals: dict[str, ConceptVector], task: EmotionTask) -> tuple[str, dict[str, ConceptVector], float | None, int]:
     """The final model's vectors in this checkpoint: (mapping used, vectors, map's held-out R², forward batches)."""
     first = next(iter(finals.values()))
     same_shape = (first.model.n_layers, first.d_model) == (int(model.cfg.n_layers), int(model.cfg.d_model))
@@ -197,9 +206,11 @@ def _carry_vectors(args: CellArgs, model: ModelHandle, layer: int, norms: Float[
     if args.final_states is None:
         raise InvalidArgumentError("final_states", None, "the final model's aligned states when mapping is 'fit'")
     source = PairedStates.load(args.final_states)
-    texts = neutral_sentences()[: args.n_texts]
+    corpus = cm.map_corpus(args.map_corpus, neutral_sentences()[: args.n_texts], task)
+    texts = list(corpus.texts)
     states = ct.capture_paired(model, texts, layers=[layer], scheme=cast(Scheme, source.scheme), batch_size=8)
-    amap = ct.fit_map_from_states(source, states, layers=[(source.layers[0], layer)], seed=args.seed)
+    amap = ct.fit_map_from_states(source, states, layers=[(source.layers[0], layer)], seed=args.seed,
+                                  estimator=args.map_estimator, corpus=corpus)
     vectors = {e: cm.with_norms(amap.apply(v), norms, "the checkpoint's mean resid_post norm") for e, v in finals.items()}
     return mapping, vectors, float(amap.r2_heldout[0]), cm.batches(len(texts), 8)
 
@@ -225,7 +236,7 @@ def _prepared(args: CellArgs) -> dict[str, Any]:
     prompts = list(dict.fromkeys(p for e in args.emotions for side in task.contrast(e) for p in side))
     norms = torch.zeros(n_layers)
     norms[layer] = capture(model, prompts, layers=[layer], batch_size=args.batch_size)[:, 0].norm(dim=-1).mean()
-    mapping, vectors, r2, map_batches = _carry_vectors(args, model, layer, norms, finals)
+    mapping, vectors, r2, map_batches = _carry_vectors(args, model, layer, norms, finals, task)
     _SLOT.update(key=key, model=model, task=task, layer=layer, mapping=mapping, vectors=vectors, r2=r2,
                  load_s=round(load_s, 2), prep_batches=cm.batches(len(prompts), args.batch_size) + map_batches,
                  norm=float(norms[layer]))
@@ -290,7 +301,8 @@ def _final_artifacts(cfg: Config, out: Path, log: cm.RunLog) -> tuple[Path, Path
         for e, v in cm.refine_emotions(model, task, batch_size=cfg.batch_size, log=log, name=cfg.model).items():
             v.save(vec_dir / f"{e}.safetensors")
     if states_path is not None and need_states:
-        texts = neutral_sentences()[: cfg.n_texts]
+        every = emotion_task(cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed, data_dir=cfg.data_dir)
+        texts = list(cm.map_corpus(cfg.map_corpus, neutral_sentences()[: cfg.n_texts], every).texts)  # as every cell
         ct.capture_paired(model, texts, layers=[layer], scheme="tokens", batch_size=8).save(states_path)
         log.forward(cfg.model, "capture_paired", cm.batches(len(texts), 8))
     del model
@@ -319,6 +331,7 @@ def _cells(cfg: Config, vec_dir: Path, states_path: Path | None) -> dict[str, Ce
             final_states=None if states_path is None else str(states_path.resolve()),
             emotions=cfg.emotions, n_refine=cfg.n_refine, n_eval=cfg.n_eval, seed=cfg.seed,
             data_dir=cfg.data_dir, depth=cfg.depth, unit=cfg.unit, mapping=cfg.mapping, n_texts=cfg.n_texts,
+            map_corpus=cfg.map_corpus, map_estimator=cfg.map_estimator,
             batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads,
             tokens_per_step=cfg.tokens_per_step)
         for ckpt in cfg.checkpoints
@@ -423,6 +436,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=validate.positive_int_flag, help="processes of the local pool")
     p.add_argument("--threads", type=validate.positive_int_flag, help="torch threads per cell process")
     p.add_argument("--tokens-per-step", type=validate.positive_float_flag, help="tokens per stepN checkpoint")
+    cm.add_map_args(p)
     cm.add_run_args(p)
 
 

@@ -208,7 +208,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Flags for the Config fields; unset flags stay None, so ``--quick`` fills only those."""
     d = Config()
     add_transfer_args(p, d)
-    p.add_argument("--data-dir", help="directory of {emotion}.json scenario lists (default: the built-in set)")
+    p.add_argument("--data-dir", type=validate.existing_dir_flag,
+                   help="directory of {emotion}.json scenario lists (default: the built-in set)")
     p.add_argument("--emotions", type=validate.name_list_flag, help="comma-separated emotions (default: all six)")
     for name, what in (("n_negatives", "test scenarios per other emotion"),
                        ("n_validation", "validation scenarios per emotion (kept out of contrast prompts and shots)")):

@@ -45,6 +45,7 @@ from contrans_tl.analyses import _common as cm
 from contrans_tl.analyses._checkpoints import cell_executor
 from contrans_tl.analyses._matrix_setup import DEFAULT_MODELS, QUICK, Config, _base_key, _Run, _steer_key
 from contrans_tl.artifacts import AffineMap, ConceptVector
+from contrans_tl.corpus import MapCorpus
 from contrans_tl.datasets import neutral_sentences
 from contrans_tl.errors import ArtifactError
 from contrans_tl.files import write_json
@@ -151,7 +152,7 @@ def _phase1(r: _Run, texts: list[str], *, evaluate: bool = True) -> dict[str, Mo
 
 
 # ---- maps: all N(N-1) fitted from the saved states, no model needed -----------------------------------
-def _fit_maps(r: _Run, layers: dict[str, int]) -> dict[tuple[str, str], AffineMap]:
+def _fit_maps(r: _Run, layers: dict[str, int], corpus: MapCorpus) -> dict[tuple[str, str], AffineMap]:
     """Every map source steering layer → target steering layer, loaded or fitted from the saved states."""
     start = time.perf_counter()
     states_cache: dict[str, PairedStates] = {}
@@ -172,7 +173,7 @@ def _fit_maps(r: _Run, layers: dict[str, int]) -> dict[tuple[str, str], AffineMa
                 maps[src, tgt] = AffineMap.load(path)
                 continue
             amap = ct.fit_map_from_states(states_of(src), states_of(tgt), layers=[(layers[src], layers[tgt])],
-                                          ridge=ridge, seed=r.cfg.seed)
+                                          ridge=ridge, seed=r.cfg.seed, estimator=r.cfg.map_estimator, corpus=corpus)
             amap.save(path)
             maps[src, tgt] = amap
     r.tick("fit_maps", start)
@@ -286,10 +287,11 @@ def run(cfg: Config, *, executor: Any = None) -> dict[str, Any]:
     task = _task(cfg)
     r = _Run(cfg, CellStore(out / "cells", settings=settings_fingerprint(cfg), valid=cm.is_score_cell),
              cm.RunLog(out / "run_log.jsonl", verbose=cfg.progress), task)
-    held = _phase1(r, neutral_sentences()[: cfg.n_texts], evaluate=executor is None)
+    corpus = cm.map_corpus(cfg.map_corpus, neutral_sentences()[: cfg.n_texts], _task(cfg))
+    held = _phase1(r, list(corpus.texts), evaluate=executor is None)
     infos = {m: _info(r.info_path(m)) for m in cfg.models}
     layers = {m: int(infos[m]["layer"]) for m in cfg.models}
-    maps = _fit_maps(r, layers)
+    maps = _fit_maps(r, layers, corpus)
     if executor is None:
         _phase2(r, held, maps, layers)
     executor_name = "serial (this process)" if executor is None else _evaluate_on(r, executor)
@@ -397,6 +399,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
     p.add_argument("--keep-loaded", action="store_true",
                    help="hold all models in memory between the phases: N loads instead of 2N - 1")
+    cm.add_map_args(p)
     cm.add_run_args(p)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import contrans_tl as ct
+from contrans_tl.analyses import _common as cm
 from contrans_tl import validate
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import neutral_sentences
@@ -67,6 +68,11 @@ class Config:
     emotion: str = "fear"
     n_texts: int = 200
     """Neutral sentences the maps are fitted on (a fifth held out for R²)."""
+    map_corpus: str = "neutral"
+    """What the maps are fitted on: "neutral" (``n_texts`` built-in sentences spread over the set) or a map-corpus
+    spec (:mod:`contrans_tl.corpus`; "concept" = the emotion's contrast prompts)."""
+    map_estimator: str = "ridge"
+    """How the maps are fitted (:mod:`contrans_tl.estimators`)."""
     n_refine: int = 24
     """Contrast prompts per side for refining the concept in each model."""
     n_eval: int = 24
@@ -119,6 +125,8 @@ class Config:
         v.choice("metric", self.metric, METRICS)
         v.choice("pairs", self.pairs, ("default", "search", "both"))
         v.real("outlier_factor", self.outlier_factor, low=0.0)
+        v.corpus_spec("map_corpus", self.map_corpus)
+        v.choice("map_estimator", self.map_estimator, v.MAP_ESTIMATORS)
         for name in ("per_layer_alpha", "min_effect"):
             if getattr(self, name) is not None:
                 v.real(name, getattr(self, name), low=0.0 if name == "min_effect" else None)
@@ -184,9 +192,10 @@ class _Run:
         self.target: ModelHandle = ct.load_model(cfg.target, device=cfg.device)
         self.timings["load"] = time.perf_counter() - t0
         pool = neutral_sentences()
-        self.texts = pool[:: max(1, len(pool) // cfg.n_texts)][: cfg.n_texts]
         self.task = emotion_task((cfg.emotion,), n_refine=cfg.n_refine, n_eval=negatives_per_emotion(cfg.n_eval),
                                  seed=cfg.seed)
+        self.corpus = cm.map_corpus(cfg.map_corpus, pool[:: max(1, len(pool) // cfg.n_texts)][: cfg.n_texts], self.task)
+        self.texts = list(self.corpus.texts)
         self.negatives = self.task.negatives(cfg.emotion)
         self._states: tuple[PairedStates, PairedStates] | None = None
         self.search: LayerPairSearch | None = None
@@ -227,7 +236,8 @@ class _Run:
         xs, ys = self.states()
         pairs = (self.search or layer_search(self)).best_source_for_target() if pairs_from == "search" else None
         t0 = time.perf_counter()
-        amap = ct.fit_map_from_states(xs, ys, layers=pairs, seed=self.cfg.seed)
+        amap = ct.fit_map_from_states(xs, ys, layers=pairs, seed=self.cfg.seed, estimator=self.cfg.map_estimator,
+                                      corpus=self.corpus)
         amap.save(self.out / ("map.safetensors" if pairs_from == "default" else "map_search.safetensors"))
         self.timings[f"fit_map_{pairs_from}"] = time.perf_counter() - t0
         return amap
@@ -385,6 +395,7 @@ def _shared_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
                    help="output directory (JSON, figures, artifacts)")
     p.add_argument("--outlier-factor", type=validate.nonnegative_float_flag,
                    help=f"drop aligned samples with norm > this x the layer median (0: keep all; default {d.outlier_factor})")
+    cm.add_map_args(p)
     p.add_argument("--device", type=validate.device_flag)
     p.add_argument("--batch-size", type=validate.positive_int_flag, help=f"default {d.batch_size}")
     p.add_argument("--seed", type=validate.nonnegative_int_flag, help=f"default {d.seed}")

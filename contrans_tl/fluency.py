@@ -155,6 +155,17 @@ def _logits(model: ModelHandle, ids: Int[Tensor, "b pos"], mask: Int[Tensor, "b 
     return logits
 
 
+def _kl_rows(log_p: Float[Tensor, "b pos d_vocab"], log_q: Float[Tensor, "b pos d_vocab"], *,
+             block: int = 16) -> Float[Tensor, "b pos"]:
+    """KL(p ‖ q) at every position, summed over the vocabulary a few positions at a time (float64 result), so the
+    only vocabulary-wide arrays alive are the two log-probability arrays themselves."""
+    out = torch.empty(log_p.shape[:2], dtype=torch.float64)
+    for start in range(0, log_p.shape[1], block):
+        lp, lq = log_p[:, start : start + block], log_q[:, start : start + block]
+        out[:, start : start + block] = (lp.exp() * (lp - lq)).sum(-1).double()
+    return out
+
+
 def _positions(mask: Int[Tensor, "b pos"]) -> Tensor:
     """Which positions predict a real next token (left padding: a real token whose successor is real)."""
     real = mask.bool()
@@ -214,9 +225,9 @@ def measure_fluency(
         scored = _positions(batch.attention_mask)
         targets = torch.zeros_like(batch.input_ids)
         targets[:, :-1] = batch.input_ids[:, 1:]
-        log_p = torch.log_softmax(_logits(model, batch.input_ids, batch.attention_mask), dim=-1)
+        log_p = _logits(model, batch.input_ids, batch.attention_mask)
+        log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))  # in place: one vocabulary-wide array per chunk
         nll_p = -log_p.gather(-1, targets[..., None])[..., 0].double()
-        p = log_p.exp()
         for row, w in enumerate(chunk):
             base_nll[owner[w]] += float((nll_p[row] * scored[row]).sum())
         bar.update()
@@ -234,15 +245,14 @@ def measure_fluency(
                 continue
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
             nll_q = (lse[..., 0] - z.gather(-1, targets[..., None])[..., 0]).double()
-            z.sub_(lse)  # log q
-            torch.sub(log_p, z, out=z)  # log p − log q
-            kl = (p[..., None, :] @ z[..., :, None])[..., 0, 0].double().clamp_min(0)
+            z.sub_(lse)  # log q, in place
+            kl = _kl_rows(log_p, z).clamp_min(0)
             del z
             for row, w in enumerate(chunk):
                 acc.kl[owner[w]] += float((kl[row] * scored[row]).sum())
                 acc.dce[owner[w]] += float(((nll_q[row] - nll_p[row]) * scored[row]).sum())
             bar.update()
-        del log_p, p
+        del log_p
     bar.close()
     n_tokens = sum(tokens)
     base = sum(base_nll) / n_tokens

@@ -414,12 +414,7 @@ GOOD_VALUES: dict[Any, str] = {
 FREE_TEXT: dict[tuple[str, str], str] = {}
 """(command, dest) of flags that take any text on purpose, with the reason. Empty: every flag validates."""
 
-PENDING_LEAD: dict[tuple[str, str], Any] = {
-    **{(cmd, dest): flag_type for cmd in ("demo", "transfer")
-       for dest, flag_type in (("source", V.model_flag), ("target", V.model_flag), ("out", V.out_dir_flag),
-                               ("device", V.device_flag))},
-    ("demo", "data_dir"): V.existing_dir_flag,
-}
+PENDING_LEAD: dict[tuple[str, str], Any] = {}
 """Flags of the lead's demo and transfer commands (analyses/_transfer_run.py ``add_transfer_args``,
 analyses/emotion_transfer.py ``--data-dir``) that still lack a validator, with the ``type=`` they should declare. Their values are checked in the demo's Config or by load_model (see the demo
 cases above); each entry must go once the flag declares its type (the test says so)."""

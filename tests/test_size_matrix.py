@@ -107,3 +107,22 @@ def test_keep_loaded_needs_n_loads_and_gives_the_same_cells(first_run, two_model
     first = json.loads((first_run / "matrix.json").read_text())
     assert result["matrices"]["2"]["transplanted"] == first["matrices"]["2"]["transplanted"]
     assert result["map_r2_heldout"] == first["map_r2_heldout"]
+
+
+def test_map_corpus_and_estimator_options_reach_the_maps(two_models, tmp_path):
+    """--map-corpus concept fits the maps on the emotions' contrast prompts, --map-estimator picks the solver:
+    both recorded in every map (a run that ignored them would record neutral and ridge)."""
+    import torch
+
+    from contrans_tl.artifacts import AffineMap
+
+    out = tmp_path / "concept"
+    assert sm.main(["--models", ",".join(two_models), "--out", str(out), *SMALL, "--map-corpus", "concept",
+                    "--map-estimator", "procrustes"]) == 0
+    for path in (out / "maps").glob("*.safetensors"):
+        amap = AffineMap.load(path)
+        assert amap.provenance["estimator"] == "procrustes" and amap.provenance["corpus"]["spec"] == "concept"
+        w = amap.weight[0].double() / amap.provenance["scale"][0]
+        small, large = sorted(w.shape)
+        gram = w @ w.T if w.shape[0] == small else w.T @ w
+        assert torch.allclose(gram, torch.eye(small, dtype=torch.float64), atol=1e-6)  # orthonormal, as recorded

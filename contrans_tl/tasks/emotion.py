@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from contrans_tl.artifacts import ConceptVector
-from contrans_tl.datasets import data_dir
+from contrans_tl.datasets import check_scenarios, data_dir
 from contrans_tl.errors import DataFormatError, EmptyPromptsError, InvalidArgumentError, LabelTokenError
 from contrans_tl.handle import ModelHandle
 from contrans_tl.refine import refine
@@ -98,7 +98,7 @@ def emotion_scenarios(
         if not items:
             raise EmptyPromptsError(f"{path} holds no scenarios")
         out[emotion] = items
-    return out
+    return check_scenarios(out, root)
 
 
 @dataclass(frozen=True)
