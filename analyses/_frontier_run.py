@@ -89,14 +89,18 @@ class Frontier:
         self.metric: Metric = run.cfg.select_on  # type: ignore[assignment]
         self.concepts = {c.name: c for c in run.concepts}
         self.all_items = [e for c in run.concepts for split in ("validation", "test") for e in _entries(c, split)]
+        self._fluency: dict[str, Fluency] = {}
+        """Every fluency this run has read or measured, by cell name (each cell is read from disk once)."""
 
     # ---- cells ---------------------------------------------------------------------------------
     def fluency(self, todo: dict[str, Steering]) -> dict[str, Fluency]:
         """The fluency of every steering in ``todo`` (cell name → steering), measuring only the missing ones."""
         store = self.run.store
-        done = {k: Fluency.from_dict(store.get(k)) for k in todo if store.has(k)}
-        for k in done:
-            store.reused(k)
+        done = {k: self._fluency[k] for k in todo if k in self._fluency}
+        for k in todo:
+            if k not in done and store.has(k):
+                done[k] = Fluency.from_dict(store.get(k))
+                store.reused(k)
         missing = [k for k in todo if k not in done]
         for start in range(0, len(missing), FLUENCY_GROUP):
             group = missing[start : start + FLUENCY_GROUP]
@@ -106,6 +110,7 @@ class Frontier:
             for k, f in measured.items():
                 store.put(k, f.to_dict())
                 done[k] = f
+        self._fluency.update(done)
         return done
 
     def scores(self, steering: Steering | None, name: str, entries: Sequence[tuple[str, ChoiceItem]]) -> dict[Key, Any]:
