@@ -14,8 +14,9 @@ __all__ = ["confusion_table", "emotion_summary", "hidden_state_panels", "plot"]
 
 
 def confusion_table(counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, Any]:
-    """The transplant matrices at the operating point: row = emotion transplanted, column = the label that won
-    among the six on its test items (counts), per condition, with the diagonal share (= the mean Logit Acc)."""
+    """The transplant matrices at the operating point: row = emotion transplanted, column = the label that scored
+    best among the six on its test items (counts; a tie goes to the first label), per condition, with the diagonal
+    share (the test items of all emotions pooled)."""
     out: dict[str, Any] = {}
     for cond, rows in counts.items():
         total = sum(sum(c.values()) for c in rows.values())

@@ -91,6 +91,8 @@ class Frontier:
         self.all_items = [e for c in run.concepts for split in ("validation", "test") for e in _entries(c, split)]
         self._fluency: dict[str, Fluency] = {}
         """Every fluency this run has read or measured, by cell name (each cell is read from disk once)."""
+        self.broken: set[tuple[str, float]] = set()
+        """(direction, alpha) whose steering made the model non-finite: in no curve, listed in the results."""
 
     # ---- cells ---------------------------------------------------------------------------------
     def fluency(self, todo: dict[str, Steering]) -> dict[str, Fluency]:
@@ -160,6 +162,9 @@ class Frontier:
             entries = self.all_items if item_set == "all" else _entries(self.concepts[direction.concept], split)
             got: dict[str, list[Point]] = {c: [] for c in concepts}
             for a in alphas:
+                if flu[cell_key(fl=direction.name, alpha=a)].broken:  # the model broke down: nothing to score
+                    self.broken.add((direction.name, float(a)))
+                    continue
                 table = self.scores(direction.steering(a), cell_key(d=direction.name, alpha=a, items=item_set or split),
                                     entries)
                 for c in concepts:
@@ -168,14 +173,22 @@ class Frontier:
             out.append(got)
         return out
 
+    def item_ids(self, split: str) -> dict[str, list[Key]]:
+        """Per concept, an id for each of its ``split`` items; concepts that score the same prompt share its id."""
+        return {c: [_key(p, it)[:2] for p, it in _entries(cr, split)] for c, cr in self.concepts.items()}
+
     def baseline(self, split: str) -> dict[str, ItemScores]:
         """The unsteered outcomes of every concept's ``split`` items (one cell per split for all concepts)."""
         table = self.scores(None, f"baseline__items={split}", [e for c in self.concepts.values() for e in _entries(c, split)])
         return {c: self.outcomes(table, _entries(self.concepts[c], split)) for c in self.concepts}
 
     def direction(self, condition: str, concept: str, layers: tuple[int, ...], seed: int | None = None) -> Direction:
-        vector = {"mapped": self.mapped, "native": self.native}[condition][concept] if condition != "random" else \
-            random_vector(self.mapped[concept], concept, seed or 0)
+        """The mapped or native vector of ``concept``, or its random direction number ``seed`` (seeded also by the
+        run's seed, so another ``--seed`` draws other directions)."""
+        if condition == "random":
+            vector = random_vector(self.mapped[concept], concept, self.run.cfg.seed * 1_000_003 + (seed or 0))
+        else:
+            vector = {"mapped": self.mapped, "native": self.native}[condition][concept]
         return Direction(condition, concept, layers, vector, seed)
 
     # ---- stage 1: validation --------------------------------------------------------------------
@@ -202,7 +215,7 @@ class Frontier:
         """The random directions' grid: as many alphas as the concept grid, ratio 1.5, centred on the alpha
         where one probe direction's KL reaches the bound (KL grows about as alpha²)."""
         first = next(iter(self.concepts))
-        probe = Direction("random-probe", first, layers, random_vector(self.mapped[first], f"{first}-probe", 0))
+        probe = Direction("random-probe", first, layers, random_vector(self.mapped[first], f"{first}-probe", self.run.cfg.seed))
         kl = self.fluency({cell_key(fl=probe.name, alpha=RANDOM_PROBE_ALPHA): probe.steering(RANDOM_PROBE_ALPHA)})
         probe_kl = next(iter(kl.values())).kl
         centre = RANDOM_PROBE_ALPHA * math.sqrt(self.run.cfg.kl_bound / probe_kl) if 0 < probe_kl < math.inf \
@@ -222,7 +235,8 @@ class Frontier:
         for (d, _), got in zip(plan, self.measure(plan, split, item_set="all")):
             for target, pts in got.items():
                 pooled[target] += pts
-                rows += [{"direction": f"{d.concept}/{d.seed}", "seed": d.seed, "target": target, "point": p} for p in pts]
+                rows += [{"direction": f"{d.concept}/{d.seed}", "seeded_by": d.concept, "seed": d.seed, "target": target,
+                          "point": p} for p in pts]
         return pooled, rows
 
     def prompting(self) -> dict[str, ItemScores]:
@@ -287,11 +301,13 @@ def paired_tests(mapped: dict[str, ItemScores], base: dict[str, ItemScores], ran
 
 
 def efficiency(base: dict[str, ItemScores], mapped: dict[str, list[Point]], native: dict[str, list[Point]],
-               kl_range: tuple[float, float], seed: int) -> dict[str, Any]:
-    """Transfer efficiency for each metric ("both" first: the value reported), from the curves of one split."""
+               kl_range: tuple[float, float], seed: int, item_ids: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+    """Transfer efficiency for each metric ("both" first: the value reported), from the curves of one split;
+    ``item_ids`` (:meth:`Frontier.item_ids`) make the bootstrap draw a prompt shared by several concepts once."""
     pairs = {c: (Curve(base[c], tuple(mapped[c])), Curve(base[c], tuple(native[c]))) for c in mapped}
-    out = transfer_efficiency(pairs, kl_range, metric="both", seed=seed)
-    out["by_metric"] = {m: {k: v for k, v in transfer_efficiency(pairs, kl_range, metric=m, seed=seed).items()
+    out = transfer_efficiency(pairs, kl_range, metric="both", seed=seed, item_ids=item_ids)
+    out["by_metric"] = {m: {k: v for k, v in transfer_efficiency(pairs, kl_range, metric=m, seed=seed,
+                                                                 item_ids=item_ids).items()
                             if k in ("value", "ci95")} for m in ("logit", "token")}
     return out
 

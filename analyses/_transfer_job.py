@@ -6,6 +6,7 @@ job on their own concepts; the demo adds its paper figures on top (:mod:`.emotio
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,8 @@ class Job:
     """A finished job: the run (models, cells), its vectors and the result written to results.json."""
 
     run: TransferRun
+    frontier: Frontier
+    """The run's measurements (cells), for what an analysis adds on top."""
     amap: AffineMap
     mapped: dict[str, ConceptVector]
     native: dict[str, ConceptVector]
@@ -58,7 +61,7 @@ def _frontier_rows(fr: Frontier, layers: tuple[int, ...], curves: dict[str, dict
                     flu = fr.fluency({cell_key(fl=direction.name, alpha=p.alpha): direction.steering(p.alpha)})
                     rows.append(row(c, cond, split, p.alpha, p.scores, next(iter(flu.values())), layers=list(layers)))
         for r in random_rows[split]:
-            d = fr.direction("random", r["direction"].split("/")[0], layers, r["seed"])
+            d = fr.direction("random", r["seeded_by"], layers, r["seed"])
             flu = fr.fluency({cell_key(fl=d.name, alpha=r["point"].alpha): d.steering(r["point"].alpha)})
             rows.append(row(r["target"], "random", split, r["point"].alpha, r["point"].scores, next(iter(flu.values())),
                             seed=r["seed"], direction=r["direction"], layers=list(layers)))
@@ -116,7 +119,7 @@ def run_job(cfg: TransferSettings, concepts: list[ConceptRun], *, protocol: str)
     with run.phases.phase("validation: mapped frontier, operating point"):
         selection = fr.choose()
     layers = tuple(selection["layers"])
-    op = selection["per_layer"]["-".join(map(str, layers))]["concepts"]
+    op = copy.deepcopy(selection["per_layer"]["-".join(map(str, layers))]["concepts"])
     chosen = ", ".join(f"{c}: {o['alpha']:g}" for c, o in op.items())
     log(f"operating point: layers {list(layers)}, alphas {{{chosen}}}")
     curves: dict[str, dict[str, dict[str, list[Point]]]] = {"mapped": {}, "native": {}}
@@ -141,9 +144,10 @@ def run_job(cfg: TransferSettings, concepts: list[ConceptRun], *, protocol: str)
     tests = paired_tests(at_op, base["test"], rnd, metric, cfg.seed)
     significant = {t: sum(1 for r in tests.values() if (r.get(f"{t}_p_holm") or 1) < GOALS["alpha"])
                    for t in ("vs_baseline", "vs_random")}
-    te = efficiency(base["test"], curves["mapped"]["test"], curves["native"]["test"], cfg.te_kl_range, cfg.seed)
+    te = efficiency(base["test"], curves["mapped"]["test"], curves["native"]["test"], cfg.te_kl_range, cfg.seed,
+                    fr.item_ids("test"))
     te_val = efficiency(base["validation"], curves["mapped"]["validation"], curves["native"]["validation"],
-                        cfg.te_kl_range, cfg.seed)
+                        cfg.te_kl_range, cfg.seed, fr.item_ids("validation"))
     for c in op:
         d = fr.direction("mapped", c, layers)
         if op[c]["alpha"] > 0:
@@ -178,9 +182,10 @@ def run_job(cfg: TransferSettings, concepts: list[ConceptRun], *, protocol: str)
                   "significant": significant, "n_concepts": len(fr.concepts)},
         "frontier": _frontier_rows(fr, layers, curves, base, random_rows, prompting),
         "artifacts": _save_vectors(run, mapped, layers, op),
+        "broken": [{"direction": d, "alpha": a} for d, a in sorted(fr.broken)],
     }
     result["seconds"] = round(time.time() - t0, 1)
-    return Job(run, amap, mapped, native, layers, {c: float(op[c]["alpha"]) for c in op}, result)
+    return Job(run, fr, amap, mapped, native, layers, {c: float(op[c]["alpha"]) for c in op}, result)
 
 
 def _fluency_tokens(fr: Frontier, layers: tuple[int, ...]) -> int | None:

@@ -26,7 +26,7 @@ from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.capture import capture, check_layers
-from contrans_tl.corpus import resolve_corpus
+from contrans_tl.corpus import MapCorpus, resolve_corpus
 from contrans_tl.datasets import generic_texts
 from contrans_tl.errors import InvalidArgumentError
 from contrans_tl.files import write_json
@@ -166,6 +166,8 @@ class TransferRun:
     store: CellStore
     art: Path
     phases: cm.PhaseTimes
+    corpus: MapCorpus | None = None
+    """The map's corpus, resolved once (its digest is part of the run's settings)."""
     states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     """Per model (by ``id``): resid_post of every contrast prompt at every layer, captured once."""
     reference: torch.Tensor | None = None
@@ -223,14 +225,20 @@ class TransferRun:
         return [(layer,) for layer in self.candidate_layers()]
 
     def fit_or_load_map(self) -> AffineMap:
-        """Step 2: one map source → target at the candidate layers, on the neutral corpus (kept in artifacts/)."""
+        """Step 2: one map source → target at the candidate layers, on the run's map corpus (kept in artifacts/);
+        a corpus that holds an evaluation item's prompt is refused."""
         path = self.art / "map.safetensors"
         if path.is_file():
             for part in ("corpus", "fit"):
                 with self.phases.phase(f"map: {part}"):
                     self.store.reused(f"artifact-map-{part}")
             return AffineMap.load(path)
-        corpus = resolve_corpus(self.cfg.map_corpus, concept_texts=[t for c in self.concepts for t in c.concept.contrast_texts])
+        corpus = self.corpus or resolve_corpus(self.cfg.map_corpus, concept_texts=self.concept_texts())
+        items = {it.prompt for c in self.concepts for it in (*c.split.validation, *c.split.test)}
+        leaked = next((p for p in items for text in corpus.texts if p in text), None)
+        if leaked is not None:
+            raise InvalidArgumentError("map_corpus", self.cfg.map_corpus, f"a corpus that holds no evaluation item (it "
+                                       f"holds {leaked[:60]!r})")
         texts = list(corpus.texts)
         steerable = set(self.candidate_layers())
         pairs = [(s, t) for s, t in default_layer_pairs(int(self.source.cfg.n_layers), int(self.target.cfg.n_layers))
@@ -245,6 +253,10 @@ class TransferRun:
                                        estimator=self.cfg.map_estimator, rank=self.cfg.map_rank, corpus=corpus)
         amap.save(path)
         return amap
+
+    def concept_texts(self) -> list[str]:
+        """What the map corpus "concept" stands for: every concept's contrast prompts and domain text."""
+        return [t for c in self.concepts for t in c.concept.contrast_texts]
 
     def refine_vectors(self, amap: AffineMap) -> tuple[dict[str, ConceptVector], dict[str, ConceptVector]]:
         """Step 1 and the mapping: per concept, the mapped source vector and the target's native one, in one unit."""
@@ -278,7 +290,7 @@ def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) 
     phases.store = CellStore(out / "cells", settings={**settings_fingerprint(cfg), "protocol": protocol,
                                                       "concepts": concept_digest,
                                                       "map_corpus_sha256": corpus.provenance["sha256"][:16]})
-    return TransferRun(cfg, concepts, source, target, phases.store, out / "artifacts", phases)
+    return TransferRun(cfg, concepts, source, target, phases.store, out / "artifacts", phases, corpus=corpus)
 
 
 # ---- command line -------------------------------------------------------------------------------

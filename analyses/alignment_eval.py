@@ -261,7 +261,8 @@ def _frontier_lines(result: dict[str, Any]) -> list[str]:
         cells = []
         for p in rec["frontier"]:
             kl = "–" if p["kl"] is None else f"{p['kl']:.3f}"
-            text = f"α {p['alpha']:g}: KL {kl}{'*' if p['allowed'] else ''} → {p['validation_score']:.3f}"
+            val = "broken" if p["validation_score"] is None else f"{p['validation_score']:.3f}"
+            text = f"α {p['alpha']:g}: KL {kl}{'*' if p['allowed'] else ''} → {val}"
             cells.append(f"**{text}**" if p["alpha"] == rec["alpha"] and p["layers"] == rec["layers"] else text)
         lines.append(f"- {name}: " + "; ".join(cells))
     return lines

@@ -193,17 +193,22 @@ class AlignmentRun:
         return {"instrument": "KL(unsteered || steered) per token on the built-in generic text (contrans_tl.fluency)",
                 "n_texts": len(texts), "kl_bound": self.cfg.kl_bound}
 
-    def fluency(self, steers: Sequence["Steer"], key: Any) -> Fluency:
-        """The fluency of ``steers`` applied together (the instrument), kept in the store under ``key``."""
-        cell = cell_key(fluency=key)
-        if self.store is not None and self.store.has(cell):
-            return Fluency.from_dict(self.store.get(cell))
-        setting = [Steering.single(v, a, layers, self.cfg.unit) for v, a, layers in steers]
-        result = measure_fluency(self.target, generic_texts()[: self.cfg.n_fluency_texts], {key: setting},
-                                 check_model=False, seed=self.cfg.seed)[key]
-        if self.store is not None:
-            self.store.put(cell, result.to_dict())
-        return result
+    def fluency(self, settings: dict[Any, Sequence["Steer"]]) -> dict[Any, Fluency]:
+        """The fluency of each setting (its steers applied together) by the instrument, one unsteered pass for all;
+        each kept in the store under its key (a digest of its parts' names), so a resume measures nothing twice."""
+        cells = {key: cell_key(fluency=key) for key in settings}
+        out = {key: Fluency.from_dict(self.store.get(cell)) for key, cell in cells.items()
+               if self.store is not None and self.store.has(cell)}
+        todo = {key: [Steering.single(v, a, layers, self.cfg.unit) for v, a, layers in steers]
+                for key, steers in settings.items() if key not in out}
+        if todo:
+            measured = measure_fluency(self.target, generic_texts()[: self.cfg.n_fluency_texts], todo,
+                                       check_model=False, seed=self.cfg.seed)
+            for key, result in measured.items():
+                if self.store is not None:
+                    self.store.put(cells[key], result.to_dict())
+                out[key] = result
+        return out
 
 
 Steer = tuple[ConceptVector, float, tuple[int, ...]]
@@ -230,26 +235,23 @@ def candidates(cfg: Config, layers: tuple[int, ...]) -> list[Candidate]:
 
 
 def choose_under_bound(run: AlignmentRun, vec: ConceptVector, score: Callable[[Candidate], float], *,
-                       maximize: bool = True, key: Any = None) -> tuple[Steer, dict[str, Any]]:
+                       key: Any, maximize: bool = True) -> tuple[Steer, dict[str, Any]]:
     """The best validation score among grid points within the fluency bound (ties: the weakest).
 
-    Each point's KL to the unsteered model on generic text (:meth:`AlignmentRun.fluency`) is measured
-    first; a point over ``kl_bound`` is never a candidate (:func:`~contrans_tl.tasks.selection.choose_within_bound`).
-    After the choice every point is scored on validation data too, so the record holds the whole
-    frontier (validation score against KL). ``key`` names ``vec`` in the store (a resume measures nothing twice).
+    Every point's KL to the unsteered model on generic text is measured first, in one call of the
+    instrument (:meth:`AlignmentRun.fluency`, stored under ``key`` and the point); a point over
+    ``kl_bound`` is never a candidate (:func:`~contrans_tl.tasks.selection.choose_within_bound`).
+    After the choice every point whose model did not break down is scored on validation data too,
+    so the record holds the frontier (validation score against KL).
     """
     cfg = run.cfg
-    fluency: dict[Candidate, Fluency] = {}
-
-    def guard(point: Candidate) -> float:
-        layers, alpha = point
-        fluency[point] = run.fluency([(vec, alpha, layers)], ("fluency", key, layers, alpha))
-        return fluency[point].kl
-
-    (layers, alpha), points = choose_within_bound(candidates(cfg, run.layers), guard, score, maximize=maximize,
+    grid = candidates(cfg, run.layers)
+    fluency = dict(zip(grid, run.fluency({(key, layers, alpha): [(vec, alpha, layers)] for layers, alpha in grid}).values()))
+    (layers, alpha), points = choose_within_bound(grid, lambda point: fluency[point].kl, score, maximize=maximize,
                                                   limit=cfg.kl_bound, cost=weakest)
     frontier = [{"alpha": a, "layers": list(ls), "kl": _finite(fluency[(ls, a)].kl), "dce": _finite(fluency[(ls, a)].dce),
-                 "allowed": p["allowed"], "validation_score": p["score"] if "score" in p else float(score((ls, a)))}
+                 "allowed": p["allowed"], "validation_score": p["score"] if "score" in p
+                 else (None if fluency[(ls, a)].broken else float(score((ls, a))))}
                 for (ls, a), p in points.items()]
     chosen = fluency[(layers, alpha)]
     record = {"alpha": alpha, "layers": list(layers), "kl": _finite(chosen.kl), "kl_ci95": [_finite(x) for x in chosen.kl_ci95],

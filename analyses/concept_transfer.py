@@ -53,6 +53,9 @@ class Config(TransferSettings):
     validation_fraction: float = 0.3
     """Share of the eval items that validate (at least 3); the rest (at least 5) are the test set."""
     out: str = run_option("out/transfer")
+    random_points: int = 3
+    """Alphas each random direction is scored at: 3 here (one concept has only its own 8 directions, so more
+    points are needed near any KL than in the demo, where six emotions pool 48)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -119,7 +119,8 @@ def _refinement_sizes(fr: Frontier, job: Job, sizes: Sequence[int]) -> dict[str,
         for n in sorted({available if s <= 0 else min(s, available) for s in sizes}):
             v = job.run.in_reference_unit(job.amap.apply(job.run.vector(job.run.source, "source", c.concept, n)))
             entries = [(c.concept.prefix, it) for it in c.split.test]
-            table = fr.scores(Steering.single(v, alpha, job.layers), cell_key(fig5=c.name, n=n, alpha=alpha), entries)
+            table = fr.scores(Steering.single(v, alpha, job.layers),
+                              cell_key(fig5=c.name, n=n, layers="-".join(map(str, job.layers)), alpha=alpha), entries)
             scores = fr.outcomes(table, entries)
             out.setdefault(c.name, {})[str(n)] = {"token_acc": scores.token_acc, "logit_acc": scores.logit_acc}
     return out
@@ -138,7 +139,8 @@ def _save_states(cfg: Config, job: Job, steered: str, path: Path) -> None:
     pairs = dict(zip(job.amap.target_layers, job.amap.source_layers))
     read_src = pairs.get(layers[-1], int(run.source.cfg.n_layers) - 1)
     before = capture(run.target, prompts, layers=[read_tgt])[:, 0]
-    with Steering.single(job.mapped[steered], job.alphas[steered] or max(run.cfg.alphas), layers).apply(run.target):
+    alpha = job.alphas[steered] or min(run.cfg.alphas)  # the operating alpha (the weakest one if none was allowed)
+    with Steering.single(job.mapped[steered], alpha, layers).apply(run.target):
         after = capture(run.target, prompts, layers=[read_tgt])[:, 0]
     src_states = capture(run.source, prompts, layers=[read_src])[:, 0]
     with atomic_path(path) as tmp:
@@ -160,8 +162,9 @@ def _samples(job: Job) -> dict[str, Any]:
             with steering.apply(run.target) if steered else nullcontext():
                 return ct.generate(run.target, prompts, max_new_tokens=SAMPLE_TOKENS)
 
-        done = run.store.run({cell_key(samples=c.name, steered=s, alpha=job.alphas[c.name]): s for s in (False, True)},
-                             write)
+        layers = "-".join(map(str, job.layers))
+        done = run.store.run({cell_key(samples=c.name, steered=s, layers=layers, alpha=job.alphas[c.name]): s
+                              for s in (False, True)}, write)
         unsteered, steered = done.values()
         rows[c.name] = {"scenario": c.split.test[0].prompt, "unsteered": {"answer": unsteered[0], "opener": unsteered[1]},
                         "transplanted": {"answer": steered[0], "opener": steered[1]}}
@@ -179,7 +182,7 @@ def run(cfg: Config) -> dict[str, Any]:
     cfg = cfg.effective(QUICK)  # type: ignore[assignment]
     t0 = time.time()
     job = run_job(cfg, _concepts(cfg), protocol=PROTOCOL)
-    fr = Frontier(job.run, job.mapped, job.native)
+    fr = job.frontier
     phases = job.run.phases
     with phases.phase("transplant matrix"):
         job.result["confusion"] = _confusion(fr, job)

@@ -49,20 +49,25 @@ PROTOCOL = et.PROTOCOL + "; levers 1"
 
 def parse_levers(text: str) -> list[dict[str, Any]]:
     """``CORPUS:ESTIMATOR:SOURCE_LAYER[:RANK]`` items joined by ``;`` (a corpus spec may hold ':' itself)."""
+    accepted = "CORPUS:ESTIMATOR:SOURCE_LAYER[:RANK] items joined by ';'"
     out = []
     for item in filter(None, (t.strip() for t in text.split(";"))):
         parts = item.rsplit(":", 3)
         rank = None
         if len(parts) == 4 and parts[1] in validate.MAP_ESTIMATORS:
             corpus, estimator, layer, rank = parts[0], parts[1], parts[2], parts[3]
-        else:
+        elif len(parts) >= 3:
             corpus, estimator, layer = item.rsplit(":", 2)
+        else:
+            raise InvalidArgumentError("levers", item, accepted)
         validate.corpus_spec("levers", corpus)
         validate.choice("levers", estimator, validate.MAP_ESTIMATORS)
+        if not layer.isdigit() or (rank is not None and not rank.isdigit()):
+            raise InvalidArgumentError("levers", item, accepted + " (layer and rank: whole numbers)")
         out.append({"name": item, "corpus": corpus, "estimator": estimator, "source_layer": int(layer),
                     "rank": None if rank is None else int(rank)})
     if not out:
-        raise InvalidArgumentError("levers", text, "one or more CORPUS:ESTIMATOR:SOURCE_LAYER[:RANK] items joined by ';'")
+        raise InvalidArgumentError("levers", text, accepted)
     return out
 
 
@@ -93,7 +98,7 @@ def measure_levers(cfg: et.Config, levers: list[dict[str, Any]], layer: int, log
         mapped = {c.name: run.in_reference_unit(amap.apply(run.vector(run.source, "source", c.concept))) for c in concepts}
         directions = [(Direction(f"mapped[{name}]", c, layers, mapped[c]), cfg.alphas) for c in fr.concepts]
         curves = {s: {c: got[c] for c, got in zip(fr.concepts, fr.measure(directions, s))} for s in base}
-        te = {s: efficiency(base[s], curves[s], native_curves[s], cfg.te_kl_range, cfg.seed) for s in base}
+        te = {s: efficiency(base[s], curves[s], native_curves[s], cfg.te_kl_range, cfg.seed, fr.item_ids(s)) for s in base}
         cos = {c: float(layer_cosine(mapped[c].vectors, native[c].vectors)[layer]) for c in fr.concepts}
         rows.append({**lever, "n_texts": len(corpus.texts), "n_train_samples": amap.provenance.get("n_train_samples"),
                      "r2_heldout": float(amap.r2_heldout[0]), "cosine": cos, "cosine_mean": sum(cos.values()) / len(cos),
@@ -129,17 +134,18 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     p = CommandParser(prog="python -m bench.levers", description=__doc__.splitlines()[0])
-    p.add_argument("--source", default="smollm2-135m-instruct")
-    p.add_argument("--target", default="gemma-3-270m")
+    p.add_argument("--source", type=validate.model_flag, default="smollm2-135m-instruct")
+    p.add_argument("--target", type=validate.model_flag, default="gemma-3-270m")
     p.add_argument("--layer", type=validate.nonnegative_int_flag, default=15, help="target layer (default 15)")
-    p.add_argument("--levers", default=DEFAULT_LEVERS, help="CORPUS:ESTIMATOR:SOURCE_LAYER[:RANK] items joined by ';'")
+    p.add_argument("--levers", type=validate.text_flag, default=DEFAULT_LEVERS,
+                   help="CORPUS:ESTIMATOR:SOURCE_LAYER[:RANK] items joined by ';'")
     p.add_argument("--emotions", type=validate.name_list_flag, default=et.EMOTIONS)
     p.add_argument("--n-negatives", type=validate.positive_int_flag, default=10)
     p.add_argument("--n-validation", type=validate.positive_int_flag, default=4)
     p.add_argument("--n-fluency-texts", type=validate.positive_int_flag, default=19)
     p.add_argument("--alphas", type=validate.float_list_flag, default=None)
     p.add_argument("--threads", type=validate.positive_int_flag)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=validate.out_dir_flag, required=True)
     try:
         args = p.parse_args(argv)
     except SystemExit as stop:

@@ -67,7 +67,7 @@ class Fluency:
     """Mean change of cross-entropy on the text's own tokens (steered − unsteered), nats/token."""
     dce_ci95: tuple[float, float]
     base_nll: float
-    """The unsteered model's cross-entropy on these texts, nats/token."""
+    """The unsteered model's cross-entropy on these texts, nats/token (NaN when no setting was steered: no pass ran)."""
     n_tokens: int
     n_texts: int
     text_kl: tuple[float, ...] = field(default=(), repr=False)
@@ -89,7 +89,7 @@ class Fluency:
 
         return {"kl": num(self.kl), "kl_ci95": [num(x) for x in self.kl_ci95], "dce": num(self.dce),
                 "dce_ci95": [num(x) for x in self.dce_ci95], "ppl_ratio": num(self.ppl_ratio),
-                "base_nll": self.base_nll, "n_tokens": self.n_tokens, "n_texts": self.n_texts,
+                "base_nll": num(self.base_nll), "n_tokens": self.n_tokens, "n_texts": self.n_texts,
                 "text_kl": [num(x) for x in self.text_kl], "text_dce": [num(x) for x in self.text_dce],
                 "text_tokens": list(self.text_tokens), "broken": self.broken}
 
@@ -99,7 +99,8 @@ class Fluency:
             return math.inf if x is None else float(x)
 
         return cls(num(data["kl"]), (num(data["kl_ci95"][0]), num(data["kl_ci95"][1])), num(data["dce"]),
-                   (num(data["dce_ci95"][0]), num(data["dce_ci95"][1])), float(data["base_nll"]),
+                   (num(data["dce_ci95"][0]), num(data["dce_ci95"][1])),
+                   math.nan if data["base_nll"] is None else float(data["base_nll"]),
                    int(data["n_tokens"]), int(data["n_texts"]), tuple(num(x) for x in data["text_kl"]),
                    tuple(num(x) for x in data["text_dce"]), tuple(int(x) for x in data["text_tokens"]),
                    bool(data["broken"]))
@@ -162,7 +163,7 @@ def _kl_rows(log_p: Float[Tensor, "b pos d_vocab"], log_q: Float[Tensor, "b pos 
     out = torch.empty(log_p.shape[:2], dtype=torch.float64)
     for start in range(0, log_p.shape[1], block):
         lp, lq = log_p[:, start : start + block], log_q[:, start : start + block]
-        out[:, start : start + block] = (lp.exp() * (lp - lq)).sum(-1).double()
+        out[:, start : start + block] = (lp.exp() * (lp - lq)).double().sum(-1)
     return out
 
 
@@ -218,7 +219,7 @@ def measure_fluency(
     for row, i in zip(ids, owner):
         tokens[i] += len(row) - 1
     pad = pad_token_id(model)
-    chunks = _chunks([len(row) for row in ids], max_positions)
+    chunks = _chunks([len(row) for row in ids], max_positions) if steered else []  # nothing steered: no pass at all
     bar = tqdm(total=len(chunks) * (1 + len(steered)), desc=progress, disable=progress is None, leave=False)
     for chunk in chunks:
         batch = pad_batch([ids[i] for i in chunk], pad_id=pad, padding_side="left")
@@ -255,7 +256,7 @@ def measure_fluency(
         del log_p
     bar.close()
     n_tokens = sum(tokens)
-    base = sum(base_nll) / n_tokens
+    base = sum(base_nll) / n_tokens if steered else math.nan  # not measured when nothing was steered
     out: dict[K, Fluency] = {}
     for key, setting in settings.items():
         if key not in steered:

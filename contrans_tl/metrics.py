@@ -8,6 +8,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from contrans_tl.errors import InvalidArgumentError
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -76,9 +78,9 @@ def paired_permutation_p(a: Sequence[float], b: Sequence[float], *, n_perm: int 
     is as likely negated. Exact over all 2^k sign patterns when the k non-zero differences are
     at most 16, else ``n_perm`` random patterns (p = (hits + 1) / (n_perm + 1), never 0).
     """
+    if len(a) != len(b) or len(a) == 0:
+        raise InvalidArgumentError("b", f"{len(b)} items", f"as many items as a ({len(a)}), at least one: the test pairs them")
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if d.shape != (len(a),) or len(a) != len(b) or len(a) == 0:
-        raise ValueError(f"a and b must be equal-length non-empty sequences, not {len(a)} and {len(b)} items")
     d = d[d != 0]
     if len(d) == 0:
         return 1.0
@@ -93,7 +95,7 @@ def paired_permutation_p(a: Sequence[float], b: Sequence[float], *, n_perm: int 
 def mcnemar_p(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
     """Exact two-sided McNemar p-value of two paired 0/1 outcomes (binomial test on the discordant pairs)."""
     if len(a_correct) != len(b_correct):
-        raise ValueError(f"paired outcomes need equal lengths, not {len(a_correct)} and {len(b_correct)}")
+        raise InvalidArgumentError("b_correct", f"{len(b_correct)} outcomes", f"as many as a_correct ({len(a_correct)})")
     only_a = sum(1 for x, y in zip(a_correct, b_correct) if x and not y)
     only_b = sum(1 for x, y in zip(a_correct, b_correct) if y and not x)
     n = only_a + only_b

@@ -179,8 +179,11 @@ class Steering:
     def __post_init__(self) -> None:
         vectors = _vector_list(list(self.vectors) if isinstance(self.vectors, (tuple, list)) else self.vectors)
         object.__setattr__(self, "vectors", tuple(vectors))
-        object.__setattr__(self, "alphas", tuple(_alpha_list(list(self.alphas), len(vectors))))
+        alphas = list(self.alphas) if isinstance(self.alphas, (tuple, list)) else self.alphas
+        object.__setattr__(self, "alphas", tuple(_alpha_list(alphas, len(vectors))))
         if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
+                raise InvalidArgumentError("layers", self.layers, "a sequence of block indices or None")
             object.__setattr__(self, "layers", tuple(validate.integer(f"layers[{i}]", x, low=0)
                                                      for i, x in enumerate(self.layers)))
         validate.choice("unit", self.unit, UNITS)

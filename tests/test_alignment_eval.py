@@ -217,7 +217,7 @@ def test_alpha_search_never_passes_the_fluency_bound(tiny_dirs, tmp_path):
                         out=str(tmp_path / out))
         run = ae._prepare(cfg)
         vec = ct.refine(run.target, ["The river is calm and slow."] * 2, ["The river is wild and loud!"] * 2)
-        return choose_under_bound(run, vec, lambda point: point[1])
+        return choose_under_bound(run, vec, lambda point: point[1], key="test")
 
     steer, record = search(0.01, "bounded")
     kl = {p["alpha"]: p["kl"] for p in record["frontier"]}

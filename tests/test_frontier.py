@@ -82,3 +82,30 @@ def test_paired_tests_can_fail_and_can_pass():
     noise = [paired_permutation_p(rng.integers(0, 2, 40), rng.integers(0, 2, 40), seed=i) for i in range(40)]
     assert np.mean(np.array(noise) < 0.05) < 0.2  # no effect: rarely significant
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_a_curve_whose_top_alpha_broke_is_not_read_past_its_last_finite_point():
+    c = curve([0.01, 0.1, float("inf")], [4, 8, 20])
+    got = curve_at(c, [0.1, 10.0])
+    assert got[0] == pytest.approx(0.4) and np.isnan(got[1])
+
+
+def test_a_plateau_of_equal_kl_reads_its_last_point_and_stays_continuous():
+    c = curve([0.01, 0.03, 0.03, 0.1], [2, 4, 6, 8])
+    at, above = curve_at(c, [0.03, 0.0300001])
+    assert at == pytest.approx(0.3) and above == pytest.approx(0.3, abs=1e-4)
+
+
+def test_shared_items_are_drawn_once_for_every_concept_that_scores_them():
+    """Two concepts scoring the same items: with ids the bootstrap draws each item once for both, so their gains
+    move together and the pooled interval is wider than when they are (wrongly) drawn independently."""
+    rng = np.random.default_rng(3)
+    hits = lambda p: list((rng.random(30) < p).astype(int))  # noqa: E731
+    native = curve([0.01, 0.1, 1.0], [10, 15, 20], n=30)
+    mapped = Curve(scores([0] * 30), tuple(Point(0.01 * (k + 1), kl, scores(hits(p)))
+                                          for k, (kl, p) in enumerate(zip([0.01, 0.1, 1.0], [0.2, 0.3, 0.4]))))
+    pairs = {"a": (mapped, native), "b": (mapped, native)}
+    shared = transfer_efficiency(pairs, (0.01, 0.1), n_boot=3000, item_ids={"a": range(30), "b": range(30)})
+    apart = transfer_efficiency(pairs, (0.01, 0.1), n_boot=3000)
+    assert shared["value"] == apart["value"]
+    assert (shared["ci95"][1] - shared["ci95"][0]) > 1.15 * (apart["ci95"][1] - apart["ci95"][0])

@@ -123,7 +123,7 @@ def guarded_sweep(
     unit: Unit = "norm",
     layers: Sequence[int] | None = None,
     texts: Sequence[str] | None = None,
-    n_texts: int = 8,
+    n_texts: int = 19,
     metric: Callable[[ModelHandle], float] | None = None,
 ) -> StrengthSweep:
     """Sweep alpha upwards and keep the largest one whose KL on generic text stays within ``budget``.
@@ -144,7 +144,10 @@ def guarded_sweep(
     fluency = measure_fluency(model, chosen_texts, dict(enumerate(steered)))
     scores: list[float] = []
     if metric is not None:
-        for s in steered:
+        for s, f in zip(steered, fluency.values()):
+            if f.broken:  # the model broke down at this alpha: nothing to score
+                scores.append(float("nan"))
+                continue
             with s.apply(model):
                 scores.append(float(metric(model)))
     chosen: float | None = None

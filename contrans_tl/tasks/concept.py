@@ -9,7 +9,7 @@ concept a researcher writes in a concept file (docs/concepts.md). A :class:`Conc
   scored by the sum of its tokens' log-probabilities after the prompt) and for **Token Acc**
   when the target choice's first token is the argmax over the whole vocabulary. A concept whose
   behaviour is judged on what the model writes (ToxiGen's fairness) holds :class:`GenerationItem`
-  prompts instead, scored by :func:`score_generations` with a text scorer;
+  prompts instead, whose :func:`continuations` a text scorer judges;
 * optionally a shared ``prefix`` before every item (a few-shot block), an ``instruction`` for the
   prompting baseline, and unlabeled ``domain`` text (a map corpus option, never scored).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -125,8 +126,9 @@ def _fail(source: str, key: str, problem: str) -> ConceptFileError:
 
 def _check_concept(c: Concept, source: str) -> None:
     """The rules of a concept: matched non-empty pairs, distinct items, no evaluation prompt among the contrast prompts."""
-    if not isinstance(c.name, str) or not c.name.strip():
-        raise _fail(source, "name", "expected a non-empty string")
+    if not isinstance(c.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", c.name):
+        raise _fail(source, "name", f"{c.name!r} is not accepted: expected a short name of letters, digits, '.', '_', '+' "
+                    "or '-' (it names files and rows)")
     for key in ("positive", "negative"):
         values = getattr(c, key)
         if not values:
@@ -249,7 +251,8 @@ class ConceptSplit:
     def __post_init__(self) -> None:
         if not self.validation or not self.test:
             raise InvalidArgumentError("split", (len(self.validation), len(self.test)), "validation and test items, both non-empty")
-        shared = {(it.prompt, it.choices) for it in self.validation} & {(it.prompt, it.choices) for it in self.test}
+        shared = ({(it.prompt, getattr(it, "choices", ())) for it in self.validation}
+                  & {(it.prompt, getattr(it, "choices", ())) for it in self.test})
         if shared:
             raise InvalidArgumentError("split", sorted(shared)[:1], "validation and test items that do not overlap")
 
@@ -274,11 +277,14 @@ def split_concept(concept: Concept, *, validation_fraction: float = 0.3, min_val
 def check_held_out(concept: Concept, split: ConceptSplit) -> None:
     """Raise :class:`InvalidArgumentError` when a validation or test item leaks into what makes or frames the
     vector: its prompt is a contrast prompt, or it appears in the shared prefix (a few-shot example)."""
-    contrast = set(concept.positive) | set(concept.negative) | set(concept.domain)
+    contrast = set(concept.positive) | set(concept.negative)
     for part, items in (("validation", split.validation), ("test", split.test)):
         for i, it in enumerate(items):
             if it.prompt in contrast:
                 raise InvalidArgumentError(f"{part}[{i}]", it.prompt[:60], f"an item held out of {concept.name}'s contrast prompts")
+            if any(it.prompt in text for text in concept.domain):
+                raise InvalidArgumentError(f"{part}[{i}]", it.prompt[:60], f"an item held out of {concept.name}'s domain "
+                                           "text (a map corpus option)")
             if concept.prefix and it.prompt in concept.prefix:
                 raise InvalidArgumentError(f"{part}[{i}]", it.prompt[:60], f"an item held out of {concept.name}'s "
                                            "shared prefix (few-shot examples)")
@@ -311,26 +317,6 @@ class ItemScores:
     def token_acc(self) -> float:
         return sum(self.token) / self.n if self.n else float("nan")
 
-    @property
-    def per_item(self) -> list[float]:
-        """Each item's score: the mean of its Token and Logit outcome (0, 0.5 or 1)."""
-        return [(float(a) + float(b)) / 2 for a, b in zip(self.logit, self.token)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"logit": [int(x) for x in self.logit], "token": [int(x) for x in self.token],
-                "predicted": list(self.predicted), "logit_acc": self.logit_acc, "token_acc": self.token_acc,
-                "n": self.n}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ItemScores":
-        return cls(tuple(bool(x) for x in data["logit"]), tuple(bool(x) for x in data["token"]),
-                   tuple(int(x) for x in data["predicted"]))
-
-    @classmethod
-    def concat(cls, parts: Sequence["ItemScores"]) -> "ItemScores":
-        return cls(tuple(x for p in parts for x in p.logit), tuple(x for p in parts for x in p.token),
-                   tuple(x for p in parts for x in p.predicted))
-
 
 def item_scores(items: Sequence[ChoiceItem], scored: ChoiceLogprobs) -> ItemScores:
     """Outcomes of ``items`` from their choices' log-probabilities (ties for the best choice count as misses)."""
@@ -347,8 +333,9 @@ def score_items(model: ModelHandle, items: Sequence[ChoiceItem], *, prefix: str 
                 progress: str | None = None) -> ItemScores:
     """Logit and Token outcomes of ``items`` (under any active steering), after ``prefix``."""
     items = list(items)
-    if not items:
-        raise InvalidArgumentError("items", items, "at least one ChoiceItem")
+    if not items or not all(isinstance(it, ChoiceItem) for it in items):
+        raise InvalidArgumentError("items", items[:2], "a non-empty list of ChoiceItems (GenerationItems are judged "
+                                   "on their continuations by a text scorer)")
     scored = choice_logprobs(model, [it.prompt for it in items], [list(it.choices) for it in items],
                              prefix=prefix or None, batch_size=batch_size, progress=progress)
     return item_scores(items, scored)

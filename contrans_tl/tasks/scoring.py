@@ -53,25 +53,16 @@ class ScoredRow:
 
 
 def continuation_rows(model: ModelHandle, prompts: Sequence[str], continuations: Sequence[str]) -> list[ScoredRow]:
-    """Rows scoring ``continuations[i]`` after ``prompts[i]`` (strings joined as given)."""
+    """Rows scoring ``continuations[i]`` after ``prompts[i]`` (the prompt with the BOS policy, then the
+    continuation's tokens as :func:`choice_tokens` splits them)."""
     if len(prompts) != len(continuations):
         raise InvalidArgumentError("continuations", f"{len(continuations)} texts", f"one per prompt ({len(prompts)})")
     if not prompts:
         raise EmptyPromptsError("no continuations to score")
     unique = sorted(set(prompts))
     prompt_ids = dict(zip(unique, encode(model, unique)[0]))
-    full_ids, _ = encode(model, [p + c for p, c in zip(prompts, continuations)])
-    rows = []
-    for i, (p, c) in enumerate(zip(prompts, continuations)):
-        head, full = prompt_ids[p], full_ids[i]
-        if len(full) > len(head) and full[: len(head)] == head:
-            rows.append(ScoredRow(tuple(full), len(full) - len(head)))
-            continue
-        tail = list(model.tokenizer(c, add_special_tokens=False)["input_ids"])
-        if not tail:
-            raise EmptyPromptsError(f"continuation {i} tokenizes to no tokens: {c!r}")
-        rows.append(ScoredRow(tuple(head) + tuple(tail), len(tail)))
-    return rows
+    return [ScoredRow(tuple(prompt_ids[p]) + (tail := choice_tokens(model.tokenizer, p, c)), len(tail))
+            for p, c in zip(prompts, continuations)]
 
 
 def _batches(sizes: Sequence[tuple[int, int]], batch_size: int, max_logits: int, vocab: int) -> list[list[int]]:
@@ -268,15 +259,14 @@ def choice_logprobs(
             rows.append(row)
             owner.append(i)
     got, tops = _read_rows(model, rows, shared, batch_size, max_logits, progress)
-    first_read: dict[int, int] = {}
-    per_item: list[list[tuple[int, ...]]] = [[] for _ in prompts]  # rows of each item, in order
+    per_item: list[list[int]] = [[] for _ in prompts]  # rows of each item, in order
     for r, i in enumerate(owner):
-        first_read.setdefault(i, r)
-        per_item[i].append((r,))
+        per_item[i].append(r)
+    first_read = [rows_of[0] for rows_of in per_item]
     logprobs, top = [], []
     for i, tokens in enumerate(item_tokens):
         head = got[first_read[i]][0]
-        longer_rows = iter(r for (r,) in per_item[i])
+        longer_rows = iter(per_item[i])
         scores = []
         for c in tokens:
             if len(c) == 1:
