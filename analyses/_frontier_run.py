@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -107,10 +108,13 @@ class Frontier:
         for start in range(0, len(missing), FLUENCY_GROUP):
             group = missing[start : start + FLUENCY_GROUP]
             log(f"  fluency of {len(group)} steerings ({start + len(group)}/{len(missing)})")
+            wall, cpu = time.perf_counter(), time.process_time()
             measured = measure_fluency(self.run.target, self.run.fluency_texts, {k: todo[k] for k in group},
                                        seed=self.run.cfg.seed, check_model=False)
-            for k, f in measured.items():
+            share = (time.perf_counter() - wall) / len(group), (time.process_time() - cpu) / len(group)
+            for k, f in measured.items():  # the group's cost, shared evenly, so a resumed run can report it
                 store.put(k, f.to_dict())
+                store.record_time(k, *share)
                 done[k] = f
         self._fluency.update(done)
         return done
