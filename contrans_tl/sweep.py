@@ -198,10 +198,12 @@ class CellStore:
             )
         if theirs != mine:
             flat_theirs, flat_mine = _flat(theirs), _flat(mine)
-            changed = sorted(k for k in set(flat_theirs) | set(flat_mine) if flat_theirs.get(k) != flat_mine.get(k))
+            absent = "(absent)"  # a key on one side only differs even when the other side's value is None
+            changed = sorted(k for k in set(flat_theirs) | set(flat_mine)
+                             if k not in flat_theirs or k not in flat_mine or flat_theirs[k] != flat_mine[k])
             raise SettingsMismatchError(
                 f"{self.root} holds cells computed with other settings (differing: {', '.join(changed)}; "
-                f"stored {[flat_theirs.get(k) for k in changed]}, now {[flat_mine.get(k) for k in changed]}). "
+                f"stored {[flat_theirs.get(k, absent) for k in changed]}, now {[flat_mine.get(k, absent) for k in changed]}). "
                 "Use another output directory, or the same settings (and input data) to resume."
             )
 

@@ -101,3 +101,9 @@ def test_damaged_time_record_counts_as_none(tmp_path):
     again = CellStore(tmp_path)
     again.run(["a", "b"], lambda key: 1)
     assert (again.reused_wall_s, again.reused_cpu_s) == (2.5, 1.0)
+
+
+def test_settings_key_on_one_side_only_is_named_even_when_the_other_holds_none(tmp_path):
+    CellStore(tmp_path / "cells", settings={"seed": 0, "data_dir": None})
+    with pytest.raises(SettingsMismatchError, match=r"differing: data_dir; stored \[None\], now \['\(absent\)'\]"):
+        CellStore(tmp_path / "cells", settings={"seed": 0})
