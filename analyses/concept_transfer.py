@@ -36,9 +36,9 @@ from contrans_tl.analyses._transfer_run import ConceptRun, TransferSettings, add
 __all__ = ["Config", "QUICK", "PROTOCOL", "concept_runs", "run", "add_args", "config_from_args", "run_cli", "main"]
 
 QUICK: dict[str, Any] = {"alphas": geometric_grid(0.025, 2.0, 5), "candidate_depths": (0.83,), "n_random": 4,
-                         "random_points": 1, "n_fluency_texts": 3, "map_corpus": "neutral:120"}
+                         "random_points": 1, "n_fluency_texts": 3}
 """``--quick``: 5 alphas (×2 apart), one candidate layer, 4 random directions at 1 alpha each, 3 generic
-paragraphs, the first 120 neutral sentences for the map."""
+paragraphs."""
 
 PROTOCOL = "concept-transfer 1: frontier on generic-text KL, operating point on validation within the KL bound"
 """The protocol of the cells (part of their settings: a folder from another protocol is refused)."""

@@ -47,10 +47,10 @@ from contrans_tl.transplant import Steering
 __all__ = ["Config", "QUICK", "PROTOCOL", "run", "plot", "add_args", "config_from_args", "run_cli", "main"]
 
 QUICK: dict[str, Any] = {"alphas": geometric_grid(0.025, 2.0, 5), "n_random": 4,
-                         "random_points": 1, "n_fluency_texts": 3, "map_corpus": "neutral:120", "n_negatives": 2, "n_validation": 2, "n_refine": 8,
+                         "random_points": 1, "n_fluency_texts": 3, "n_negatives": 2, "n_validation": 2, "n_refine": 8,
                          "n_examples": (4, 0)}
 """``--quick``: 5 alphas (×2 apart), 4 random directions per emotion at 1 alpha each,
-3 generic paragraphs, the first 120 neutral sentences for the map, 2 test and 2 validation scenarios per other emotion, 8 contrast pairs."""
+3 generic paragraphs, 2 test and 2 validation scenarios per other emotion, 8 contrast pairs."""
 
 PROTOCOL = ("4: concept-task scoring (labels by summed token log-probs), validation scenarios out of contrast "
             "prompts and shots, frontier on generic-text KL, operating point within the KL bound")

@@ -9,7 +9,7 @@ them (the choice never reads them). Cells are kept under ``--out`` (a killed run
 
     python -m bench.levers --out /tmp/levers                                   # the default pair, the default levers
     python -m bench.levers --target qwen2.5-coder-1.5b-instruct --layer 22 --emotions happiness,sadness,anger \\
-        --n-negatives 4 --n-fluency-texts 8 --levers "neutral:ridge:26;concept+neutral:ridge:26" --out /tmp/lq
+        --n-negatives 4 --n-fluency-texts 8 --levers "neutral:ridge:24;concept:ridge:24" --out /tmp/lq
 
 A lever is ``CORPUS:ESTIMATOR:SOURCE_LAYER[:RANK]`` (``--levers`` joins several with ``;``); CORPUS is
 a map-corpus spec (``neutral``, ``concept``, ``concept+neutral``, ``wikisplit:PATH:N``, ``file:PATH``).
@@ -38,11 +38,10 @@ from contrans_tl.reformulate import capture_pair, fit_map_from_states
 
 __all__ = ["DEFAULT_LEVERS", "parse_levers", "measure_levers", "main"]
 
-DEFAULT_LEVERS = ("neutral:ridge:26;concept:ridge:26;concept+neutral:ridge:26;"
-                  "neutral:lstsq:26;concept:lstsq:26;concept:procrustes:26;concept:rrr:26:64;concept:whitened:26;"
-                  "concept:ridge:22;concept:ridge:24;concept:ridge:28")
-"""The default pair's levers at target layer 15: corpora with the default estimator, estimators on the
-concept's own text, and the source layer around the depth-matched one (26)."""
+DEFAULT_LEVERS = ("neutral:ridge:24;concept:ridge:24;concept+neutral:ridge:24;"
+                  "concept:rrr:24:64;concept:whitened:24;concept:procrustes:24;concept:ridge:20;concept:ridge:28")
+"""The default pair's levers at target layer 14 (the demo's): corpora with the default estimator, estimators
+on the concept's own text, and the source layer around the depth-matched one (24)."""
 
 PROTOCOL = et.PROTOCOL + "; levers 1"
 
@@ -136,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = CommandParser(prog="python -m bench.levers", description=__doc__.splitlines()[0])
     p.add_argument("--source", type=validate.model_flag, default="smollm2-135m-instruct")
     p.add_argument("--target", type=validate.model_flag, default="gemma-3-270m")
-    p.add_argument("--layer", type=validate.nonnegative_int_flag, default=15, help="target layer (default 15)")
+    p.add_argument("--layer", type=validate.nonnegative_int_flag, default=14, help="target layer (default 14, the demo's)")
     p.add_argument("--levers", type=validate.text_flag, default=DEFAULT_LEVERS,
                    help="CORPUS:ESTIMATOR:SOURCE_LAYER[:RANK] items joined by ';'")
     p.add_argument("--emotions", type=validate.name_list_flag, default=et.EMOTIONS)
