@@ -151,3 +151,18 @@ def test_installed_command_offers_the_jobs_from_any_directory(tmp_path):
     assert done.returncode == 0, done.stderr
     for command in ("demo", "transfer", "size-matrix", "checkpoint-sweep", "token-shift", "align-eval"):
         assert command in done.stdout
+
+
+def test_source_layer_option_sets_the_layer_the_map_reads(tmp_path, tiny_dirs):
+    result = _run(tmp_path, tiny_dirs, "--source-layer", "0", "--n-random", "1")
+    assert [tuple(p) for p in result["map"]["pairs"]] == [(0, 1)]  # depth-matched would read source layer 1
+
+
+def test_source_layer_past_the_source_model_is_a_named_error(tmp_path, tiny_dirs, capsys):
+    path = tmp_path / "calm.json"
+    path.write_text(json.dumps(CONCEPT))
+    argv = ["transfer", "--concept", str(path), "--source", str(tiny_dirs["llama"]), "--target", str(tiny_dirs["llama_b"]),
+            "--out", str(tmp_path / "out"), "--quick", "--layers", "1", "--source-layer", "99"]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("contrans: error:")]
+    assert len(errors) == 1 and "source_layer: layer 99 out of range" in errors[0]
