@@ -13,7 +13,7 @@ and figures are not in the floor; they are in the demo's time.
 
 - ``demo_vs_floor`` = the demo command's wall time ÷ the floor's (goal ≤ 1.5);
 - ``solver_fraction_full`` = the demo's map fit ÷ its corpus capture, from the demo's own
-  phase table (400 texts in the full demo, 120 with ``--quick``; goal ≤ 0.05);
+  phase table (its map corpus: the contrast prompts, 186 texts in the full demo, 81 with ``--quick``; goal ≤ 0.05);
 - ``demo_peak_rss_vs_weights`` = the child's peak RSS ÷ the float32 weights of both models (goal ≤ 1.8).
 
     python -m bench.demo --quick            # only this item; `contrans bench` runs it with the rest

@@ -57,7 +57,11 @@ def test_demo_against_its_floor(tiny_result):
     for key in ("demo_vs_floor", "solver_fraction_full", "demo_peak_rss_vs_weights"):
         assert data[key] == demo[key] and math.isfinite(data[key]) and data[key] > 0, key
         assert data["goals"][key]["met"] in (True, False)
-    assert demo["solver_corpus_texts"] == 120  # the quick demo's corpus, labelled
+    from contrans_tl.analyses import emotion_transfer as et
+
+    quick = et.Config(quick=True).effective(et.QUICK)
+    concept_texts = {t for c in et._concepts(quick) for t in c.concept.contrast_texts}
+    assert demo["solver_corpus_texts"] == len(concept_texts)  # the quick demo's corpus (its contrast prompts), labelled
     assert demo["demo_peak_rss_bytes"] > demo["fp32_weight_bytes"]  # a whole Python process holds more than weights
     for name, m in demo["floor"]["models"].items():
         assert 0 < m["rows"] and m["tokens"] <= m["demo_tokens"], name
