@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.artifacts import ConceptVector
 from contrans_tl.corpus import MapCorpus, corpus_digest, resolve_corpus
@@ -362,22 +363,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The flags every emotion analysis shares: batching, device and dtype, seed, data, output."""
-    p.add_argument("--batch-size", type=validate.positive_int_flag)
-    p.add_argument("--device", type=validate.device_flag)
+    p.add_argument("--batch-size", type=flags.positive_int_flag)
+    p.add_argument("--device", type=flags.device_flag)
     p.add_argument("--dtype", choices=list(DTYPES))
-    p.add_argument("--seed", type=validate.nonnegative_int_flag)
-    p.add_argument("--data-dir", type=validate.existing_dir_flag, help="folder of <emotion>.json scenario files (default: built-in)")
+    p.add_argument("--seed", type=flags.nonnegative_int_flag)
+    p.add_argument("--data-dir", type=flags.existing_dir_flag, help="folder of <emotion>.json scenario files (default: built-in)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
 
 
 def add_size_args(p: argparse.ArgumentParser, *, texts_help: str | None = None) -> None:
     """``--emotions``, ``--n-refine``, ``--n-eval``, ``--n-texts``, ``--depth`` (see :func:`check_shared_fields`)."""
-    p.add_argument("--emotions", type=validate.name_list_flag, help="comma-separated emotions (default: all six)")
-    p.add_argument("--n-refine", type=validate.positive_int_flag, help="refinement prompts per side")
-    p.add_argument("--n-eval", type=validate.positive_int_flag, help="evaluation scenarios per other emotion")
-    p.add_argument("--n-texts", type=validate.positive_int_flag, help=texts_help or "neutral sentences for the map")
-    p.add_argument("--depth", type=validate.depth_flag, help="relative depth of the steering layer, in (0, 1]")
+    p.add_argument("--emotions", type=flags.name_list_flag, help="comma-separated emotions (default: all six)")
+    p.add_argument("--n-refine", type=flags.positive_int_flag, help="refinement prompts per side")
+    p.add_argument("--n-eval", type=flags.positive_int_flag, help="evaluation scenarios per other emotion")
+    p.add_argument("--n-texts", type=flags.positive_int_flag, help=texts_help or "neutral sentences for the map")
+    p.add_argument("--depth", type=flags.depth_flag, help="relative depth of the steering layer, in (0, 1]")
 
 
 def config_from_args(config_cls: Any, quick: dict[str, Any], args: argparse.Namespace) -> Any:
@@ -397,10 +398,10 @@ def config_from_args(config_cls: Any, quick: dict[str, Any], args: argparse.Name
 
 def add_map_args(p: argparse.ArgumentParser) -> None:
     """``--map-corpus`` and ``--map-estimator``: what an analysis's maps are fitted on, and how."""
-    p.add_argument("--map-corpus", type=validate.corpus_flag,
+    p.add_argument("--map-corpus", type=flags.corpus_flag,
                    help="what the maps are fitted on: neutral (default), neutral:N, file:PATH, wikisplit:PATH[:N], "
                         "concept (the emotions' contrast prompts) or a union such as concept+neutral")
-    p.add_argument("--map-estimator", type=validate.estimator_flag,
+    p.add_argument("--map-estimator", type=flags.estimator_flag,
                    help=f"how the maps are fitted: {', '.join(validate.MAP_ESTIMATORS)} (default ridge)")
 
 

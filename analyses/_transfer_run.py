@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import contrans_tl as ct
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
 from contrans_tl.artifacts import AffineMap, ConceptVector
@@ -311,35 +312,35 @@ def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) 
 def add_transfer_args(p: Any, defaults: TransferSettings) -> None:
     """The flags of every :class:`TransferSettings` field (unset flags stay None, so ``--quick`` fills only those)."""
     d = defaults
-    p.add_argument("--source", type=validate.model_flag,
+    p.add_argument("--source", type=flags.model_flag,
                    help=f"source model: built-in name, hub id, local folder or .gguf (default {d.source})")
-    p.add_argument("--target", type=validate.model_flag, help=f"target model (default {d.target})")
-    p.add_argument("--out", type=validate.out_dir_flag, help=f"output folder (default {d.out})")
-    p.add_argument("--alphas", type=validate.float_list_flag,
+    p.add_argument("--target", type=flags.model_flag, help=f"target model (default {d.target})")
+    p.add_argument("--out", type=flags.out_dir_flag, help=f"output folder (default {d.out})")
+    p.add_argument("--alphas", type=flags.float_list_flag,
                    help=f"comma-separated strengths > 0 in norm units (default {','.join(f'{a:g}' for a in d.alphas)})")
-    p.add_argument("--layers", type=validate.layer_list_flag, help="target layers steered together (default: chosen on validation)")
-    p.add_argument("--candidate-depths", type=validate.float_list_flag,
+    p.add_argument("--layers", type=flags.layer_list_flag, help="target layers steered together (default: chosen on validation)")
+    p.add_argument("--candidate-depths", type=flags.float_list_flag,
                    help=f"relative depths of the candidate layers (default {','.join(map(str, d.candidate_depths))})")
-    p.add_argument("--kl-bound", type=validate.nonnegative_float_flag,
+    p.add_argument("--kl-bound", type=flags.nonnegative_float_flag,
                    help=f"fluency bound of the operating point, nats/token of KL on generic text (default {d.kl_bound})")
-    p.add_argument("--te-kl-range", type=validate.float_list_flag,
+    p.add_argument("--te-kl-range", type=flags.float_list_flag,
                    help=f"LOW,HIGH: KL range of transfer efficiency (default {d.te_kl_range[0]},{d.te_kl_range[1]})")
     p.add_argument("--select-on", choices=list(METRICS), help=f"validation score (default {d.select_on})")
     for name, what in (("n_random", "random directions per concept"),
                        ("random_points", "alphas each random direction is scored at"),
                        ("n_fluency_texts", "paragraphs of generic text the fluency instrument scores"),
                        ("map_rank", "rank of an rrr / whitened map")):
-        p.add_argument(f"--{name.replace('_', '-')}", type=validate.positive_int_flag,
+        p.add_argument(f"--{name.replace('_', '-')}", type=flags.positive_int_flag,
                        help=f"{what} (default {getattr(d, name)})")
-    p.add_argument("--map-corpus", type=validate.corpus_flag, help=f"what the map is fitted on (default {d.map_corpus})")
-    p.add_argument("--map-estimator", type=validate.estimator_flag, help=f"how the map is fitted (default {d.map_estimator})")
-    p.add_argument("--source-layer", type=validate.nonnegative_int_flag,
+    p.add_argument("--map-corpus", type=flags.corpus_flag, help=f"what the map is fitted on (default {d.map_corpus})")
+    p.add_argument("--map-estimator", type=flags.estimator_flag, help=f"how the map is fitted (default {d.map_estimator})")
+    p.add_argument("--source-layer", type=flags.nonnegative_int_flag,
                    help="source layer the map reads (default: the one at the target layer's relative depth)")
-    p.add_argument("--outlier-factor", type=validate.nonnegative_float_flag,
+    p.add_argument("--outlier-factor", type=flags.nonnegative_float_flag,
                    help=f"leave samples above this x the median norm out of the map (default {d.outlier_factor}; 0 keeps all)")
-    p.add_argument("--batch-size", type=validate.positive_int_flag, help=f"default {d.batch_size}")
-    p.add_argument("--seed", type=validate.nonnegative_int_flag, help=f"default {d.seed}")
-    p.add_argument("--device", type=validate.device_flag, default=None, help="device of both models (default: the library's)")
+    p.add_argument("--batch-size", type=flags.positive_int_flag, help=f"default {d.batch_size}")
+    p.add_argument("--seed", type=flags.nonnegative_int_flag, help=f"default {d.seed}")
+    p.add_argument("--device", type=flags.device_flag, default=None, help="device of both models (default: the library's)")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes for every size flag not given")
     p.add_argument("--no-plots", action="store_true", help="write no figures")
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import contrans_tl as ct
-from contrans_tl import validate
+from contrans_tl import flags
 from contrans_tl.artifacts import AffineMap
 from contrans_tl.capture import check_layers
 from contrans_tl.datasets import neutral_sentences
@@ -280,45 +280,45 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
 def add_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``contrans align-eval`` / ``python -m contrans_tl.analyses.alignment_eval``."""
     d = Config()
-    p.add_argument("--source", type=validate.model_flag, default=d.source)
-    p.add_argument("--target", type=validate.model_flag, default=d.target)
-    p.add_argument("--tasks", type=validate.name_list_flag, default=d.tasks, help="comma-separated: honesty,fairness,multi")
-    p.add_argument("--conditions", type=validate.name_list_flag, default=d.conditions,
+    p.add_argument("--source", type=flags.model_flag, default=d.source)
+    p.add_argument("--target", type=flags.model_flag, default=d.target)
+    p.add_argument("--tasks", type=flags.name_list_flag, default=d.tasks, help="comma-separated: honesty,fairness,multi")
+    p.add_argument("--conditions", type=flags.name_list_flag, default=d.conditions,
                    help="comma-separated subset of " + ",".join(CONDITIONS))
     p.add_argument("--honesty-concept", choices=["truthfulqa", "facts"], default=d.honesty_concept)
-    p.add_argument("--data-dir", type=validate.existing_dir_flag, help="folder with truthfulqa/, facts/, toxigen/prompts/, wikisplit/")
-    p.add_argument("--truthfulqa", type=validate.data_path_flag, help="mc_task.json, TruthfulQA.csv or their folder; 'hub' for HF datasets")
-    p.add_argument("--facts", type=validate.existing_path_flag, help="true/false facts CSV (statement,label)")
-    p.add_argument("--toxigen", type=validate.existing_dir_flag, help="folder of ToxiGen prompt files")
-    p.add_argument("--wikisplit", type=validate.existing_path_flag, help="WikiSplit TSV or its folder")
-    p.add_argument("--n-questions", type=validate.positive_int_flag, help="first N TruthfulQA questions only (default: all)")
+    p.add_argument("--data-dir", type=flags.existing_dir_flag, help="folder with truthfulqa/, facts/, toxigen/prompts/, wikisplit/")
+    p.add_argument("--truthfulqa", type=flags.data_path_flag, help="mc_task.json, TruthfulQA.csv or their folder; 'hub' for HF datasets")
+    p.add_argument("--facts", type=flags.existing_path_flag, help="true/false facts CSV (statement,label)")
+    p.add_argument("--toxigen", type=flags.existing_dir_flag, help="folder of ToxiGen prompt files")
+    p.add_argument("--wikisplit", type=flags.existing_path_flag, help="WikiSplit TSV or its folder")
+    p.add_argument("--n-questions", type=flags.positive_int_flag, help="first N TruthfulQA questions only (default: all)")
     for name in ("n_val", "folds", "n_concept", "n_toxigen_test", "n_toxigen_val", "n_toxigen_concept", "max_new_tokens"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=validate.positive_int_flag, default=getattr(d, name),
+        p.add_argument(f"--{name.replace('_', '-')}", type=flags.positive_int_flag, default=getattr(d, name),
                        help=f"default {getattr(d, name)}")
-    p.add_argument("--seed", type=validate.nonnegative_int_flag, default=d.seed)
-    p.add_argument("--alphas", type=validate.float_list_flag, default=d.alphas, help="comma-separated grid")
+    p.add_argument("--seed", type=flags.nonnegative_int_flag, default=d.seed)
+    p.add_argument("--alphas", type=flags.float_list_flag, default=d.alphas, help="comma-separated grid")
     p.add_argument("--unit", choices=["norm", "raw"], default=d.unit)
-    p.add_argument("--layers", type=validate.layer_list_flag, help="comma-separated target layers (default: ~2/3 depth)")
+    p.add_argument("--layers", type=flags.layer_list_flag, help="comma-separated target layers (default: ~2/3 depth)")
     p.add_argument("--layer-search", action="store_true", help="search each layer alone")
     p.add_argument("--reduction", choices=["sum", "mean"], default=d.reduction)
     p.add_argument("--prompt-style", choices=["qa", "primer"], default=d.prompt_style)
     p.add_argument("--target-chat", choices=["auto", "chat", "plain"], default=d.target_chat)
-    p.add_argument("--self-align-model", type=validate.model_flag, help="the target's instruct sibling (default: the target)")
-    p.add_argument("--instruct-model", type=validate.model_flag, help="instruct model scored as Align-Training")
-    p.add_argument("--toxicity-scorer", type=validate.text_flag, default=d.toxicity_scorer,
+    p.add_argument("--self-align-model", type=flags.model_flag, help="the target's instruct sibling (default: the target)")
+    p.add_argument("--instruct-model", type=flags.model_flag, help="instruct model scored as Align-Training")
+    p.add_argument("--toxicity-scorer", type=flags.text_flag, default=d.toxicity_scorer,
                    help="auto | roberta | profanity-check | stand-in | HUB_ID | module:function")
-    p.add_argument("--kl-bound", type=validate.nonnegative_float_flag, default=d.kl_bound,
+    p.add_argument("--kl-bound", type=flags.nonnegative_float_flag, default=d.kl_bound,
                    help=f"fluency bound of the alpha searches, nats/token of KL on generic text (default {d.kl_bound})")
-    p.add_argument("--n-ppl", type=validate.nonnegative_int_flag, default=d.n_ppl,
+    p.add_argument("--n-ppl", type=flags.nonnegative_int_flag, default=d.n_ppl,
                    help=f"WikiSplit sentences of the reported perplexity (0: none; default {d.n_ppl})")
-    p.add_argument("--n-fluency-texts", type=validate.positive_int_flag, default=d.n_fluency_texts,
+    p.add_argument("--n-fluency-texts", type=flags.positive_int_flag, default=d.n_fluency_texts,
                    help=f"paragraphs of generic text of the fluency instrument (default {d.n_fluency_texts})")
-    p.add_argument("--map-texts", type=validate.positive_int_flag, help="neutral sentences for the map (default: all 400)")
-    p.add_argument("--batch-size", type=validate.positive_int_flag, default=d.batch_size)
-    p.add_argument("--gen-batch-size", type=validate.positive_int_flag, default=d.gen_batch_size)
-    p.add_argument("--device", type=validate.device_flag, default=d.device)
+    p.add_argument("--map-texts", type=flags.positive_int_flag, help="neutral sentences for the map (default: all 400)")
+    p.add_argument("--batch-size", type=flags.positive_int_flag, default=d.batch_size)
+    p.add_argument("--gen-batch-size", type=flags.positive_int_flag, default=d.gen_batch_size)
+    p.add_argument("--device", type=flags.device_flag, default=d.device)
     p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
-    p.add_argument("--out", "--out-dir", dest="out", type=validate.out_dir_flag, default=d.out, help="output folder (--out-dir: the older name)")
+    p.add_argument("--out", "--out-dir", dest="out", type=flags.out_dir_flag, default=d.out, help="output folder (--out-dir: the older name)")
     p.add_argument("--progress", action="store_true")
 
 

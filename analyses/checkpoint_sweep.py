@@ -47,6 +47,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 import contrans_tl as ct
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
 from contrans_tl.analyses._checkpoints import (
@@ -420,22 +421,22 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 # ---- command line ---------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=validate.model_flag, help="final model (default LLM360/Amber)")
-    p.add_argument("--final-revision", type=validate.text_flag, help="hub revision of the final model")
-    p.add_argument("--checkpoints", type=validate.name_list_flag,
+    p.add_argument("--model", type=flags.model_flag, help="final model (default LLM360/Amber)")
+    p.add_argument("--final-revision", type=flags.text_flag, help="hub revision of the final model")
+    p.add_argument("--checkpoints", type=flags.name_list_flag,
                    help="comma-separated: ckpt_000 (revision), step1000 (Pythia), DIR (an existing folder)")
-    p.add_argument("--out", type=validate.out_dir_flag, help=f"output directory (default {Config.out})")
+    p.add_argument("--out", type=flags.out_dir_flag, help=f"output directory (default {Config.out})")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
-    p.add_argument("--alphas", type=validate.float_list_flag)
+    p.add_argument("--alphas", type=flags.float_list_flag)
     cm.add_size_args(p, texts_help="neutral sentences for mapping='fit'")
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
     p.add_argument("--mapping", choices=["auto", "identity", "fit"])
     p.add_argument("--executor", choices=["process", "serial"])
-    p.add_argument("--max-workers", type=validate.positive_int_flag, help="processes of the local pool")
-    p.add_argument("--threads", type=validate.positive_int_flag, help="torch threads per cell process")
-    p.add_argument("--tokens-per-step", type=validate.positive_float_flag, help="tokens per stepN checkpoint")
+    p.add_argument("--max-workers", type=flags.positive_int_flag, help="processes of the local pool")
+    p.add_argument("--threads", type=flags.positive_int_flag, help="torch threads per cell process")
+    p.add_argument("--tokens-per-step", type=flags.positive_float_flag, help="tokens per stepN checkpoint")
     cm.add_map_args(p)
     cm.add_run_args(p)
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
 from contrans_tl.errors import InvalidArgumentError
@@ -89,9 +90,9 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 # ---- command line ----------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--concept", required=True, type=validate.text_file_flag,
+    p.add_argument("--concept", required=True, type=flags.text_file_flag,
                    help="concept file: JSON with name, description, positive, negative, eval (docs/concepts.md)")
-    p.add_argument("--validation-fraction", type=validate.fraction_flag,
+    p.add_argument("--validation-fraction", type=flags.fraction_flag,
                    help="share of the eval items that validate (default 0.3)")
     add_transfer_args(p, Config(concept="-"))
 

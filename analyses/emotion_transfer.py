@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 import contrans_tl as ct
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
 from contrans_tl.analyses._emotion_outputs import confusion_table, emotion_summary, plot
@@ -215,14 +216,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Flags for the Config fields; unset flags stay None, so ``--quick`` fills only those."""
     d = Config()
     add_transfer_args(p, d)
-    p.add_argument("--data-dir", type=validate.existing_dir_flag,
+    p.add_argument("--data-dir", type=flags.existing_dir_flag,
                    help="directory of {emotion}.json scenario lists (default: the built-in set)")
-    p.add_argument("--emotions", type=validate.name_list_flag, help="comma-separated emotions (default: all six)")
+    p.add_argument("--emotions", type=flags.name_list_flag, help="comma-separated emotions (default: all six)")
     for name, what in (("n_negatives", "test scenarios per other emotion"),
                        ("n_validation", "validation scenarios per emotion (kept out of contrast prompts and shots)")):
-        p.add_argument(f"--{name.replace('_', '-')}", type=validate.positive_int_flag, help=f"{what} (default {getattr(d, name)})")
-    p.add_argument("--n-refine", type=validate.nonnegative_int_flag, help="contrast pairs per emotion (0 = all)")
-    p.add_argument("--n-examples", type=validate.int_list_flag, help="refinement sizes of Fig 5 (0 = all)")
+        p.add_argument(f"--{name.replace('_', '-')}", type=flags.positive_int_flag, help=f"{what} (default {getattr(d, name)})")
+    p.add_argument("--n-refine", type=flags.nonnegative_int_flag, help="contrast pairs per emotion (0 = all)")
+    p.add_argument("--n-examples", type=flags.int_list_flag, help="refinement sizes of Fig 5 (0 = all)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

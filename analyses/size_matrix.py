@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import contrans_tl as ct
-from contrans_tl import validate
+from contrans_tl import flags
 from contrans_tl.analyses import _common as cm
 from contrans_tl.analyses._checkpoints import cell_executor
 from contrans_tl.analyses._matrix_setup import DEFAULT_MODELS, QUICK, Config, _base_key, _Run, _steer_key
@@ -389,12 +389,12 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 # ---- command line ---------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", type=validate.model_list_flag, help="comma-separated model names (default: the Pythia list)")
-    p.add_argument("--out", type=validate.out_dir_flag, help=f"output directory (cells, states, matrix.json, figures; default {Config.out})")
+    p.add_argument("--models", type=flags.model_list_flag, help="comma-separated model names (default: the Pythia list)")
+    p.add_argument("--out", type=flags.out_dir_flag, help=f"output directory (cells, states, matrix.json, figures; default {Config.out})")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
     cm.add_size_args(p, texts_help="neutral sentences for the alignment states")
-    p.add_argument("--alphas", type=validate.float_list_flag, help="comma-separated strengths (norm units)")
+    p.add_argument("--alphas", type=flags.float_list_flag, help="comma-separated strengths (norm units)")
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
     p.add_argument("--keep-loaded", action="store_true",

@@ -38,6 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 import contrans_tl as ct
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.analyses import _common as cm
 from contrans_tl.artifacts import AffineMap, ConceptVector
@@ -342,18 +343,18 @@ def plot(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 # ---- command line ---------------------------------------------------------------------------------
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", type=validate.model_flag)
-    p.add_argument("--target", type=validate.model_flag)
-    p.add_argument("--out", type=validate.out_dir_flag, help=f"output directory (default {Config.out})")
+    p.add_argument("--source", type=flags.model_flag)
+    p.add_argument("--target", type=flags.model_flag)
+    p.add_argument("--out", type=flags.out_dir_flag, help=f"output directory (default {Config.out})")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
     cm.add_size_args(p)
-    p.add_argument("--alpha", type=validate.finite_float_flag)
+    p.add_argument("--alpha", type=flags.finite_float_flag)
     p.add_argument("--unit", choices=["norm", "raw"])
-    p.add_argument("--lens-layers", type=validate.name_list_flag, help="comma-separated: steer, final, or block indices")
-    p.add_argument("--k", type=validate.positive_int_flag, help="rising/falling tokens kept per prompt")
-    p.add_argument("--top", type=validate.positive_int_flag, help="tokens shown per table cell")
-    p.add_argument("--chunk", type=validate.positive_int_flag, help="prompts per read-out chunk")
+    p.add_argument("--lens-layers", type=flags.name_list_flag, help="comma-separated: steer, final, or block indices")
+    p.add_argument("--k", type=flags.positive_int_flag, help="rising/falling tokens kept per prompt")
+    p.add_argument("--top", type=flags.positive_int_flag, help="tokens shown per table cell")
+    p.add_argument("--chunk", type=flags.positive_int_flag, help="prompts per read-out chunk")
     p.add_argument("--no-native", dest="native", action="store_false", default=None)
     cm.add_run_args(p)
 

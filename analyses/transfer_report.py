@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import contrans_tl as ct
 from contrans_tl.analyses import _common as cm
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.datasets import neutral_sentences
@@ -386,58 +387,58 @@ def run(cfg: Config) -> tuple[TransferReport, LayerPairSearch]:
 # ---- command line ---------------------------------------------------------------------------------
 def _shared_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
     d = Config()
-    p.add_argument("--source", type=validate.model_flag, help=f"source model (default {d.source}: the offline pair)")
-    p.add_argument("--target", type=validate.model_flag, help=f"target model (default {d.target})")
+    p.add_argument("--source", type=flags.model_flag, help=f"source model (default {d.source}: the offline pair)")
+    p.add_argument("--target", type=flags.model_flag, help=f"target model (default {d.target})")
     p.add_argument("--emotion", choices=EMOTIONS, help="built-in emotion concept (its label tokens and scenarios)")
-    p.add_argument("--n-texts", type=validate.positive_int_flag, help=f"neutral sentences for fitting maps (default {d.n_texts})")
-    p.add_argument("--n-refine", type=validate.positive_int_flag, help=f"contrast prompts per side (default {d.n_refine})")
-    p.add_argument("--out", required=out_required, type=validate.out_dir_flag,
+    p.add_argument("--n-texts", type=flags.positive_int_flag, help=f"neutral sentences for fitting maps (default {d.n_texts})")
+    p.add_argument("--n-refine", type=flags.positive_int_flag, help=f"contrast prompts per side (default {d.n_refine})")
+    p.add_argument("--out", required=out_required, type=flags.out_dir_flag,
                    help="output directory (JSON, figures, artifacts)")
-    p.add_argument("--outlier-factor", type=validate.nonnegative_float_flag,
+    p.add_argument("--outlier-factor", type=flags.nonnegative_float_flag,
                    help=f"drop aligned samples with norm > this x the layer median (0: keep all; default {d.outlier_factor})")
     cm.add_map_args(p)
-    p.add_argument("--device", type=validate.device_flag)
-    p.add_argument("--batch-size", type=validate.positive_int_flag, help=f"default {d.batch_size}")
-    p.add_argument("--seed", type=validate.nonnegative_int_flag, help=f"default {d.seed}")
+    p.add_argument("--device", type=flags.device_flag)
+    p.add_argument("--batch-size", type=flags.positive_int_flag, help=f"default {d.batch_size}")
+    p.add_argument("--seed", type=flags.nonnegative_int_flag, help=f"default {d.seed}")
 
 
 def _report_only_args(p: argparse.ArgumentParser, *, pairs: Sequence[str]) -> None:
-    p.add_argument("--map", type=validate.existing_file_flag, help="AffineMap file (default: fit one on the neutral corpus)")
-    p.add_argument("--vector", type=validate.existing_file_flag,
+    p.add_argument("--map", type=flags.existing_file_flag, help="AffineMap file (default: fit one on the neutral corpus)")
+    p.add_argument("--vector", type=flags.existing_file_flag,
                    help="source ConceptVector file (default: refine --emotion in the source)")
-    p.add_argument("--native", type=validate.existing_file_flag,
+    p.add_argument("--native", type=flags.existing_file_flag,
                    help="target ConceptVector file (default: refine --emotion in the target)")
-    p.add_argument("--alpha", type=validate.alpha_or_auto_flag,
+    p.add_argument("--alpha", type=flags.alpha_or_auto_flag,
                    help="strength for the causal ratio (default 0.1), or 'auto' (KL-guarded sweep)")
     p.add_argument("--unit", choices=["raw", "norm"])
-    p.add_argument("--kl-budget", type=validate.positive_float_flag, help="nats of neutral-text KL for --alpha auto")
+    p.add_argument("--kl-budget", type=flags.positive_float_flag, help="nats of neutral-text KL for --alpha auto")
     p.add_argument("--metric", choices=list(METRICS))
-    p.add_argument("--n-eval", type=validate.positive_int_flag, help=N_EVAL_HELP)
-    p.add_argument("--steer-layers", type=validate.layers_or_auto_flag, help="target layers steered together: "
+    p.add_argument("--n-eval", type=flags.positive_int_flag, help=N_EVAL_HELP)
+    p.add_argument("--steer-layers", type=flags.layers_or_auto_flag, help="target layers steered together: "
                    "comma-separated, 'auto' (reports.layer_search.auto_layers); default: all layers of the map")
-    p.add_argument("--per-layer", type=validate.layer_list_flag, help="comma-separated target layers to also test one at a time")
-    p.add_argument("--per-layer-alpha", type=validate.finite_float_flag, help="strength of the one-layer runs")
-    p.add_argument("--min-effect", type=validate.nonnegative_float_flag,
+    p.add_argument("--per-layer", type=flags.layer_list_flag, help="comma-separated target layers to also test one at a time")
+    p.add_argument("--per-layer-alpha", type=flags.finite_float_flag, help="strength of the one-layer runs")
+    p.add_argument("--min-effect", type=flags.nonnegative_float_flag,
                    help="smallest native effect for which the causal ratio is defined")
     p.add_argument("--pairs", choices=list(pairs), help="map layer pairs: depth-matched, or the best of a layer-pair search")
 
 
 def _search_only_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target-stride", type=validate.positive_int_flag, help="every n-th target layer")
-    p.add_argument("--top-k", type=validate.positive_int_flag, help="best pairs listed")
+    p.add_argument("--target-stride", type=flags.positive_int_flag, help="every n-th target layer")
+    p.add_argument("--top-k", type=flags.positive_int_flag, help="best pairs listed")
 
 
 def add_report_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``contrans report``."""
     _shared_args(p, out_required=True)
     _report_only_args(p, pairs=("default", "search"))
-    p.add_argument("--stride", type=validate.positive_int_flag, help="layer-pair search stride (with --pairs search)")
+    p.add_argument("--stride", type=flags.positive_int_flag, help="layer-pair search stride (with --pairs search)")
 
 
 def add_layer_search_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``contrans layer-search``."""
     _shared_args(p, out_required=True)
-    p.add_argument("--stride", type=validate.positive_int_flag, help="every n-th source layer (the last always kept)")
+    p.add_argument("--stride", type=flags.positive_int_flag, help="every n-th source layer (the last always kept)")
     _search_only_args(p)
 
 
@@ -445,7 +446,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``python -m contrans_tl.analyses.transfer_report``: the search and the report(s) in one process."""
     _shared_args(p, out_required=False)
     _report_only_args(p, pairs=("default", "search", "both"))
-    p.add_argument("--stride", type=validate.positive_int_flag, help="every n-th source layer of the search")
+    p.add_argument("--stride", type=flags.positive_int_flag, help="every n-th source layer of the search")
     _search_only_args(p)
 
 

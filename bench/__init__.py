@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from contrans_tl import validate
+from contrans_tl import flags
 
 __all__ = ["add_arguments", "run"]
 
@@ -31,14 +31,14 @@ DEFAULT_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``contrans bench`` / ``python -m bench.run``."""
     p.add_argument("--quick", action="store_true", help="short run (fewer prompts, repeats and lengths)")
-    p.add_argument("--out", type=validate.out_dir_flag, help="directory for bench.json (default: print only)")
-    p.add_argument("--models", nargs=2, metavar=("SOURCE", "TARGET"), type=validate.model_flag, default=list(DEFAULT_MODELS),
+    p.add_argument("--out", type=flags.out_dir_flag, help="directory for bench.json (default: print only)")
+    p.add_argument("--models", nargs=2, metavar=("SOURCE", "TARGET"), type=flags.model_flag, default=list(DEFAULT_MODELS),
                    help="source and target model (default: %(default)s)")
-    p.add_argument("--device", type=validate.device_flag, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--repeats", type=validate.positive_int_flag, help="timed repeats per measurement (median reported)")
-    p.add_argument("--batch-size", type=validate.positive_int_flag, help="capture batch size (default 16)")
-    p.add_argument("--seq-lens", type=validate.positive_int_flag, nargs="+", help="sequence lengths for the memory item")
-    p.add_argument("--threads", type=validate.positive_int_flag, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--device", type=flags.device_flag, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--repeats", type=flags.positive_int_flag, help="timed repeats per measurement (median reported)")
+    p.add_argument("--batch-size", type=flags.positive_int_flag, help="capture batch size (default 16)")
+    p.add_argument("--seq-lens", type=flags.positive_int_flag, nargs="+", help="sequence lengths for the memory item")
+    p.add_argument("--threads", type=flags.positive_int_flag, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--no-demo", action="store_true", help="skip item 7 (the demo against its floor: the longest item)")
     p.add_argument("--in-process-memory", action="store_true",
                    help="measure CPU memory in this process instead of a fresh one per model")

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from contrans_tl import validate
+from contrans_tl import flags
 from contrans_tl.capture import model_device, pad_batch, pad_token_id
 from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
 from contrans_tl.errors import InvalidArgumentError
@@ -219,11 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     p = CommandParser(prog="python -m bench.demo", description=__doc__.splitlines()[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=validate.positive_int_flag)
+    p.add_argument("--threads", type=flags.positive_int_flag)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--models", nargs=2, type=validate.model_flag, default=["smollm2-135m-instruct", "gemma-3-270m"])
-    p.add_argument("--out", type=validate.out_dir_flag, help="folder for demo_bench.json")
-    p.add_argument("--demo-out", type=validate.out_dir_flag, help="keep the demo's own output here (a fresh folder; default: a temporary one)")
+    p.add_argument("--models", nargs=2, type=flags.model_flag, default=["smollm2-135m-instruct", "gemma-3-270m"])
+    p.add_argument("--out", type=flags.out_dir_flag, help="folder for demo_bench.json")
+    p.add_argument("--demo-out", type=flags.out_dir_flag, help="keep the demo's own output here (a fresh folder; default: a temporary one)")
     p.add_argument("rest", nargs="*")
     try:
         args = p.parse_args(argv)

@@ -17,13 +17,13 @@ a map-corpus spec (``neutral``, ``concept``, ``concept+neutral``, ``wikisplit:PA
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.analyses import emotion_transfer as et
 from contrans_tl.analyses._frontier_run import Direction, Frontier, efficiency
@@ -133,18 +133,18 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     p = CommandParser(prog="python -m bench.levers", description=__doc__.splitlines()[0])
-    p.add_argument("--source", type=validate.model_flag, default="smollm2-135m-instruct")
-    p.add_argument("--target", type=validate.model_flag, default="gemma-3-270m")
-    p.add_argument("--layer", type=validate.nonnegative_int_flag, default=14, help="target layer (default 14, the demo's)")
-    p.add_argument("--levers", type=validate.text_flag, default=DEFAULT_LEVERS,
+    p.add_argument("--source", type=flags.model_flag, default="smollm2-135m-instruct")
+    p.add_argument("--target", type=flags.model_flag, default="gemma-3-270m")
+    p.add_argument("--layer", type=flags.nonnegative_int_flag, default=14, help="target layer (default 14, the demo's)")
+    p.add_argument("--levers", type=flags.text_flag, default=DEFAULT_LEVERS,
                    help="CORPUS:ESTIMATOR:SOURCE_LAYER[:RANK] items joined by ';'")
-    p.add_argument("--emotions", type=validate.name_list_flag, default=et.EMOTIONS)
-    p.add_argument("--n-negatives", type=validate.positive_int_flag, default=10)
-    p.add_argument("--n-validation", type=validate.positive_int_flag, default=4)
-    p.add_argument("--n-fluency-texts", type=validate.positive_int_flag, default=19)
-    p.add_argument("--alphas", type=validate.float_list_flag, default=None)
-    p.add_argument("--threads", type=validate.positive_int_flag)
-    p.add_argument("--out", type=validate.out_dir_flag, required=True)
+    p.add_argument("--emotions", type=flags.name_list_flag, default=et.EMOTIONS)
+    p.add_argument("--n-negatives", type=flags.positive_int_flag, default=10)
+    p.add_argument("--n-validation", type=flags.positive_int_flag, default=4)
+    p.add_argument("--n-fluency-texts", type=flags.positive_int_flag, default=19)
+    p.add_argument("--alphas", type=flags.float_list_flag, default=None)
+    p.add_argument("--threads", type=flags.positive_int_flag)
+    p.add_argument("--out", type=flags.out_dir_flag, required=True)
     try:
         args = p.parse_args(argv)
     except SystemExit as stop:

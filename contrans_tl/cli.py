@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from contrans_tl import flags
 from contrans_tl import validate as v
 from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
 from contrans_tl.errors import ContransError, InvalidArgumentError
@@ -23,7 +24,7 @@ Run = Callable[[argparse.Namespace], int]
 # ---- contrans models -------------------------------------------------------------------------
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--prepare", nargs="*", metavar="NAME", type=v.model_flag,
+    p.add_argument("--prepare", nargs="*", metavar="NAME", type=flags.model_flag,
                    help="convert these built-in models now (default with no names: the default pair)")
 
 
@@ -53,12 +54,12 @@ def _lines(path: str) -> list[str]:
 
 
 def _refine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=v.model_flag, help="built-in name, hub id, local directory or .gguf")
-    p.add_argument("--positive", required=True, type=v.text_file_flag, help="text file, one positive prompt per line")
-    p.add_argument("--negative", required=True, type=v.text_file_flag, help="text file, one negative prompt per line")
+    p.add_argument("model", type=flags.model_flag, help="built-in name, hub id, local directory or .gguf")
+    p.add_argument("--positive", required=True, type=flags.text_file_flag, help="text file, one positive prompt per line")
+    p.add_argument("--negative", required=True, type=flags.text_file_flag, help="text file, one negative prompt per line")
     p.add_argument("--method", choices=["mean_diff", "pca"], default="mean_diff")
-    p.add_argument("--batch-size", type=v.positive_int_flag, default=16)
-    p.add_argument("--out", required=True, type=v.out_file_flag, help="where to write the ConceptVector (.safetensors)")
+    p.add_argument("--batch-size", type=flags.positive_int_flag, default=16)
+    p.add_argument("--out", required=True, type=flags.out_file_flag, help="where to write the ConceptVector (.safetensors)")
 
 
 def _refine_run(args: argparse.Namespace) -> int:
@@ -79,23 +80,23 @@ def _refine_run(args: argparse.Namespace) -> int:
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", type=v.model_flag)
-    p.add_argument("target", type=v.model_flag)
+    p.add_argument("source", type=flags.model_flag)
+    p.add_argument("target", type=flags.model_flag)
     text = p.add_mutually_exclusive_group()
-    text.add_argument("--texts", type=v.text_file_flag, help="text file, one text per line (same as --corpus file:FILE)")
-    text.add_argument("--corpus", type=v.corpus_flag,
+    text.add_argument("--texts", type=flags.text_file_flag, help="text file, one text per line (same as --corpus file:FILE)")
+    text.add_argument("--corpus", type=flags.corpus_flag,
                       help="map corpus: neutral[:N], file:PATH, wikisplit:PATH[:N], concept, or a union joined "
                            "by '+' such as concept+neutral (default: neutral, the built-in sentences)")
-    p.add_argument("--concept-texts", type=v.text_file_flag,
+    p.add_argument("--concept-texts", type=flags.text_file_flag,
                    help="text file of the concept's own texts (contrast prompts, unlabeled domain text; never "
                         "evaluation items): what 'concept' in --corpus stands for")
-    p.add_argument("--estimator", type=v.estimator_flag, default="ridge",
+    p.add_argument("--estimator", type=flags.estimator_flag, default="ridge",
                    help="map family: " + ", ".join(v.MAP_ESTIMATORS) + " (default: ridge)")
-    p.add_argument("--rank", type=v.positive_int_flag, help="rank of --estimator rrr (required), or canonical pairs "
+    p.add_argument("--rank", type=flags.positive_int_flag, help="rank of --estimator rrr (required), or canonical pairs "
                                                             "kept by --estimator whitened (default: all)")
-    p.add_argument("--ridge", type=v.ridge_flag, default="auto", help="'auto' (validation split) or a number >= 0")
-    p.add_argument("--holdout", type=v.fraction_flag, default=0.2, help="share of texts held out for R2, in [0, 1)")
-    p.add_argument("--out", required=True, type=v.out_file_flag, help="where to write the AffineMap (.safetensors)")
+    p.add_argument("--ridge", type=flags.ridge_flag, default="auto", help="'auto' (validation split) or a number >= 0")
+    p.add_argument("--holdout", type=flags.fraction_flag, default=0.2, help="share of texts held out for R2, in [0, 1)")
+    p.add_argument("--out", required=True, type=flags.out_file_flag, help="where to write the AffineMap (.safetensors)")
 
 
 def _fit_run(args: argparse.Namespace) -> int:
@@ -115,14 +116,14 @@ def _fit_run(args: argparse.Namespace) -> int:
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=v.model_flag)
-    p.add_argument("prompt", type=v.text_flag)
-    p.add_argument("--vector", type=v.existing_file_flag, help="ConceptVector file to transplant (mapped or native)")
-    p.add_argument("--map", type=v.existing_file_flag, help="AffineMap to push a source vector through first")
-    p.add_argument("--alpha", type=v.finite_float_flag, default=0.0)
+    p.add_argument("model", type=flags.model_flag)
+    p.add_argument("prompt", type=flags.text_flag)
+    p.add_argument("--vector", type=flags.existing_file_flag, help="ConceptVector file to transplant (mapped or native)")
+    p.add_argument("--map", type=flags.existing_file_flag, help="AffineMap to push a source vector through first")
+    p.add_argument("--alpha", type=flags.finite_float_flag, default=0.0)
     p.add_argument("--unit", choices=["raw", "norm"], default="raw")
-    p.add_argument("--layers", type=v.layer_list_flag, help="comma-separated layers (default: the vector's)")
-    p.add_argument("--max-new-tokens", type=v.positive_int_flag, default=30)
+    p.add_argument("--layers", type=flags.layer_list_flag, help="comma-separated layers (default: the vector's)")
+    p.add_argument("--max-new-tokens", type=flags.positive_int_flag, default=30)
 
 
 def _generate_run(args: argparse.Namespace) -> int:
@@ -203,16 +204,16 @@ def _layer_search_run(args: argparse.Namespace) -> int:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vector", type=v.existing_file_flag,
+    p.add_argument("vector", type=flags.existing_file_flag,
                    help="ConceptVector file (a target-space vector, or a source one with --map)")
-    p.add_argument("--map", type=v.existing_file_flag, help="AffineMap to push the vector through first")
+    p.add_argument("--map", type=flags.existing_file_flag, help="AffineMap to push the vector through first")
     p.add_argument("--format", choices=["gguf", "lm-eval"], required=True,
                    help="gguf: llama.cpp --control-vector file; lm-eval: steered model steer_path .pt")
-    p.add_argument("--out", required=True, type=v.out_file_flag, help="the file to write (not the input)")
-    p.add_argument("--alpha", type=v.finite_float_flag, default=1.0)
+    p.add_argument("--out", required=True, type=flags.out_file_flag, help="the file to write (not the input)")
+    p.add_argument("--alpha", type=flags.finite_float_flag, default=1.0)
     p.add_argument("--unit", choices=["raw", "norm"], default="raw")
-    p.add_argument("--layers", type=v.layer_list_flag, help="comma-separated layers (default: the vector's)")
-    p.add_argument("--hookpoint-template", type=v.hookpoint_template_flag, default="layers.{layer}",
+    p.add_argument("--layers", type=flags.layer_list_flag, help="comma-separated layers (default: the vector's)")
+    p.add_argument("--hookpoint-template", type=flags.hookpoint_template_flag, default="layers.{layer}",
                    help="lm-eval hook point names")
     p.add_argument("--skip-layer0", action="store_true", help="gguf: drop layer 0 (llama.cpp cannot steer it)")
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import contrans_tl as ct
+from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.cli import build_parser, main
 from contrans_tl.errors import (
@@ -368,47 +369,47 @@ def test_cli_bad_input_is_one_line(case, cli_files, no_model_loads, tmp_path, mo
 # ---- the walker: every flag of every subcommand, by construction ----------------------------------
 V = validate
 BAD_VALUES: dict[Any, list[str]] = {
-    V.positive_int_flag: ["0", "-1", "1.5", "x", "", "nan"],
-    V.nonnegative_int_flag: ["-1", "1.5", "x", ""],
-    V.finite_float_flag: ["nan", "inf", "-inf", "1e400", "x", ""],
-    V.positive_float_flag: ["0", "-1", "nan", "inf", "x"],
-    V.nonnegative_float_flag: ["-0.5", "nan", "inf", "x"],
-    V.fraction_flag: ["-0.1", "1", "1.5", "nan", "x"],
-    V.depth_flag: ["0", "-0.1", "1.5", "nan", "x"],
-    V.ratio_flag: ["0.5", "nan", "inf", "x"],
-    V.ridge_flag: ["-1", "nan", "inf", "x"],
-    V.alpha_or_auto_flag: ["nan", "inf", "x", "", "Auto"],
-    V.int_list_flag: ["1,,2", "a,b", ",", "", "1.5", "1,"],
-    V.layer_list_flag: ["1,,2", "a,b", "-1", "1,1", ",", "", "1,"],
-    V.layers_or_auto_flag: ["1,,2", "a,b", "-1", "", "AUTO"],
-    V.float_list_flag: ["x,y", "0,,1", "nan", "0.1,inf", ",", ""],
-    V.name_list_flag: [",", "a,,b", "", " , ", "a,a"],
-    V.text_flag: ["", "   "],
-    V.model_flag: ["", "  ", "./no/such/model", "{missing}.gguf", "{a_file}/model"],
-    V.model_list_flag: ["", "a,,b", "a,a", "./no/such/model", "{missing}.gguf"],
-    V.hookpoint_template_flag: ["layers", "", "{layers}"],
-    V.device_flag: ["bogus", "gpu", "cuda:x", "cuda:-1", "cuda:999", "CPU", ""],
-    V.existing_file_flag: ["{missing}", "{empty}", "{dir}", ""],
-    V.text_file_flag: ["{missing}", "{empty}", "{binary}", "{dir}", "{blank}", ""],
-    V.existing_dir_flag: ["{missing}", "{a_file}", ""],
-    V.existing_path_flag: ["{missing}", "{empty}", ""],
-    V.data_path_flag: ["{missing}", "{empty}", ""],
-    V.out_dir_flag: ["{a_file}", "{a_file}/sub", ""],
-    V.out_file_flag: ["{dir}", "{a_file}/x.safetensors", ""],
-    V.estimator_flag: ["ols", "", "Ridge"],
-    V.corpus_flag: ["neutral:0", "file:", "bogus", "", "neutral+"],
+    flags.positive_int_flag: ["0", "-1", "1.5", "x", "", "nan"],
+    flags.nonnegative_int_flag: ["-1", "1.5", "x", ""],
+    flags.finite_float_flag: ["nan", "inf", "-inf", "1e400", "x", ""],
+    flags.positive_float_flag: ["0", "-1", "nan", "inf", "x"],
+    flags.nonnegative_float_flag: ["-0.5", "nan", "inf", "x"],
+    flags.fraction_flag: ["-0.1", "1", "1.5", "nan", "x"],
+    flags.depth_flag: ["0", "-0.1", "1.5", "nan", "x"],
+    flags.ratio_flag: ["0.5", "nan", "inf", "x"],
+    flags.ridge_flag: ["-1", "nan", "inf", "x"],
+    flags.alpha_or_auto_flag: ["nan", "inf", "x", "", "Auto"],
+    flags.int_list_flag: ["1,,2", "a,b", ",", "", "1.5", "1,"],
+    flags.layer_list_flag: ["1,,2", "a,b", "-1", "1,1", ",", "", "1,"],
+    flags.layers_or_auto_flag: ["1,,2", "a,b", "-1", "", "AUTO"],
+    flags.float_list_flag: ["x,y", "0,,1", "nan", "0.1,inf", ",", ""],
+    flags.name_list_flag: [",", "a,,b", "", " , ", "a,a"],
+    flags.text_flag: ["", "   "],
+    flags.model_flag: ["", "  ", "./no/such/model", "{missing}.gguf", "{a_file}/model"],
+    flags.model_list_flag: ["", "a,,b", "a,a", "./no/such/model", "{missing}.gguf"],
+    flags.hookpoint_template_flag: ["layers", "", "{layers}"],
+    flags.device_flag: ["bogus", "gpu", "cuda:x", "cuda:-1", "cuda:999", "CPU", ""],
+    flags.existing_file_flag: ["{missing}", "{empty}", "{dir}", ""],
+    flags.text_file_flag: ["{missing}", "{empty}", "{binary}", "{dir}", "{blank}", ""],
+    flags.existing_dir_flag: ["{missing}", "{a_file}", ""],
+    flags.existing_path_flag: ["{missing}", "{empty}", ""],
+    flags.data_path_flag: ["{missing}", "{empty}", ""],
+    flags.out_dir_flag: ["{a_file}", "{a_file}/sub", ""],
+    flags.out_file_flag: ["{dir}", "{a_file}/x.safetensors", ""],
+    flags.estimator_flag: ["ols", "", "Ridge"],
+    flags.corpus_flag: ["neutral:0", "file:", "bogus", "", "neutral+"],
 }
 """Values each flag type must refuse. A flag type without an entry fails test_every_flag_type_has_bad_values."""
 
 GOOD_VALUES: dict[Any, str] = {
-    V.positive_int_flag: "2", V.nonnegative_int_flag: "0", V.finite_float_flag: "0.5", V.positive_float_flag: "0.5",
-    V.nonnegative_float_flag: "0", V.fraction_flag: "0.2", V.depth_flag: "1", V.ratio_flag: "1.2",
-    V.ridge_flag: "auto", V.alpha_or_auto_flag: "auto", V.int_list_flag: "1,2", V.layer_list_flag: "1,2",
-    V.layers_or_auto_flag: "auto", V.float_list_flag: "0,0.1", V.name_list_flag: "a,b", V.text_flag: "some text",
-    V.model_flag: "smollm2-135m-instruct", V.model_list_flag: "a,b", V.hookpoint_template_flag: "layers.{layer}",
-    V.device_flag: "cpu", V.existing_file_flag: "{a_file}", V.text_file_flag: "{text}", V.existing_dir_flag: "{dir}",
-    V.existing_path_flag: "{dir}", V.data_path_flag: "hub", V.out_dir_flag: "{dir}/out", V.out_file_flag: "{dir}/out.x",
-    V.estimator_flag: "ridge", V.corpus_flag: "concept+neutral:10",
+    flags.positive_int_flag: "2", flags.nonnegative_int_flag: "0", flags.finite_float_flag: "0.5", flags.positive_float_flag: "0.5",
+    flags.nonnegative_float_flag: "0", flags.fraction_flag: "0.2", flags.depth_flag: "1", flags.ratio_flag: "1.2",
+    flags.ridge_flag: "auto", flags.alpha_or_auto_flag: "auto", flags.int_list_flag: "1,2", flags.layer_list_flag: "1,2",
+    flags.layers_or_auto_flag: "auto", flags.float_list_flag: "0,0.1", flags.name_list_flag: "a,b", flags.text_flag: "some text",
+    flags.model_flag: "smollm2-135m-instruct", flags.model_list_flag: "a,b", flags.hookpoint_template_flag: "layers.{layer}",
+    flags.device_flag: "cpu", flags.existing_file_flag: "{a_file}", flags.text_file_flag: "{text}", flags.existing_dir_flag: "{dir}",
+    flags.existing_path_flag: "{dir}", flags.data_path_flag: "hub", flags.out_dir_flag: "{dir}/out", flags.out_file_flag: "{dir}/out.x",
+    flags.estimator_flag: "ridge", flags.corpus_flag: "concept+neutral:10",
 }
 
 FREE_TEXT: dict[tuple[str, str], str] = {}
@@ -447,7 +448,7 @@ def test_every_flag_declares_a_validator():
     bare, fixed = [], []
     for cmd, action in _flags():
         key = (cmd, action.dest)
-        validated = action.choices is not None or action.type in V.FLAG_TYPES
+        validated = action.choices is not None or action.type in flags.FLAG_TYPES
         if key in PENDING_LEAD:
             if validated:
                 fixed.append(_flag_id(cmd, action))
@@ -459,7 +460,7 @@ def test_every_flag_declares_a_validator():
 
 def test_every_flag_type_has_bad_values():
     """Each flag type comes with the values it must refuse and one it must take; they do."""
-    assert set(BAD_VALUES) == set(V.FLAG_TYPES) == set(GOOD_VALUES)
+    assert set(BAD_VALUES) == set(flags.FLAG_TYPES) == set(GOOD_VALUES)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import contrans_tl as ct
-from contrans_tl import validate
+from contrans_tl import flags
 from contrans_tl.cli import main
 from contrans_tl.corpus import MapCorpus, corpus_digest, resolve_corpus
 from contrans_tl.datasets import neutral_sentences
@@ -116,13 +116,13 @@ def test_concept_texts_are_checked():
 
 
 def test_flags_for_the_command_line():
-    assert validate.corpus_flag("concept+neutral:10") == "concept+neutral:10"
-    assert validate.estimator_flag("procrustes") == "procrustes"
+    assert flags.corpus_flag("concept+neutral:10") == "concept+neutral:10"
+    assert flags.estimator_flag("procrustes") == "procrustes"
     for bad in ("neutral:0", "nope", "file:"):
         with pytest.raises(argparse.ArgumentTypeError, match="corpus="):
-            validate.corpus_flag(bad)
+            flags.corpus_flag(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="estimator='Ridge'.*'lstsq', 'ridge', 'procrustes'"):
-        validate.estimator_flag("Ridge")
+        flags.estimator_flag("Ridge")
 
 
 # ---- the map records its corpus --------------------------------------------------------------------
