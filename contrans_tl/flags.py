@@ -50,7 +50,6 @@ __all__ = [
     "out_file_flag",
     "estimator_flag",
     "corpus_flag",
-    "float_flag",
 ]
 
 T = TypeVar("T")
@@ -75,10 +74,6 @@ def nonnegative_int_flag(text: str) -> int:
 def finite_float_flag(text: str) -> float:
     """A finite number (NaN, inf and overflowing literals like ``1e400`` are refused)."""
     return _flag(lambda: validate.real("value", _float_text(text)))
-
-
-float_flag = finite_float_flag
-"""The older name of :func:`finite_float_flag`."""
 
 
 def positive_float_flag(text: str) -> float:
