@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -37,8 +37,8 @@ from contrans_tl.sweep import CellStore, run_option
 from contrans_tl.tasks.concept import Concept, ConceptSplit, check_held_out
 from contrans_tl.tasks.frontier import METRICS, geometric_grid
 
-__all__ = ["ALPHAS", "TransferSettings", "ConceptRun", "TransferRun", "NORM_REFERENCE", "start_run", "random_vector",
-           "log"]
+__all__ = ["ALPHAS", "TransferSettings", "ConceptRun", "TransferRun", "NORM_REFERENCE", "concept_texts", "start_run",
+           "random_vector", "log"]
 
 ALPHAS = geometric_grid(0.02, 1.5, 8)
 """Default strengths of the concept vectors (norm units): 0.02 × 1.5^k, k = 0..7, i.e. 0.02 to 0.34 —
@@ -175,8 +175,8 @@ class TransferRun:
     store: CellStore
     art: Path
     phases: cm.PhaseTimes
-    corpus: MapCorpus | None = None
-    """The map's corpus, resolved once (its digest is part of the run's settings)."""
+    corpus: MapCorpus
+    """The map's corpus, resolved once by :func:`start_run` (its digest is part of the run's settings)."""
     states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     """Per model (by ``id``): resid_post of every contrast prompt at every layer, captured once."""
     reference: torch.Tensor | None = None
@@ -242,7 +242,7 @@ class TransferRun:
                 with self.phases.phase(f"map: {part}"):
                     self.store.reused(f"artifact-map-{part}")
             return AffineMap.load(path)
-        corpus = self.corpus or resolve_corpus(self.cfg.map_corpus, concept_texts=self.concept_texts())
+        corpus = self.corpus
         items = {it.prompt for c in self.concepts for it in (*c.split.validation, *c.split.test)}
         leaked = next((p for p in items for text in corpus.texts if p in text), None)
         if leaked is not None:
@@ -269,10 +269,6 @@ class TransferRun:
         amap.save(path)
         return amap
 
-    def concept_texts(self) -> list[str]:
-        """What the map corpus "concept" stands for: every concept's contrast prompts and domain text."""
-        return [t for c in self.concepts for t in c.concept.contrast_texts]
-
     def refine_vectors(self, amap: AffineMap) -> tuple[dict[str, ConceptVector], dict[str, ConceptVector]]:
         """Step 1 and the mapping: per concept, the mapped source vector and the target's native one, in one unit."""
         mapped, native = {}, {}
@@ -281,6 +277,11 @@ class TransferRun:
             mapped[c.name] = self.in_reference_unit(amap.apply(source_vec))
             native[c.name] = self.in_reference_unit(self.vector(self.target, "native", c.concept))
         return mapped, native
+
+
+def concept_texts(concepts: Sequence[ConceptRun]) -> list[str]:
+    """What the map corpus "concept" stands for: every concept's contrast prompts and domain text."""
+    return [t for c in concepts for t in c.concept.contrast_texts]
 
 
 def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) -> TransferRun:
@@ -301,7 +302,7 @@ def start_run(cfg: TransferSettings, concepts: list[ConceptRun], protocol: str) 
     out = Path(cfg.out)
     concept_digest = hashlib.sha256(json.dumps([dataclasses.asdict(c) for c in concepts], sort_keys=True,
                                                default=str).encode()).hexdigest()[:16]
-    corpus = resolve_corpus(cfg.map_corpus, concept_texts=[t for c in concepts for t in c.concept.contrast_texts])
+    corpus = resolve_corpus(cfg.map_corpus, concept_texts=concept_texts(concepts))
     phases.store = CellStore(out / "cells", settings={**settings_fingerprint(cfg), "protocol": protocol,
                                                       "concepts": concept_digest,
                                                       "map_corpus_sha256": corpus.provenance["sha256"][:16]})

@@ -27,7 +27,7 @@ from contrans_tl import flags
 from contrans_tl import validate
 from contrans_tl.analyses import emotion_transfer as et
 from contrans_tl.analyses._frontier_run import Direction, Frontier, efficiency
-from contrans_tl.analyses._transfer_run import start_run
+from contrans_tl.analyses._transfer_run import concept_texts, start_run
 from contrans_tl.capture import check_layers
 from contrans_tl.corpus import resolve_corpus
 from contrans_tl.entry import CommandParser, run_reporting_errors, split_debug
@@ -83,7 +83,7 @@ def measure_levers(cfg: et.Config, levers: list[dict[str, Any]], layer: int, log
     log(f"native frontier at layer {layer}")
     native_curves = {s: {c: got[c] for c, got in zip(fr.concepts, fr.measure(
         [(Direction("native", c, layers, native[c]), cfg.alphas) for c in fr.concepts], s))} for s in base}
-    texts = [t for c in concepts for t in c.concept.contrast_texts]
+    texts = concept_texts(concepts)
     rows: list[dict[str, Any]] = []
     for lever in levers:
         name = lever["name"]
