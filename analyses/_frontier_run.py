@@ -101,9 +101,14 @@ class Frontier:
         store = self.run.store
         done = {k: self._fluency[k] for k in todo if k in self._fluency}
         for k in todo:
-            if k not in done and store.has(k):
-                done[k] = Fluency.from_dict(store.get(k))
-                store.reused(k)
+            if k in done:
+                continue
+            try:
+                cell = store.get(k)  # one read; a missing or corrupt cell is KeyError
+            except KeyError:
+                continue
+            done[k] = Fluency.from_dict(cell)
+            store.reused(k)
         missing = [k for k in todo if k not in done]
         for start in range(0, len(missing), FLUENCY_GROUP):
             group = missing[start : start + FLUENCY_GROUP]
