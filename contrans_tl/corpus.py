@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from contrans_tl import validate
-from contrans_tl.datasets import load_wikisplit, neutral_sentences
+from contrans_tl.datasets import load_wikisplit, neutral_sentences, read_text
 from contrans_tl.errors import DataFormatError, DataUnavailableError, InvalidArgumentError
 
 __all__ = ["MapCorpus", "corpus_digest", "resolve_corpus", "read_text_lines"]
@@ -56,10 +56,7 @@ def read_text_lines(path: str | Path, *, what: str = "text file") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataUnavailableError(f"no {what} at {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataFormatError(f"{path} is not UTF-8 text ({err}): a {what} holds one text per line") from None
+    text = read_text(path)  # the loaders' one reader: UTF-8 (a byte-order mark dropped), a named error if not
     if "\x00" in text:
         raise DataFormatError(f"{path} holds NUL bytes (a binary file?): a {what} holds one UTF-8 text per line")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
