@@ -93,7 +93,7 @@ def _is_number(text: str) -> bool:
 
 def _same_models(models: tuple[str, ...]) -> list[str]:
     """Two entries of ``models`` that name one model however they are spelled (empty if none)."""
-    from contrans_tl.models import model_key
+    from contrans_tl.offline import model_key
 
     seen: dict[str, str] = {}
     for name in models:

@@ -15,7 +15,7 @@ from typing import Any
 import contrans_tl as ct
 from contrans_tl.artifacts import AffineMap, ConceptVector
 from contrans_tl.metrics import layer_cosine
-from contrans_tl.models import describe_weights
+from contrans_tl.offline import describe_weights
 from contrans_tl.sweep import cell_key
 from contrans_tl.tasks.concept import ItemScores
 from contrans_tl.tasks.frontier import Point

@@ -27,7 +27,8 @@ from contrans_tl.errors import (
     SettingsMismatchError,
     WidthMismatchError,
 )
-from contrans_tl.models import OFFLINE_MODELS, ModelIdentity, identity, list_models, load_model
+from contrans_tl.models import ModelIdentity, identity, load_model
+from contrans_tl.offline import OFFLINE_MODELS, list_models
 from contrans_tl.refine import concept_from_states, mean_difference, pca_difference, refine
 from contrans_tl.reformulate import default_layer_pairs, fit_map, fit_map_from_states
 from contrans_tl.transplant import generate, transplant

@@ -29,7 +29,8 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 
 
 def _models_run(args: argparse.Namespace) -> int:
-    from contrans_tl.models import OFFLINE_MODELS, list_models, load_model
+    from contrans_tl.models import load_model
+    from contrans_tl.offline import OFFLINE_MODELS, list_models
 
     if args.prepare is not None:
         names = args.prepare or [m.name for m in OFFLINE_MODELS.values() if m.default_pair]

@@ -39,7 +39,7 @@ from contrans_tl.artifacts import ConceptVector
 from contrans_tl.files import atomic_path, write_json
 from contrans_tl import validate
 from contrans_tl.errors import ArtifactError, InvalidArgumentError, NonFiniteError
-from contrans_tl.models import OFFLINE_MODELS
+from contrans_tl.offline import OFFLINE_MODELS
 from contrans_tl.transplant import Unit, steering_offsets
 from contrans_tl.handle import ModelHandle
 

@@ -17,7 +17,7 @@ from contrans_tl.analyses._checkpoints import training_tokens
 from contrans_tl.analyses._common import RunSettings
 from contrans_tl.datasets import data_dir
 from contrans_tl.errors import ArtifactError, ContransError
-from contrans_tl.models import OFFLINE_MODELS, model_key
+from contrans_tl.offline import OFFLINE_MODELS, model_key
 from contrans_tl.sweep import input_digest, input_path, settings_fingerprint
 from contrans_tl.testing import make_tiny_model_dir
 
