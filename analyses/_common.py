@@ -396,11 +396,11 @@ def config_from_args(config_cls: Any, quick: dict[str, Any], args: argparse.Name
     return config_cls(**values)
 
 
-def add_map_args(p: argparse.ArgumentParser) -> None:
+def add_map_args(p: argparse.ArgumentParser, *, default_corpus: str = "neutral") -> None:
     """``--map-corpus`` and ``--map-estimator``: what an analysis's maps are fitted on, and how."""
     p.add_argument("--map-corpus", type=flags.corpus_flag,
-                   help="what the maps are fitted on: neutral (default), neutral:N, file:PATH, wikisplit:PATH[:N], "
-                        "concept (the emotions' contrast prompts) or a union such as concept+neutral")
+                   help=f"what the maps are fitted on (default {default_corpus}): neutral, neutral:N, file:PATH, "
+                        "wikisplit:PATH[:N], concept (the emotions' contrast prompts) or a union such as concept+neutral")
     p.add_argument("--map-estimator", type=flags.estimator_flag,
                    help=f"how the maps are fitted: {', '.join(validate.MAP_ESTIMATORS)} (default ridge)")
 

@@ -393,13 +393,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=flags.out_dir_flag, help=f"output directory (cells, states, matrix.json, figures; default {Config.out})")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
-    cm.add_size_args(p, texts_help="neutral sentences for the alignment states")
+    cm.add_size_args(p, texts_help="with --map-corpus neutral: how many of the built-in neutral sentences (default all 400)")
     p.add_argument("--alphas", type=flags.float_list_flag, help="comma-separated strengths (norm units)")
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
     p.add_argument("--keep-loaded", action="store_true",
                    help="hold all models in memory between the phases: N loads instead of 2N - 1")
-    cm.add_map_args(p)
+    cm.add_map_args(p, default_corpus="concept")
     cm.add_run_args(p)
 
 

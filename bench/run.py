@@ -420,7 +420,7 @@ def bench_size_matrix(cfg: BenchConfig, device: str, dtype: torch.dtype, log: Lo
             log(f"size matrix over {len(names)} models ({route})")
             start = time.perf_counter()
             res = sm.run(sm.Config(models=tuple(str(m) for m in names), out=f"{tmp}/{route}", emotions=("happiness",),
-                                   n_refine=4, n_eval=1, n_texts=60, batch_size=cfg.batch_size, device=device,
+                                   n_refine=4, n_eval=1, map_corpus="neutral", n_texts=60, batch_size=cfg.batch_size, device=device,
                                    dtype=str(dtype).removeprefix("torch."), keep_loaded=keep))
             out[route] = {"model_loads": res["model_loads"], "loads": res["loads"],
                           "forward_batches_estimated": res["forward_batches_estimated"],

@@ -105,3 +105,28 @@ def test_cli_bench_command_runs_bench_in_its_own_process(tmp_path):
     assert args.quick and args.out == str(tmp_path) and args.models == ["a", "b"]
     cfg = config_from_args(args)
     assert cfg.quick and cfg.models == ("a", "b") and cfg.repeats >= 1
+
+
+def _matrix(hits: dict[str, int], n: int = 50) -> dict:
+    """A size-matrix result of two models, one emotion: ``hits`` answers of n per 'S -> T' cell."""
+    models = ["a", "b"]
+    cells = {k: {"happiness": {"logit_acc": h / n, "n": n}} for k, h in hits.items()}
+    return {"models": models, "task": {"seed": 0}, "steering_layers": {"a": 1, "b": 1},
+            "baseline": {m: {"mean_logit_acc": 0.1} for m in models}, "matrices": {"0.3": {"cells": cells}}}
+
+
+def test_fig4_maps_compares_the_two_corpora_cell_by_cell_with_an_interval():
+    from bench.fig4_maps import _difference, compare
+
+    same = {"a -> a": 20, "b -> b": 20, "b -> a": 10}
+    table = compare(_matrix({**same, "a -> b": 10}), _matrix({**same, "a -> b": 40}))
+    assert "0.200 → **0.800** (+0.600" in table and "0.200 → **0.200** (+0.000" in table
+    assert "above 0: 1; below 0: 0; of 2" in table
+    d, low, high = _difference((10, 50), (40, 50))
+    assert d == pytest.approx(0.6) and 0.4 < low < d < high < 0.8
+    d, low, high = _difference((25, 50), (27, 50))  # a small change on 50 items: the interval holds 0
+    assert low < 0 < high
+    with pytest.raises(Exception, match="baseline"):  # two runs on other items are refused
+        other = _matrix({**same, "a -> b": 40})
+        other["baseline"]["b"]["mean_logit_acc"] = 0.2
+        compare(_matrix({**same, "a -> b": 10}), other)

@@ -94,7 +94,7 @@ def test_sweep_on_dask_equals_serial(client, ckpts, reference, tmp_path):
 def test_size_matrix_on_dask_equals_serial(client, tmp_path):
     models = [str(make_tiny_model_dir(tmp_path / "a", "llama", seed=1, d_model=48, n_layers=3, n_ctx=1024)),
               str(make_tiny_model_dir(tmp_path / "b", "gpt_neox", seed=2, n_ctx=1024))]
-    settings = dict(models=tuple(models), emotions=("happiness",), n_refine=2, n_eval=1, n_texts=30,
+    settings = dict(models=tuple(models), emotions=("happiness",), n_refine=2, n_eval=1, map_corpus="neutral", n_texts=30,
                     alphas=(2.0,), batch_size=8)
     serial = sm.run(sm.Config(out=str(tmp_path / "serial"), **settings))
     on_dask = sm.run(sm.Config(out=str(tmp_path / "dask"), **settings), executor=client.get_executor())

@@ -194,7 +194,7 @@ def test_checkpoint_sweep_on_hub_revisions(offline_hub, stored, tmp_path, repo, 
 
 def test_size_matrix_on_hub_ids(offline_hub, stored, tmp_path):
     """Both models by hub id, from main: 2N - 1 loads, each model's identity is its hub id."""
-    cfg = sm.Config(models=(PYTHIA, AMBER), out=str(tmp_path), n_texts=30, alphas=(2.0,), **TINY)
+    cfg = sm.Config(models=(PYTHIA, AMBER), out=str(tmp_path), map_corpus="neutral", n_texts=30, alphas=(2.0,), **TINY)
     result = sm.run(cfg)
     assert result["models"] == [PYTHIA, AMBER]
     assert [(name, rev) for name, rev, _ in offline_hub] == [(PYTHIA, None), (AMBER, None), (PYTHIA, None)]

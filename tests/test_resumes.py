@@ -21,8 +21,8 @@ from contrans_tl.offline import OFFLINE_MODELS, model_key
 from contrans_tl.sweep import input_digest, input_path, settings_fingerprint
 from contrans_tl.testing import make_tiny_model_dir
 
-SMALL = ["--emotions", "happiness", "--n-refine", "2", "--n-eval", "1", "--n-texts", "30", "--alphas", "2.0",
-         "--batch-size", "8", "--no-plot"]
+SMALL = ["--emotions", "happiness", "--n-refine", "2", "--n-eval", "1", "--map-corpus", "neutral", "--n-texts", "30",
+         "--alphas", "2.0", "--batch-size", "8", "--no-plot"]
 
 
 @pytest.fixture(scope="module")

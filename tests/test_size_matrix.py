@@ -10,8 +10,8 @@ from contrans_tl.analyses import size_matrix as sm
 from contrans_tl.errors import ContransError
 from contrans_tl.testing import make_tiny_model_dir
 
-SMALL = ["--emotions", "happiness", "--n-refine", "2", "--n-eval", "1", "--n-texts", "30", "--alphas", "2.0",
-         "--batch-size", "8"]
+SMALL = ["--emotions", "happiness", "--n-refine", "2", "--n-eval", "1", "--alphas", "2.0", "--batch-size", "8"]
+NEUTRAL = ["--map-corpus", "neutral", "--n-texts", "30"]  # the paper's corpus, 30 sentences: a map with samples to spare
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def two_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(two_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("sm_out")
-    assert sm.main(["--models", ",".join(two_models), "--out", str(out), *SMALL]) == 0
+    assert sm.main(["--models", ",".join(two_models), "--out", str(out), *SMALL, *NEUTRAL]) == 0
     return out
 
 
@@ -60,7 +60,7 @@ def test_rerun_loads_nothing_and_keeps_cells(first_run, two_models):
     cells = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (first_run / "cells").glob("*.json")}
     assert len(cells) == 2 + 4  # baselines + every (source, target) pair, one emotion, one alpha
     cfg = sm.Config(models=tuple(two_models), out=str(first_run), emotions=("happiness",), n_refine=2, n_eval=1,
-                    n_texts=30, alphas=(2.0,), batch_size=8)
+                    map_corpus="neutral", n_texts=30, alphas=(2.0,), batch_size=8)
     again = sm.run(cfg)
     assert again["model_loads"] == 0
     assert again["model_loads_all_runs"] == 3
@@ -72,7 +72,7 @@ def test_resume_reloads_only_the_missing_target(first_run, two_models):
     victim = sm._steer_key(b, a, "happiness", 2.0)
     (first_run / "cells" / f"{victim}.json").unlink()
     cfg = sm.Config(models=tuple(two_models), out=str(first_run), emotions=("happiness",), n_refine=2, n_eval=1,
-                    n_texts=30, alphas=(2.0,), batch_size=8)
+                    map_corpus="neutral", n_texts=30, alphas=(2.0,), batch_size=8)
     again = sm.run(cfg)
     assert again["loads"] == [[a, "evaluate incoming vectors"]]
     assert (first_run / "cells" / f"{victim}.json").is_file()
@@ -80,7 +80,7 @@ def test_resume_reloads_only_the_missing_target(first_run, two_models):
 
 def test_other_settings_refuse_the_same_out(first_run, two_models):
     cfg = sm.Config(models=tuple(two_models), out=str(first_run), emotions=("happiness",), n_refine=3, n_eval=1,
-                    n_texts=30, alphas=(2.0,))
+                    map_corpus="neutral", n_texts=30, alphas=(2.0,))
     with pytest.raises(ContransError, match="other settings"):
         sm.run(cfg)
 
@@ -99,7 +99,7 @@ def test_quick_flags_and_overrides():
 
 def test_keep_loaded_needs_n_loads_and_gives_the_same_cells(first_run, two_models, tmp_path):
     cfg = sm.Config(models=tuple(two_models), out=str(tmp_path), emotions=("happiness",), n_refine=2, n_eval=1,
-                    n_texts=30, alphas=(2.0,), batch_size=8, keep_loaded=True)
+                    map_corpus="neutral", n_texts=30, alphas=(2.0,), batch_size=8, keep_loaded=True)
     result = sm.run(cfg)
     assert result["model_loads"] == 2 and result["load_bound"].startswith("<= 2 (N")
     assert all(p.startswith("capture") for _, p in result["loads"])
@@ -109,16 +109,18 @@ def test_keep_loaded_needs_n_loads_and_gives_the_same_cells(first_run, two_model
     assert result["map_r2_heldout"] == first["map_r2_heldout"]
 
 
-def test_map_corpus_and_estimator_options_reach_the_maps(two_models, tmp_path):
-    """--map-corpus concept fits the maps on the emotions' contrast prompts, --map-estimator picks the solver:
-    both recorded in every map (a run that ignored them would record neutral and ridge)."""
+def test_map_corpus_and_estimator_options_reach_the_maps(first_run, two_models, tmp_path):
+    """--map-corpus neutral (against the concept default) and --map-estimator reach every map's provenance: a run
+    that ignored them would record concept and ridge."""
     import torch
 
     from contrans_tl.artifacts import AffineMap
 
+    for path in (first_run / "maps").glob("*.safetensors"):  # the fixture's --map-corpus neutral --n-texts 30
+        assert AffineMap.load(path).provenance["corpus"]["spec"] == "neutral"
+        assert AffineMap.load(path).provenance["corpus"]["n_texts"] == 30
     out = tmp_path / "concept"
-    assert sm.main(["--models", ",".join(two_models), "--out", str(out), *SMALL, "--map-corpus", "concept",
-                    "--map-estimator", "procrustes"]) == 0
+    assert sm.main(["--models", ",".join(two_models), "--out", str(out), *SMALL, "--map-estimator", "procrustes"]) == 0
     for path in (out / "maps").glob("*.safetensors"):
         amap = AffineMap.load(path)
         assert amap.provenance["estimator"] == "procrustes" and amap.provenance["corpus"]["spec"] == "concept"
@@ -126,3 +128,12 @@ def test_map_corpus_and_estimator_options_reach_the_maps(two_models, tmp_path):
         small, large = sorted(w.shape)
         gram = w @ w.T if w.shape[0] == small else w.T @ w
         assert torch.allclose(gram, torch.eye(small, dtype=torch.float64), atol=1e-6)  # orthonormal, as recorded
+
+
+def test_maps_fit_on_the_concept_by_default_and_n_texts_needs_the_neutral_corpus():
+    """Fig 4's rerun chose the concept corpus (docs/analyses.md); a sentence count with another corpus would be
+    ignored, so it is refused by name."""
+    assert sm.Config(models=("x", "y")).map_corpus == "concept"
+    with pytest.raises(ContransError, match="n_texts"):
+        sm.Config(models=("x", "y"), n_texts=30)
+    assert sm.Config(models=("x", "y"), map_corpus="neutral", n_texts=30).n_texts == 30
