@@ -53,8 +53,9 @@ class Config(cm.RunSettings):
     """Ridge of the maps: "auto" (validation split) or a number."""
     map_corpus: str = "concept"
     """What the maps are fitted on: "concept" (the emotions' contrast prompts, never an evaluation scenario; the
-    default: it raised 10 of the 12 off-diagonal cells of Fig 4 over the paper's neutral sentences, docs/analyses.md),
-    "neutral" (the first ``n_texts`` built-in sentences) or any map-corpus spec (:mod:`contrans_tl.corpus`)."""
+    default: against the paper's neutral sentences it raised 9 of Fig 4's 12 off-diagonal cells measurably and
+    lowered none, docs/analyses.md), "neutral" (the first ``n_texts`` built-in sentences) or any map-corpus spec
+    (:mod:`contrans_tl.corpus`)."""
     map_estimator: str = "ridge"
     """How the maps are fitted (:mod:`contrans_tl.estimators`)."""
     keep_loaded: bool = run_option(False)
@@ -76,7 +77,7 @@ class Config(cm.RunSettings):
         cm.check_shared_fields(self)
         validate.corpus_spec("map_corpus", self.map_corpus)
         if self.n_texts is not None and self.map_corpus != "neutral":
-            raise InvalidArgumentError("n_texts", self.n_texts, f"no value unless map_corpus is 'neutral' (it counts "
+            raise InvalidArgumentError("n_texts", self.n_texts, f"a value only with map_corpus 'neutral' (it counts "
                                        f"neutral sentences; map_corpus is {self.map_corpus!r}: write neutral:N there)")
         validate.choice("map_estimator", self.map_estimator, validate.MAP_ESTIMATORS)
         if self.ridge != "auto":
