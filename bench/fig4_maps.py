@@ -1,5 +1,5 @@
-"""Fig 4 under two map corpora: each cell's Logit Acc with the paper's neutral map, with the concept map, and
-the difference with its 95 % interval.
+"""Fig 4 under two map corpora: each cell's accuracy (the runs' metric, Logit Acc by default) with the paper's
+neutral map, with the concept map, and the difference with its 95 % interval.
 
 Both runs must score the same items (same task, seed and baselines; checked). The cells keep label counts,
 not per-item outcomes, so the interval is Newcombe's for two independent proportions: on the same items,
@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from contrans_tl.errors import InvalidArgumentError
-from contrans_tl.metrics import wilson_interval
+from contrans_tl.metrics import pooled_hits, wilson_interval
 
 __all__ = ["compare", "main"]
-
-
-def _hits(cells: dict[str, Any]) -> tuple[int, int]:
-    """Items answered with the steered emotion, and items, pooled over the cell's emotions."""
-    return sum(round(c["logit_acc"] * c["n"]) for c in cells.values()), sum(c["n"] for c in cells.values())
 
 
 def _difference(a: tuple[int, int], b: tuple[int, int]) -> tuple[float, float, float]:
@@ -36,18 +31,18 @@ def _difference(a: tuple[int, int], b: tuple[int, int]) -> tuple[float, float, f
 
 def compare(neutral: dict[str, Any], concept: dict[str, Any], alpha: str = "0.3") -> str:
     """The markdown table: rows source, columns target, each cell neutral → concept (difference [95 % CI])."""
-    for key in ("models", "task", "baseline", "steering_layers"):
+    for key in ("models", "task", "baseline", "steering_layers", "metric"):
         if neutral.get(key) != concept.get(key):
             raise InvalidArgumentError("matrix.json", key, "two runs of the same models, items and baselines")
     a, b = neutral["matrices"][alpha]["cells"], concept["matrices"][alpha]["cells"]
-    models = neutral["models"]
+    models, metric = neutral["models"], neutral["metric"]
     lines = ["| source \\ target | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     up = down = 0
     for s in models:
         row = []
         for t in models:
             key = f"{s} -> {t}"
-            ha, hb = _hits(a[key]), _hits(b[key])
+            ha, hb = (pooled_hits((c[metric], c["n"]) for c in cells[key].values()) for cells in (a, b))
             if s == t:
                 row.append(f"{ha[0] / ha[1]:.3f} (own vector, no map)")
                 continue
@@ -55,7 +50,7 @@ def compare(neutral: dict[str, Any], concept: dict[str, Any], alpha: str = "0.3"
             up, down = up + (low > 0), down + (high < 0)
             row.append(f"{ha[0] / ha[1]:.3f} → **{hb[0] / hb[1]:.3f}** ({d:+.3f} [{low:+.2f}, {high:+.2f}])")
         lines.append(f"| {s} | " + " | ".join(row) + " |")
-    base = " | ".join(f"{neutral['baseline'][t]['mean_logit_acc']:.3f}" for t in models)
+    base = " | ".join(f"{neutral['baseline'][t]['mean_' + metric]:.3f}" for t in models)
     lines.append(f"| *baseline* | {base} |")
     lines.append("")
     lines.append(f"Off-diagonal cells whose interval lies above 0: {up}; below 0: {down}; of {len(models) * (len(models) - 1)}.")

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval", "accuracy_interval",
+__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval", "pooled_hits", "accuracy_interval",
            "paired_permutation_p", "mcnemar_p", "holm"]
 
 
@@ -65,10 +65,15 @@ def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[flo
     return (low, 1.0 if successes == n else min(1.0, centre + half))
 
 
-def accuracy_interval(scores: Iterable[tuple[float, int]]) -> tuple[float, float]:
-    """Wilson interval of accuracies measured on ``n`` items each, pooled: (accuracy, n) pairs → hits = round(acc · n)."""
+def pooled_hits(scores: Iterable[tuple[float, int]]) -> tuple[int, int]:
+    """Accuracies measured on ``n`` items each, pooled: (accuracy, n) pairs → (hits, items), hits = Σ round(acc · n)."""
     pairs = [(float(acc), int(n)) for acc, n in scores]
-    return wilson_interval(sum(round(acc * n) for acc, n in pairs), sum(n for _, n in pairs))
+    return sum(round(acc * n) for acc, n in pairs), sum(n for _, n in pairs)
+
+
+def accuracy_interval(scores: Iterable[tuple[float, int]]) -> tuple[float, float]:
+    """Wilson interval of accuracies measured on ``n`` items each, pooled (:func:`pooled_hits`)."""
+    return wilson_interval(*pooled_hits(scores))
 
 
 def paired_permutation_p(a: Sequence[float], b: Sequence[float], *, n_perm: int = 20000, seed: int = 0) -> float:

@@ -111,7 +111,7 @@ def _matrix(hits: dict[str, int], n: int = 50) -> dict:
     """A size-matrix result of two models, one emotion: ``hits`` answers of n per 'S -> T' cell."""
     models = ["a", "b"]
     cells = {k: {"happiness": {"logit_acc": h / n, "n": n}} for k, h in hits.items()}
-    return {"models": models, "task": {"seed": 0}, "steering_layers": {"a": 1, "b": 1},
+    return {"models": models, "task": {"seed": 0}, "steering_layers": {"a": 1, "b": 1}, "metric": "logit_acc",
             "baseline": {m: {"mean_logit_acc": 0.1} for m in models}, "matrices": {"0.3": {"cells": cells}}}
 
 
