@@ -396,8 +396,9 @@ def config_from_args(config_cls: Any, quick: dict[str, Any], args: argparse.Name
     return config_cls(**values)
 
 
-def add_map_args(p: argparse.ArgumentParser, *, default_corpus: str = "neutral") -> None:
-    """``--map-corpus`` and ``--map-estimator``: what an analysis's maps are fitted on, and how."""
+def add_map_args(p: argparse.ArgumentParser, *, default_corpus: str) -> None:
+    """``--map-corpus`` and ``--map-estimator``: what an analysis's maps are fitted on, and how (``default_corpus``:
+    the analysis's ``Config.map_corpus``, shown in the help)."""
     p.add_argument("--map-corpus", type=flags.corpus_flag,
                    help=f"what the maps are fitted on (default {default_corpus}): neutral, neutral:N, file:PATH, "
                         "wikisplit:PATH[:N], concept (the emotions' contrast prompts) or a union such as concept+neutral")

@@ -437,7 +437,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=flags.positive_int_flag, help="processes of the local pool")
     p.add_argument("--threads", type=flags.positive_int_flag, help="torch threads per cell process")
     p.add_argument("--tokens-per-step", type=flags.positive_float_flag, help="tokens per stepN checkpoint")
-    cm.add_map_args(p)
+    cm.add_map_args(p, default_corpus=Config.map_corpus)
     cm.add_run_args(p)
 
 

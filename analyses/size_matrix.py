@@ -399,7 +399,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
     p.add_argument("--keep-loaded", action="store_true",
                    help="hold all models in memory between the phases: N loads instead of 2N - 1")
-    cm.add_map_args(p, default_corpus="concept")
+    cm.add_map_args(p, default_corpus=Config.map_corpus)
     cm.add_run_args(p)
 
 

@@ -396,7 +396,7 @@ def _shared_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
                    help="output directory (JSON, figures, artifacts)")
     p.add_argument("--outlier-factor", type=flags.nonnegative_float_flag,
                    help=f"drop aligned samples with norm > this x the layer median (0: keep all; default {d.outlier_factor})")
-    cm.add_map_args(p)
+    cm.add_map_args(p, default_corpus=d.map_corpus)
     p.add_argument("--device", type=flags.device_flag)
     p.add_argument("--batch-size", type=flags.positive_int_flag, help=f"default {d.batch_size}")
     p.add_argument("--seed", type=flags.nonnegative_int_flag, help=f"default {d.seed}")
