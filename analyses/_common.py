@@ -406,6 +406,20 @@ def add_map_args(p: argparse.ArgumentParser, *, default_corpus: str) -> None:
                    help=f"how the maps are fitted: {', '.join(validate.MAP_ESTIMATORS)} (default ridge)")
 
 
+def check_neutral_count(cfg: Any, *, default: int | None) -> None:
+    """``cfg.n_texts`` counts built-in neutral sentences, so beside another ``cfg.map_corpus`` (where it would be
+    ignored) it is refused by name; with the neutral corpus an unset count becomes ``default`` (None: all 400)."""
+    if cfg.map_corpus != "neutral":
+        if cfg.n_texts is not None:
+            raise InvalidArgumentError("n_texts", cfg.n_texts, f"a value only with map_corpus 'neutral' (it counts "
+                                       f"neutral sentences; map_corpus is {cfg.map_corpus!r}: write neutral:N there)")
+        return
+    if cfg.n_texts is None:
+        cfg.n_texts = default
+    if cfg.n_texts is not None:
+        validate.integer("n_texts", cfg.n_texts, low=1)
+
+
 def map_corpus(spec: str, neutral: Sequence[str], task: EmotionTask | None = None) -> MapCorpus:
     """The texts an analysis fits its maps on: ``neutral`` (its own selection of the built-in sentences) for the
     default spec "neutral", else the spec's texts (:func:`contrans_tl.corpus.resolve_corpus`), where "concept"

@@ -76,9 +76,7 @@ class Config(cm.RunSettings):
             raise InvalidArgumentError("alphas", self.alphas, "at least one strength")
         cm.check_shared_fields(self)
         validate.corpus_spec("map_corpus", self.map_corpus)
-        if self.n_texts is not None and self.map_corpus != "neutral":
-            raise InvalidArgumentError("n_texts", self.n_texts, f"a value only with map_corpus 'neutral' (it counts "
-                                       f"neutral sentences; map_corpus is {self.map_corpus!r}: write neutral:N there)")
+        cm.check_neutral_count(self, default=None)
         validate.choice("map_estimator", self.map_estimator, validate.MAP_ESTIMATORS)
         if self.ridge != "auto":
             validate.real("ridge", float(self.ridge) if isinstance(self.ridge, str) and _is_number(self.ridge)

@@ -83,7 +83,7 @@ __all__ = [
 
 HELP = "checkpoint sweep: a final model's concept transplanted into its training checkpoints (paper §6.1, Fig 3)"
 
-QUICK: dict[str, Any] = {"emotions": ("happiness", "sadness"), "n_refine": 8, "n_eval": 4, "n_texts": 100}
+QUICK: dict[str, Any] = {"emotions": ("happiness", "sadness"), "n_refine": 8, "n_eval": 4}
 """``--quick``: two emotions, 8 refinement prompts per side, 4 negatives per other emotion."""
 
 
@@ -115,8 +115,8 @@ class Config(cm.RunSettings):
     """"logit_acc" or "token_acc": the accuracy the table reports (both are stored)."""
     mapping: str = "auto"
     """"identity", "fit" (affine map on token-aligned neutral text) or "auto"."""
-    n_texts: int | None = 200
-    """Neutral sentences for ``mapping="fit"``."""
+    n_texts: int | None = None
+    """With ``map_corpus="neutral"``: how many built-in neutral sentences ``mapping="fit"`` fits on (None: 200)."""
     map_corpus: str = "neutral"
     """What ``mapping="fit"`` fits on: "neutral" (the first ``n_texts`` built-in sentences) or a map-corpus spec
     (:mod:`contrans_tl.corpus`; "concept" = the emotions' contrast prompts)."""
@@ -138,6 +138,7 @@ class Config(cm.RunSettings):
         self.alphas = tuple(sorted({0.0, *(float(a) for a in self.alphas)}))
         validate.choice("mapping", self.mapping, ("auto", "identity", "fit"))
         validate.corpus_spec("map_corpus", self.map_corpus)
+        cm.check_neutral_count(self, default=200)
         validate.choice("map_estimator", self.map_estimator, validate.MAP_ESTIMATORS)
         validate.choice("executor", self.executor, ("process", "serial"))
         validate.choice("metric", self.metric, ("logit_acc", "token_acc"))
@@ -197,8 +198,10 @@ def _clear_slot() -> None:
 
 
 def _carry_vectors(args: CellArgs, model: ModelHandle, layer: int, norms: Float[Tensor, "n_layers"],
-                   finals: dict[str, ConceptVector], task: EmotionTask) -> tuple[str, dict[str, ConceptVector], float | None, int]:
-    """The final model's vectors in this checkpoint: (mapping used, vectors, map's held-out R², forward batches)."""
+                   finals: dict[str, ConceptVector], task: EmotionTask
+                   ) -> tuple[str, dict[str, ConceptVector], dict[str, Any] | None, int]:
+    """The final model's vectors in this checkpoint: (mapping used, vectors, the fitted map's held-out R², corpus
+    and estimator or None, forward batches)."""
     first = next(iter(finals.values()))
     same_shape = (first.model.n_layers, first.d_model) == (int(model.cfg.n_layers), int(model.cfg.d_model))
     mapping = ("identity" if same_shape else "fit") if args.mapping == "auto" else args.mapping
@@ -213,7 +216,9 @@ def _carry_vectors(args: CellArgs, model: ModelHandle, layer: int, norms: Float[
     amap = ct.fit_map_from_states(source, states, layers=[(source.layers[0], layer)], seed=args.seed,
                                   estimator=args.map_estimator, corpus=corpus)
     vectors = {e: cm.with_norms(amap.apply(v), norms, "the checkpoint's mean resid_post norm") for e, v in finals.items()}
-    return mapping, vectors, float(amap.r2_heldout[0]), cm.batches(len(texts), 8)
+    fitted = {"r2_heldout": float(amap.r2_heldout[0]), "corpus": amap.provenance["corpus"]["spec"],
+              "n_texts": len(texts), "estimator": amap.provenance["estimator"]}
+    return mapping, vectors, fitted, cm.batches(len(texts), 8)
 
 
 def _prepared(args: CellArgs) -> dict[str, Any]:
@@ -237,8 +242,8 @@ def _prepared(args: CellArgs) -> dict[str, Any]:
     prompts = list(dict.fromkeys(p for e in args.emotions for side in task.contrast(e) for p in side))
     norms = torch.zeros(n_layers)
     norms[layer] = capture(model, prompts, layers=[layer], batch_size=args.batch_size)[:, 0].norm(dim=-1).mean()
-    mapping, vectors, r2, map_batches = _carry_vectors(args, model, layer, norms, finals, task)
-    _SLOT.update(key=key, model=model, task=task, layer=layer, mapping=mapping, vectors=vectors, r2=r2,
+    mapping, vectors, fitted, map_batches = _carry_vectors(args, model, layer, norms, finals, task)
+    _SLOT.update(key=key, model=model, task=task, layer=layer, mapping=mapping, vectors=vectors, fitted=fitted,
                  load_s=round(load_s, 2), prep_batches=cm.batches(len(prompts), args.batch_size) + map_batches,
                  norm=float(norms[layer]))
     return _SLOT
@@ -259,7 +264,8 @@ def _evaluate_cell(args: CellArgs) -> dict[str, Any]:
         "mean_token_acc": float(np.mean([r["token_acc"] for r in per.values()])),
         "layer": slot["layer"],
         "mapping": slot["mapping"],
-        "map_r2_heldout": slot["r2"],
+        "map_r2_heldout": slot["fitted"]["r2_heldout"] if slot["fitted"] else None,
+        "map": slot["fitted"],
         "resid_norm": slot["norm"],
         "forward_batches_estimated": batches,
         "checkpoint_prep_batches_estimated": slot["prep_batches"],
@@ -429,7 +435,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags below override)")
     p.add_argument("--alphas", type=flags.float_list_flag)
-    cm.add_size_args(p, texts_help="neutral sentences for mapping='fit'")
+    cm.add_size_args(p, texts_help="with --map-corpus neutral: built-in neutral sentences for mapping='fit' (default 200)")
     p.add_argument("--unit", choices=["norm", "raw"])
     p.add_argument("--metric", choices=["logit_acc", "token_acc"])
     p.add_argument("--mapping", choices=["auto", "identity", "fit"])

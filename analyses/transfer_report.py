@@ -67,8 +67,9 @@ class Config:
     source: str = "smollm2-135m-instruct"
     target: str = "gemma-3-270m"
     emotion: str = "fear"
-    n_texts: int = 200
-    """Neutral sentences the maps are fitted on (a fifth held out for R²)."""
+    n_texts: int | None = None
+    """With ``map_corpus="neutral"``: how many built-in neutral sentences the maps are fitted on (None: 200; a
+    fifth held out for R²)."""
     map_corpus: str = "neutral"
     """What the maps are fitted on: "neutral" (``n_texts`` built-in sentences spread over the set) or a map-corpus
     spec (:mod:`contrans_tl.corpus`; "concept" = the emotion's contrast prompts)."""
@@ -116,7 +117,7 @@ class Config:
         """Every field checked before a model loads: a bad one is a named error, not a crash midway."""
         v = validate
         v.choice("emotion", self.emotion, EMOTIONS)
-        for name in ("n_texts", "n_refine", "n_eval", "stride", "target_stride", "top_k", "batch_size"):
+        for name in ("n_refine", "n_eval", "stride", "target_stride", "top_k", "batch_size"):
             v.integer(name, getattr(self, name), low=1)
         v.integer("seed", self.seed, low=0)
         if self.alpha != "auto":
@@ -127,6 +128,7 @@ class Config:
         v.choice("pairs", self.pairs, ("default", "search", "both"))
         v.real("outlier_factor", self.outlier_factor, low=0.0)
         v.corpus_spec("map_corpus", self.map_corpus)
+        cm.check_neutral_count(self, default=200)
         v.choice("map_estimator", self.map_estimator, v.MAP_ESTIMATORS)
         for name in ("per_layer_alpha", "min_effect"):
             if getattr(self, name) is not None:
@@ -195,7 +197,8 @@ class _Run:
         pool = neutral_sentences()
         self.task = emotion_task((cfg.emotion,), n_refine=cfg.n_refine, n_eval=negatives_per_emotion(cfg.n_eval),
                                  seed=cfg.seed)
-        self.corpus = cm.map_corpus(cfg.map_corpus, pool[:: max(1, len(pool) // cfg.n_texts)][: cfg.n_texts], self.task)
+        spread = pool[:: max(1, len(pool) // cfg.n_texts)][: cfg.n_texts] if cfg.n_texts else pool
+        self.corpus = cm.map_corpus(cfg.map_corpus, spread, self.task)
         self.texts = list(self.corpus.texts)
         self.negatives = self.task.negatives(cfg.emotion)
         self._states: tuple[PairedStates, PairedStates] | None = None
@@ -390,7 +393,7 @@ def _shared_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
     p.add_argument("--source", type=flags.model_flag, help=f"source model (default {d.source}: the offline pair)")
     p.add_argument("--target", type=flags.model_flag, help=f"target model (default {d.target})")
     p.add_argument("--emotion", choices=EMOTIONS, help="built-in emotion concept (its label tokens and scenarios)")
-    p.add_argument("--n-texts", type=flags.positive_int_flag, help=f"neutral sentences for fitting maps (default {d.n_texts})")
+    p.add_argument("--n-texts", type=flags.positive_int_flag, help="with --map-corpus neutral: built-in neutral sentences for fitting maps (default 200)")
     p.add_argument("--n-refine", type=flags.positive_int_flag, help=f"contrast prompts per side (default {d.n_refine})")
     p.add_argument("--out", required=out_required, type=flags.out_dir_flag,
                    help="output directory (JSON, figures, artifacts)")

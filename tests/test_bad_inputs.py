@@ -338,6 +338,12 @@ CLI_CASES = {
     "align-eval-alphas-not-numbers": (["align-eval", "--alphas", "x"], "--alphas"),
     "align-eval-layers-not-ints": (["align-eval", "--layers", "a,b"], "--layers"),
     "layer-search-unknown-flag": (["layer-search", "--out", "r", "--bogus"], "--bogus"),
+    # --n-texts counts neutral sentences: beside another map corpus it would be ignored, so it is refused
+    "size-matrix-n-texts-with-concept": (["size-matrix", "--n-texts", "30"], "n_texts=30"),
+    "checkpoint-sweep-n-texts-with-concept": (["checkpoint-sweep", "--n-texts", "30", "--map-corpus", "concept"],
+                                              "n_texts=30"),
+    "report-n-texts-with-file-corpus": (["report", "--out", "r", "--n-texts", "30", "--map-corpus", "file:{file}"],
+                                        "n_texts=30"),
     "unknown-command": (["transmogrify"], "transmogrify"),
 }
 

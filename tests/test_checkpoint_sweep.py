@@ -152,6 +152,19 @@ def test_fit_mapping_with_a_swapped_executor(ckpts, tmp_path):
     r2 = row["cells"]["1"]["map_r2_heldout"]
     assert r2 is not None and r2 > 0.5  # one SGD step from the final weights: nearly the same basis
     assert (tmp_path / "final" / "aligned_tokens.safetensors").is_file()
+    assert row["cells"]["1"]["map"] == {"r2_heldout": r2, "corpus": "neutral", "n_texts": 30, "estimator": "ridge"}
+
+
+def test_map_corpus_and_estimator_reach_every_cells_map(ckpts, tmp_path):
+    """--map-corpus and --map-estimator reach the map each cell fits (its record says so; the default is neutral
+    and ridge, so an ignored option fails here), and an unset sentence count is refused nowhere."""
+    cfg = _cfg(ckpts, tmp_path, checkpoints=(str(ckpts[0]),), mapping="fit", map_corpus="concept",
+               map_estimator="procrustes")
+    assert cfg.n_texts is None and cs.Config().n_texts == 200  # the neutral default keeps its count
+    (row,) = cs.run(cfg)["rows"]
+    for cell in row["cells"].values():
+        assert cell["map"]["corpus"] == "concept" and cell["map"]["estimator"] == "procrustes"
+        assert cell["map"]["n_texts"] == 4  # happiness's 2 + 2 contrast prompts, never an evaluation scenario
 
 
 def test_default_process_pool(ckpts, tmp_path):

@@ -15,13 +15,17 @@ llama-cpp-python binds ``llama_set_adapter_cvec`` but not llama.cpp's file loade
 C++ function compiled on its own), so the layer numbering under test is llama.cpp's: tensor
 ``direction.k`` (k >= 1) fills row ``k - 1`` of the buffer, and ``llama_adapter_cvec`` adds row
 ``i - 1`` to the output of block ``i`` (``build_cvec`` after the block's last residual add).
+llama.cpp runs in a worker process (tests/_llama_worker.py), away from torch's OpenMP runtime.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import dataclasses
+import importlib.util
+import multiprocessing
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +40,10 @@ from contrans_tl.export import export_gguf
 from contrans_tl.handle import ModelHandle
 from contrans_tl.tasks.emotion import QUERY, emotion_task, label_tokens
 
-import llama_cpp  # noqa: E402  (pip install 'contrans_tl[llama]'; CI builds it in .ci/install.sh)
+from tests import _llama_worker
+
+if importlib.util.find_spec("llama_cpp") is None:  # found, not imported: llama.cpp loads in the worker only
+    raise ImportError("llama_cpp is missing: pip install 'contrans_tl[llama]' (CI builds it in .ci/install.sh)")
 
 pytestmark = pytest.mark.clients
 
@@ -81,37 +88,60 @@ def control_vector_buffer(path: Path, n_embd: int) -> np.ndarray:
 
 
 class LlamaCpp:
-    """One llama.cpp context on a GGUF model, with a control vector set or cleared."""
+    """One llama.cpp context on a GGUF model, in a process of its own (tests/_llama_worker.py says why).
+
+    Each request is a self-contained list of operations on the one context (set or clear a control
+    vector, read next-token log-probs), so a worker that crashes is restarted once and the same request
+    sent again, with a warning: the answer still comes from one context that went through every step.
+    A second crash fails the test with the worker's exit signal.
+    """
 
     def __init__(self, model_path: Path):
-        self.llm = llama_cpp.Llama(model_path=str(model_path), logits_all=True, n_ctx=N_CTX, n_threads=2,
-                                   n_batch=N_CTX, verbose=False)
-        self.n_embd = int(self.llm.n_embd())
-        self.n_layer = int(llama_cpp.llama_model_n_layer(self.llm.model))
+        self.model_path = model_path
+        self._start()
 
-    def set_control_vector(self, path: Path | None) -> None:
-        """Apply a control-vector file as ``llama-cli --control-vector`` does (layers 1..n_layer),
-        or clear it (``None``)."""
-        ctx = self.llm.ctx
-        if path is None:
-            rc = llama_cpp.llama_set_adapter_cvec(ctx, None, 0, self.n_embd, -1, -1)
-        else:
-            data = control_vector_buffer(path, self.n_embd)
-            pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # copied into the context
-            rc = llama_cpp.llama_set_adapter_cvec(ctx, pointer, data.size, self.n_embd, 1, self.n_layer)
-        assert rc == 0, f"llama_set_adapter_cvec returned {rc}"
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_llama_worker.serve, args=(child, str(self.model_path), N_CTX), daemon=True)
+        self.proc.start()
+        child.close()
+        self.n_embd, self.n_layer = self.conn.recv()
 
-    def next_logprobs(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Log-softmax of the next-token logits after each token sequence ([prompt, vocab])."""
-        out = []
-        for row in ids:
-            self.llm.reset()  # drops the KV cache from position 0 on the next eval
-            self.llm.eval(list(row))
-            out.append(torch.from_numpy(np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)))
-        return torch.stack(out).double().log_softmax(-1)
+    def run(self, *ops: tuple[str, Path | Sequence[Sequence[int]] | None]) -> list[torch.Tensor]:
+        """Carry out ``("cvec", file or None)`` (set the file's control vector as ``llama-cli --control-vector``
+        does, layers 1..n_layer, or clear it) and ``("logprobs", ids)`` in order; the log-probs, one
+        ``[prompt, vocab]`` tensor per ``"logprobs"``."""
+        request = [("cvec", None if arg is None else control_vector_buffer(arg, self.n_embd)) if op == "cvec"
+                   else ("logits", [list(map(int, row)) for row in arg]) for op, arg in ops]
+        for attempt in (1, 2):
+            try:
+                self.conn.send(request)
+                answer = self.conn.recv()
+                break
+            except (EOFError, ConnectionError, BrokenPipeError):
+                self.proc.join(10)
+                died = f"the llama.cpp worker died (exit code {self.proc.exitcode})"
+                if attempt == 2:
+                    raise AssertionError(f"{died} twice on the same request") from None
+                warnings.warn(f"{died}; restarted, the request sent again")
+                self._start()
+        if isinstance(answer, tuple):
+            raise AssertionError(f"llama.cpp worker: {answer[1]}")
+        return [torch.from_numpy(out).double().log_softmax(-1) for out in answer if out is not None]
+
+    def next_logprobs(self, ids: Sequence[Sequence[int]], control_vector: Path | None = None) -> torch.Tensor:
+        """Log-softmax of the next-token logits after each token sequence ([prompt, vocab]), with the
+        control-vector file applied (then cleared) or none."""
+        ops = [("cvec", control_vector), ("logprobs", ids)] + ([("cvec", None)] if control_vector else [])
+        return self.run(*ops)[0]
 
     def close(self) -> None:
-        self.llm.close()
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 # ---- the project's side --------------------------------------------------------------------------
@@ -209,11 +239,7 @@ def test_control_vector_matches_transplant(case, setting, tmp_path):
     layers, alpha = SETTINGS[case.name][1][setting]
     path = export_gguf(case.vector, tmp_path / "fear.gguf", alpha=alpha, unit="norm", layers=layers,
                        model=case.model)
-    case.engine.set_control_vector(path)
-    try:
-        llama_delta = case.engine.next_logprobs(case.ids) - case.base_llama
-    finally:
-        case.engine.set_control_vector(None)
+    llama_delta = case.engine.next_logprobs(case.ids, control_vector=path) - case.base_llama
     project_delta = {
         shift: project_logprobs(case.model, case.texts, shifted(case.vector, shift),
                                 layers=[layer + shift for layer in layers], alpha=alpha) - case.base_project
@@ -239,9 +265,8 @@ def test_control_vector_matches_transplant(case, setting, tmp_path):
 def test_cleared_control_vector_restores_the_model(case, tmp_path):
     """Clearing the vector gives back the unsteered logits bit for bit (no stale graph or cache)."""
     layers, alpha = SETTINGS[case.name][1]["one layer"]
-    case.engine.set_control_vector(export_gguf(case.vector, tmp_path / "v.gguf", alpha=alpha, unit="norm",
-                                               layers=layers))
-    steered = case.engine.next_logprobs(case.ids[:1])
-    case.engine.set_control_vector(None)
+    path = export_gguf(case.vector, tmp_path / "v.gguf", alpha=alpha, unit="norm", layers=layers)
+    steered, cleared = case.engine.run(("cvec", path), ("logprobs", case.ids[:1]), ("cvec", None),
+                                       ("logprobs", case.ids))  # in one context, one after the other
     assert not torch.equal(steered, case.base_llama[:1])
-    assert torch.equal(case.engine.next_logprobs(case.ids), case.base_llama)
+    assert torch.equal(cleared, case.base_llama)

@@ -237,6 +237,18 @@ def test_cli_report_and_layer_search(tmp_path, long_context_dirs):
                  "--alpha", "auto", "--kl-budget", "100"]) == 0
     rep2 = json.loads((out / "report.json").read_text())
     assert "alpha_sweep" in rep2["settings"] and rep2["alpha"] == rep2["settings"]["alpha_sweep"]["chosen"]
+    assert ct.AffineMap.load(out / "map_search.safetensors").provenance["corpus"]["n_texts"] == 40
+
+
+def test_cli_report_map_corpus_and_estimator_reach_the_map(tmp_path, long_context_dirs):
+    """--map-corpus and --map-estimator reach the report's map (the defaults are neutral and ridge, so an ignored
+    option fails here)."""
+    src, tgt = long_context_dirs
+    assert main(["report", "--source", str(src), "--target", str(tgt), "--n-refine", "4", "--n-eval", "6",
+                 "--map-corpus", "concept", "--map-estimator", "procrustes", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    amap = ct.AffineMap.load(tmp_path / "map.safetensors")
+    assert amap.provenance["corpus"]["spec"] == "concept" and amap.provenance["estimator"] == "procrustes"
+    assert amap.provenance["corpus"]["n_texts"] == 8  # fear's 4 + 4 contrast prompts, no evaluation scenario
 
 
 def test_transplant_layers_from_auto_layers(tiny_llama_b, amap, src_vec):
