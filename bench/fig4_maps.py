@@ -1,9 +1,9 @@
 """Fig 4 under two map corpora: each cell's accuracy (the runs' metric, Logit Acc by default) with the paper's
 neutral map, with the concept map, and the difference with its 95 % interval.
 
-Both runs must score the same items (same task, seed and baselines; checked). The cells keep label counts,
-not per-item outcomes, so the interval is Newcombe's for two independent proportions: on the same items,
-positively correlated, the paired interval would be narrower, so this one errs on the side of "no change".
+Both runs must score the same items (same task, seed and baselines; checked). Each cell keeps its items'
+outcomes, so the difference is paired on the same items (:func:`contrans_tl.metrics.paired_difference_interval`,
+the items of all emotions pooled).
 
     python -m bench.fig4_maps NEUTRAL/matrix.json CONCEPT/matrix.json
 """
@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from contrans_tl.errors import InvalidArgumentError
-from contrans_tl.metrics import pooled_hits, wilson_interval
+from contrans_tl.metrics import paired_difference_interval
 
 __all__ = ["compare", "main"]
 
 
-def _difference(a: tuple[int, int], b: tuple[int, int]) -> tuple[float, float, float]:
-    """b − a with Newcombe's hybrid score interval (Wilson limits of each proportion combined)."""
-    pa, pb = a[0] / a[1], b[0] / b[1]
-    (la, ua), (lb, ub) = wilson_interval(*a), wilson_interval(*b)
-    d = pb - pa
-    return d, d - ((pb - lb) ** 2 + (ua - pa) ** 2) ** 0.5, d + ((ub - pb) ** 2 + (pa - la) ** 2) ** 0.5
+def _outcomes(cell: dict[str, Any], metric: str, which: str) -> list[int]:
+    """One cell's per-item outcomes, every emotion's items in turn (refused where a run predates them)."""
+    key = metric.replace("_acc", "_hits")
+    if any(key not in r for r in cell.values()):
+        raise InvalidArgumentError(which, "a run without per-item outcomes", f"cells with {key!r} (rerun the size "
+                                   "matrix at this version; its cells record each item's outcome)")
+    return [h for e in sorted(cell) for h in cell[e][key]]
 
 
 def compare(neutral: dict[str, Any], concept: dict[str, Any], alpha: str = "0.3") -> str:
@@ -42,13 +43,13 @@ def compare(neutral: dict[str, Any], concept: dict[str, Any], alpha: str = "0.3"
         row = []
         for t in models:
             key = f"{s} -> {t}"
-            ha, hb = (pooled_hits((c[metric], c["n"]) for c in cells[key].values()) for cells in (a, b))
+            ha, hb = (_outcomes(cells[key], metric, which) for cells, which in ((a, "neutral"), (b, "concept")))
             if s == t:
-                row.append(f"{ha[0] / ha[1]:.3f} (own vector, no map)")
+                row.append(f"{sum(ha) / len(ha):.3f} (own vector, no map)")
                 continue
-            d, low, high = _difference(ha, hb)
+            d, low, high = paired_difference_interval(ha, hb)
             up, down = up + (low > 0), down + (high < 0)
-            row.append(f"{ha[0] / ha[1]:.3f} → **{hb[0] / hb[1]:.3f}** ({d:+.3f} [{low:+.2f}, {high:+.2f}])")
+            row.append(f"{sum(ha) / len(ha):.3f} → **{sum(hb) / len(hb):.3f}** ({d:+.3f} [{low:+.2f}, {high:+.2f}])")
         lines.append(f"| {s} | " + " | ".join(row) + " |")
     base = " | ".join(f"{neutral['baseline'][t]['mean_' + metric]:.3f}" for t in models)
     lines.append(f"| *baseline* | {base} |")

@@ -15,7 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 __all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval", "pooled_hits", "accuracy_interval",
-           "paired_permutation_p", "mcnemar_p", "holm"]
+           "paired_difference_interval", "paired_permutation_p", "mcnemar_p", "holm"]
 
 
 def token_accuracy(logits: Float[Tensor, "batch d_vocab"], target_token: int) -> float:
@@ -74,6 +74,37 @@ def pooled_hits(scores: Iterable[tuple[float, int]]) -> tuple[int, int]:
 def accuracy_interval(scores: Iterable[tuple[float, int]]) -> tuple[float, float]:
     """Wilson interval of accuracies measured on ``n`` items each, pooled (:func:`pooled_hits`)."""
     return wilson_interval(*pooled_hits(scores))
+
+
+def paired_difference_interval(a: Sequence[bool | int], b: Sequence[bool | int], *,
+                               z: float = 1.959964) -> tuple[float, float, float]:
+    """Accuracy of ``b`` minus that of ``a`` on the same items (0/1 outcomes paired by position), with
+    Newcombe's (1998) hybrid score interval for paired proportions, 95 % by default.
+
+    Each accuracy's Wilson limits are combined as for independent proportions, less the covariance the
+    items' agreement implies (a continuity-corrected phi coefficient of the 2×2 table): on items that
+    mostly agree under both, the interval is narrower than the unpaired one, never wider when they
+    agree more often than by chance.
+    """
+    if len(a) != len(b) or len(a) == 0:
+        raise InvalidArgumentError("b", f"{len(b)} outcomes", f"as many outcomes as a ({len(a)}), at least one")
+    if any(x not in (0, 1) for x in (*a, *b)):
+        raise InvalidArgumentError("a, b", "non-binary outcomes", "0/1 (or bool) outcomes")
+    n = len(a)
+    both = sum(1 for x, y in zip(a, b) if x and y)
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    neither = n - both - only_a - only_b
+    pa, pb = (both + only_a) / n, (both + only_b) / n
+    (la, ua), (lb, ub) = wilson_interval(both + only_a, n, z=z), wilson_interval(both + only_b, n, z=z)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    cross = both * neither - only_a * only_b
+    corrected = cross - n / 2 if cross > n / 2 else min(cross, 0)
+    phi = corrected / math.sqrt(margins) if margins > 0 else 0.0
+    d = pb - pa
+    low = d - math.sqrt(max(0.0, (pb - lb) ** 2 - 2 * phi * (pb - lb) * (ua - pa) + (ua - pa) ** 2))
+    high = d + math.sqrt(max(0.0, (ub - pb) ** 2 - 2 * phi * (ub - pb) * (pa - la) + (pa - la) ** 2))
+    return d, max(-1.0, low), min(1.0, high)
 
 
 def paired_permutation_p(a: Sequence[float], b: Sequence[float], *, n_perm: int = 20000, seed: int = 0) -> float:

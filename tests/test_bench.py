@@ -108,25 +108,29 @@ def test_cli_bench_command_runs_bench_in_its_own_process(tmp_path):
 
 
 def _matrix(hits: dict[str, int], n: int = 50) -> dict:
-    """A size-matrix result of two models, one emotion: ``hits`` answers of n per 'S -> T' cell."""
+    """A size-matrix result of two models, one emotion: the first ``hits`` of n items answered per 'S -> T' cell."""
     models = ["a", "b"]
-    cells = {k: {"happiness": {"logit_acc": h / n, "n": n}} for k, h in hits.items()}
+    cells = {k: {"happiness": {"logit_acc": h / n, "n": n, "logit_hits": [1] * h + [0] * (n - h)}} for k, h in hits.items()}
     return {"models": models, "task": {"seed": 0}, "steering_layers": {"a": 1, "b": 1}, "metric": "logit_acc",
             "baseline": {m: {"mean_logit_acc": 0.1} for m in models}, "matrices": {"0.3": {"cells": cells}}}
 
 
 def test_fig4_maps_compares_the_two_corpora_cell_by_cell_with_an_interval():
-    from bench.fig4_maps import _difference, compare
+    from bench.fig4_maps import compare
 
     same = {"a -> a": 20, "b -> b": 20, "b -> a": 10}
     table = compare(_matrix({**same, "a -> b": 10}), _matrix({**same, "a -> b": 40}))
-    assert "0.200 → **0.800** (+0.600" in table and "0.200 → **0.200** (+0.000" in table
+    assert "0.200 → **0.800** (+0.600 [+0.4" in table and "0.200 → **0.200** (+0.000 [-0.0" in table
     assert "above 0: 1; below 0: 0; of 2" in table
-    d, low, high = _difference((10, 50), (40, 50))
-    assert d == pytest.approx(0.6) and 0.4 < low < d < high < 0.8
-    d, low, high = _difference((25, 50), (27, 50))  # a small change on 50 items: the interval holds 0
-    assert low < 0 < high
+    table = compare(_matrix({**same, "a -> b": 25}), _matrix({**same, "a -> b": 28}))  # 3 more of 50: within noise
+    assert "above 0: 0; below 0: 0; of 2" in table
+    table = compare(_matrix({**same, "a -> b": 25}), _matrix({**same, "a -> b": 20}))
+    assert "above 0: 0; below 0: 1; of 2" in table  # 5 items lost, none gained: paired, that is a fall
     with pytest.raises(Exception, match="baseline"):  # two runs on other items are refused
         other = _matrix({**same, "a -> b": 40})
         other["baseline"]["b"]["mean_logit_acc"] = 0.2
         compare(_matrix({**same, "a -> b": 10}), other)
+    old = _matrix({**same, "a -> b": 40})
+    del old["matrices"]["0.3"]["cells"]["a -> b"]["happiness"]["logit_hits"]
+    with pytest.raises(Exception, match="per-item outcomes"):  # a run from before cells kept them
+        compare(_matrix({**same, "a -> b": 10}), old)

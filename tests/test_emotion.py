@@ -95,6 +95,8 @@ def test_emotion_items_are_concept_items_scored_by_the_concept_task(tiny_llama):
     assert got["logit_acc"] == scores.logit_acc and got["token_acc"] == scores.token_acc and got["n"] == len(items)
     assert sum(got["label_counts"].values()) == len(items)
     assert got["label_counts"]["fear"] == sum(scores.logit)  # the diagonal is the Logit Acc (no ties on floats)
+    assert got["logit_hits"] == [int(x) for x in scores.logit] and got["token_hits"] == [int(x) for x in scores.token]
+    assert sum(got["logit_hits"]) / got["n"] == got["logit_acc"] and sum(got["token_hits"]) / got["n"] == got["token_acc"]
 
 
 def test_validation_scenarios_are_kept_out_of_contrast_prompts_and_shots():

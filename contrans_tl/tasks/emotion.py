@@ -272,9 +272,11 @@ class EmotionTask:
 
 
 def emotion_accuracy(scores: ItemScores) -> dict[str, Any]:
-    """Token and Logit Acc of emotion items, and how often each label won (a row of the transplant matrix)."""
+    """Token and Logit Acc of emotion items, how often each label won (a row of the transplant matrix), and each
+    item's outcomes in item order (0/1), so two steerings of the same items compare paired."""
     return {"token_acc": scores.token_acc, "logit_acc": scores.logit_acc, "n": scores.n,
-            "label_counts": {e: sum(1 for p in scores.predicted if p == i) for i, e in enumerate(EMOTIONS)}}
+            "label_counts": {e: sum(1 for p in scores.predicted if p == i) for i, e in enumerate(EMOTIONS)},
+            "logit_hits": [int(x) for x in scores.logit], "token_hits": [int(x) for x in scores.token]}
 
 
 def emotion_task(
