@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from contrans_tl.analyses import checkpoint_sweep as cs
+from contrans_tl.analyses import _sweep_cell as sweep_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_checkpoint_specs_and_tokens(ckpts):
 def test_sweep_resumes_after_a_crash(ckpts, tmp_path, monkeypatch):
     """A cell failing midway stops the sweep; the rerun keeps finished cells and computes the rest."""
     cfg = _cfg(ckpts, tmp_path)
-    real = cs._evaluate_cell
+    real = sweep_cell._evaluate_cell
     calls: list[tuple[str, float]] = []
 
     def crashing(args):
@@ -62,7 +63,7 @@ def test_sweep_resumes_after_a_crash(ckpts, tmp_path, monkeypatch):
             raise RuntimeError("simulated kill")
         return real(args)
 
-    monkeypatch.setattr(cs, "_evaluate_cell", crashing)
+    monkeypatch.setattr(sweep_cell, "_evaluate_cell", crashing)
     with pytest.raises(RuntimeError, match="simulated kill"):
         cs.run(cfg)
     before = _snapshot(tmp_path)
@@ -70,7 +71,7 @@ def test_sweep_resumes_after_a_crash(ckpts, tmp_path, monkeypatch):
     assert not (tmp_path / "sweep.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(cs, "_evaluate_cell", lambda args: (calls.append((args.checkpoint, args.alpha)), real(args))[1])
+    monkeypatch.setattr(sweep_cell, "_evaluate_cell", lambda args: (calls.append((args.checkpoint, args.alpha)), real(args))[1])
     result = cs.run(cfg)
     assert len(calls) == 4  # only the missing cells ran
     after = _snapshot(tmp_path)
