@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-
 import contrans_tl as ct
 from contrans_tl import flags
 from contrans_tl import validate
