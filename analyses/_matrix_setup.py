@@ -54,8 +54,8 @@ class Config(cm.RunSettings):
     map_corpus: str = "concept"
     """What the maps are fitted on: "concept" (the emotions' contrast prompts, never an evaluation scenario; the
     default: against the paper's neutral sentences it raised 9 of Fig 4's 12 off-diagonal cells measurably and
-    lowered none, docs/analyses.md), "neutral" (the first ``n_texts`` built-in sentences) or any map-corpus spec
-    (:mod:`contrans_tl.corpus`)."""
+    lowered one, by 0.027, docs/analyses.md), "neutral" (the first ``n_texts`` built-in sentences) or any
+    map-corpus spec (:mod:`contrans_tl.corpus`)."""
     map_estimator: str = "ridge"
     """How the maps are fitted (:mod:`contrans_tl.estimators`)."""
     keep_loaded: bool = run_option(False)
