@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval", "pooled_hits", "accuracy_interval",
+__all__ = ["token_accuracy", "logit_accuracy", "layer_cosine", "cosine", "wilson_interval", "accuracy_interval",
            "paired_difference_interval", "paired_permutation_p", "mcnemar_p", "holm"]
 
 
@@ -65,15 +65,10 @@ def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[flo
     return (low, 1.0 if successes == n else min(1.0, centre + half))
 
 
-def pooled_hits(scores: Iterable[tuple[float, int]]) -> tuple[int, int]:
-    """Accuracies measured on ``n`` items each, pooled: (accuracy, n) pairs → (hits, items), hits = Σ round(acc · n)."""
-    pairs = [(float(acc), int(n)) for acc, n in scores]
-    return sum(round(acc * n) for acc, n in pairs), sum(n for _, n in pairs)
-
-
 def accuracy_interval(scores: Iterable[tuple[float, int]]) -> tuple[float, float]:
-    """Wilson interval of accuracies measured on ``n`` items each, pooled (:func:`pooled_hits`)."""
-    return wilson_interval(*pooled_hits(scores))
+    """Wilson interval of accuracies measured on ``n`` items each, pooled: (accuracy, n) pairs → hits = round(acc · n)."""
+    pairs = [(float(acc), int(n)) for acc, n in scores]
+    return wilson_interval(sum(round(acc * n) for acc, n in pairs), sum(n for _, n in pairs))
 
 
 def paired_difference_interval(a: Sequence[bool | int], b: Sequence[bool | int], *,
